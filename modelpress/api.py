@@ -1,0 +1,156 @@
+"""The Python verbs: compress, save, load_compressed, evaluate, info."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .calib.runner import LayerwiseRunner
+from .data.windows import DataConfig, Windows, get_windows
+from .errors import ConfigError
+from .eval.metrics import EvalResult, evaluate
+from .export.checkpoint import checkpoint_info, load_checkpoint, round_to_storage, save_checkpoint
+from .export.hf import export_hf
+from .models.arch import Arch, drop_subblock, get_weight, set_weight
+from .ops import OPERATORS, PackedWeight, WeightOperator
+from .ops.drop.influence import subblock_influence
+from .registry import config_dict
+from .report import write_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Compressed:
+    """A compressed model in memory: the model (weights replaced by their compressed values),
+    the packed form of every compressed Linear, dropped sub-blocks, and how it was made."""
+
+    model: Any
+    tokenizer: Any
+    units: dict[str, PackedWeight]
+    dropped: list[str]
+    plan: dict
+    total_params: int
+    seconds: float = 0.0
+
+    def save(self, out_dir: str | Path, *, export_hf_dir: str | Path | None = None) -> dict:
+        manifest = save_checkpoint(out_dir, self.model, self.units, tokenizer=self.tokenizer,
+                                   dropped=self.dropped, plan=self.plan,
+                                   extra={"total_params": self.total_params})
+        if export_hf_dir is not None:
+            export_hf(self.model, self.tokenizer, export_hf_dir)
+        return manifest
+
+    def nbytes(self) -> int:
+        return sum(pw.nbytes() for pw in self.units.values())
+
+    def bits_per_weight(self) -> float | None:
+        n = sum(pw.numel for pw in self.units.values())
+        return 8.0 * self.nbytes() / n if n else None
+
+
+def make_operator(method: str | WeightOperator | None, **kwargs) -> WeightOperator | None:
+    if method is None or isinstance(method, WeightOperator):
+        if kwargs:
+            raise ConfigError("settings given but no method name")
+        return method
+    return OPERATORS.build(method, **kwargs)
+
+
+def _windows(tokenizer, data: DataConfig | Windows | None) -> Windows:
+    if isinstance(data, Windows):
+        return data
+    return get_windows(tokenizer, data or DataConfig())
+
+
+def choose_drops(model, calib_ids: torch.Tensor, n: int, batch_size: int = 8) -> list[str]:
+    """The n sub-blocks with the lowest block influence (ShortGPT score)."""
+    scores = subblock_influence(model, calib_ids, batch_size=batch_size)
+    if n > len(scores):
+        raise ConfigError(f"cannot drop {n} sub-blocks: the model has {len(scores)}")
+    return sorted(scores, key=scores.get)[:n]
+
+
+@torch.no_grad()
+def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq", *,
+             data: DataConfig | Windows | None = None, drop: int | list[str] = 0, sequential: bool = True,
+             batch_size: int = 8, device: str | torch.device | None = None, skip: tuple[str, ...] = (),
+             **method_kwargs) -> Compressed:
+    """Compress `model` in place with one operator for every Linear in its decoder blocks.
+
+    `method` names a registered operator ("gptq", "rtn", "sparsegpt", "wanda", "magnitude") with
+    its settings as keyword arguments (`bits=4, group_size=64`, `sparsity=0.5`, `pattern="2:4"`).
+    `drop` removes that many attention/MLP sub-blocks (lowest block influence) or the named ones.
+    Calibration windows come from `data` (default: 128 x 512 tokens of `pydoc`).
+    """
+    t0 = time.time()
+    op = make_operator(method, **method_kwargs)
+    total_params = sum(p.numel() for p in model.parameters())
+    arch = Arch(model)
+    windows = None
+    if (op is not None and op.stats != "none") or (isinstance(drop, int) and drop > 0):
+        windows = _windows(tokenizer, data)
+    dropped: list[str] = []
+    if drop:
+        names = drop if isinstance(drop, list) else choose_drops(model, windows.calib, drop, batch_size)
+        for n in names:
+            dropped.append(drop_subblock(model, n).name)
+        log.info("dropped %d sub-blocks: %s", len(dropped), ", ".join(dropped))
+    units: dict[str, PackedWeight] = {}
+
+    def do(name: str, mod, stats) -> None:
+        if stats is None and op.stats != "none":
+            raise ConfigError(f"layer {name} received no calibration tokens; {op.label()} needs them")
+        w = get_weight(mod).float()
+        pw = op.compress(w, stats)
+        set_weight(mod, pw.dequantize())
+        units[name] = pw
+
+    if op is not None:
+        skipped = lambda n: any(s in n for s in skip)  # noqa: E731
+        if op.stats == "none":
+            for name, mod in arch.all_linears().items():
+                if not skipped(name):
+                    do(name, mod, None)
+        else:
+            runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=sequential, device=device)
+            for step in runner.blocks(desc=op.label()):
+                names = [n for n in step.linears if not skipped(n)]
+                if sequential:  # one pass: each layer compressed once all batches reach it
+                    step.compress_streaming(op.stats, lambda n, st: do(n, step.linears[n], st), names=names)
+                else:  # statistics from the dense block, dense outputs fed forward
+                    stats = step.collect(op.stats, names=names)
+                    for n in names:
+                        do(n, step.linears[n], stats[n])
+                    del stats
+                    step.advance(sequential=False)
+    round_to_storage(model, units)
+    plan = {"method": config_dict(op) if op is not None else None, "label": op.label() if op else "dense",
+            "dropped": dropped, "sequential": sequential,
+            "data": dataclasses.asdict(windows.config) if windows is not None else None}
+    return Compressed(model=model, tokenizer=tokenizer, units=units, dropped=dropped, plan=plan,
+                      total_params=total_params, seconds=time.time() - t0)
+
+
+def load_compressed(path: str | Path, *, device: str | torch.device | None = None, return_tokenizer: bool = False):
+    """A working transformers model from a modelpress checkpoint (optionally with its tokenizer)."""
+    model, tok, _, _ = load_checkpoint(path, device=device)
+    return (model, tok) if return_tokenizer else model
+
+
+def info(path: str | Path) -> dict:
+    return checkpoint_info(path)
+
+
+def evaluate_model(model, tokenizer=None, data: DataConfig | Windows | None = None, reference=None,
+                   batch_size: int | None = None) -> EvalResult:
+    """Perplexity (and KL to `reference`) on the evaluation windows of `data`."""
+    w = _windows(tokenizer, data)
+    return evaluate(model, w.eval, reference=reference, batch_size=batch_size)
+
+
+__all__ = ["Compressed", "compress", "evaluate_model", "info", "load_compressed", "write_report"]

@@ -1,0 +1,95 @@
+"""One-pass, true-sequential compression of a decoder block.
+
+The block runs once over all calibration batches, each batch's forward pass in its own greenlet
+(a coroutine with its own stack, all on the calling OS thread, so torch keeps one thread pool).
+When a batch reaches a Linear layer it parks there; once every batch has parked at (or finished
+past) that layer, the layer's input statistics are summed in batch order (deterministic) and the
+layer is compressed; then the batches continue *through the compressed layer*. So q/k/v are
+compressed before o_proj sees its inputs, gate/up before down_proj, and the block's outputs come
+from the compressed block: "true sequential" GPTQ for any architecture at the cost of a single
+forward pass per block. Layers fed the same input tensor share one XᵀX.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from greenlet import greenlet
+from torch import nn
+
+from .stats import LinearStats
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
+                         linears: dict[str, nn.Module], kinds: dict[str, str],
+                         compress: Callable[[str, LinearStats | None], None]) -> list[torch.Tensor]:
+    """Run `block` on every batch, compressing each layer of `linears` (via `compress(name, stats)`)
+    as soon as all batches have produced its input. Returns the compressed block's outputs."""
+    n = len(inputs)
+    main = greenlet.getcurrent()
+    arrived: dict[str, dict[int, torch.Tensor]] = {name: {} for name in linears}
+    parked: dict[int, str] = {}  # batch -> layer it waits at
+    outputs: list[torch.Tensor | None] = [None] * n
+    shared: list[tuple[list[torch.Tensor], LinearStats]] = []  # summed inputs, reused by layers fed the same tensors
+    current = {"b": -1}
+
+    def stats_for(name: str) -> LinearStats | None:
+        kind = kinds.get(name, "none")
+        xs = [arrived[name][b] for b in sorted(arrived[name])]
+        if kind == "none" or not xs:
+            return None
+        for prev_xs, st in shared:
+            if len(prev_xs) == len(xs) and all(a is b for a, b in zip(prev_xs, xs)) and (st.want_xtx or kind != "xtx"):
+                return st
+        st = LinearStats(xs[0].shape[-1], want_xtx=(kind == "xtx"))
+        for x in xs:
+            st.add(x)
+        shared.append((xs, st))
+        return st
+
+    def make_hook(name: str):
+        def hook(mod, args):
+            b = current["b"]
+            arrived[name][b] = args[0].detach()
+            parked[b] = name
+            main.switch()  # back to the scheduler until this layer is compressed
+
+        return hook
+
+    def body(b: int):
+        with torch.no_grad():
+            outputs[b] = _first(block(inputs[b], **kwargs[b]))
+
+    lets = [greenlet(lambda b=b: body(b)) for b in range(n)]
+    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in linears.items()]
+    try:
+        runnable = list(range(n))
+        done: set[str] = set()
+        while runnable:
+            for b in runnable:  # run each batch until it parks at a layer or finishes
+                current["b"] = b
+                lets[b].switch()
+            live = [b for b in range(n) if not lets[b].dead]
+            if not live:
+                break
+            # the earliest layer (in definition order) some live batch waits at: all live batches are there
+            waiting = {parked[b] for b in live}
+            name = next(nm for nm in linears if nm in waiting and nm not in done)
+            compress(name, stats_for(name))
+            done.add(name)
+            arrived[name] = {}
+            runnable = [b for b in live if parked[b] == name]
+    finally:
+        for h in handles:
+            h.remove()
+        for g in lets:  # unwind batches left parked by an error
+            if not g.dead:
+                g.throw(GeneratorExit)
+    for name in linears:  # a layer no batch reached (an unused expert) gets no statistics
+        if name not in done:
+            compress(name, None)
+    return outputs  # type: ignore[return-value]

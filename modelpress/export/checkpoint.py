@@ -1,0 +1,240 @@
+"""The packed modelpress checkpoint.
+
+    DIR/modelpress.json      manifest: format version, model config, every unit's format and
+                             metadata, dropped sub-blocks, the plan, sha256 of every data file
+    DIR/weights.safetensors  packed tensors (codes, scales, zeros, masks, values, factors) and the
+                             uncompressed tensors (embeddings, norms, biases) in float16
+    DIR/tokenizer*           the tokenizer
+
+The directory is written to a temporary sibling and renamed into place; loading verifies the
+checksums, so a truncated or modified checkpoint is reported instead of silently mis-loaded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..models.arch import Arch, drop_subblock, get_weight, set_weight
+from ..ops.packed import PackedWeight
+from ..utils.io import atomic_dir, dir_size, sha256_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "modelpress-checkpoint"
+VERSION = 1
+MANIFEST = "modelpress.json"
+WEIGHTS = "weights.safetensors"
+SEP = "::"  # unit name / packed tensor suffix
+
+
+def storage_dtype_for(t: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """float16 unless the tensor does not fit in it (then it keeps its own float dtype)."""
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t.dtype
+    return dtype if torch.isfinite(t.to(dtype)).all() else t.dtype
+
+
+def dense_tensors(model, units: dict[str, PackedWeight]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parameters and persistent buffers not covered by a packed unit, deduplicated by storage.
+
+    Returns (name -> tensor, alias -> stored name) for tied weights (e.g. lm_head = embeddings).
+    """
+    arch = Arch(model)
+    covered = set()
+    lin = arch.all_linears()
+    for name in units:
+        covered.add(f"{name}.weight")
+        if name not in lin:
+            raise CheckpointError(f"packed unit {name} is not a Linear layer of this model")
+    out: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        if name in covered:
+            continue
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t
+    return out, tied
+
+
+@torch.no_grad()
+def round_to_storage(model, units: dict[str, PackedWeight], dtype: torch.dtype = torch.float16) -> None:
+    """Round the uncompressed tensors in memory the way they will be stored, so the in-memory
+    model and the reloaded checkpoint compute exactly the same function."""
+    dense, _ = dense_tensors(model, units)
+    for t in dense.values():
+        sd = storage_dtype_for(t, dtype)
+        if sd != t.dtype:
+            t.copy_(t.to(sd).to(t.dtype))
+
+
+def save_checkpoint(out_dir: str | Path, model, units: dict[str, PackedWeight], *, tokenizer=None,
+                    dropped: list[str] = (), plan: dict | None = None, extra: dict | None = None,
+                    dtype: torch.dtype = torch.float16) -> dict:
+    """Write the packed checkpoint atomically; returns the manifest."""
+    out_dir = Path(out_dir)
+    dense, tied = dense_tensors(model, units)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in dense.items():
+        tensors[name] = t.detach().to("cpu", storage_dtype_for(t, dtype)).contiguous()
+    unit_meta: dict[str, dict] = {}
+    for name, pw in units.items():
+        ts, meta = pw.to_tensors()
+        meta["nbytes"] = pw.nbytes()
+        unit_meta[name] = meta
+        for suffix, t in ts.items():
+            tensors[f"{name}{SEP}{suffix}"] = t.contiguous()
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config,
+        "units": unit_meta,
+        "dropped": list(dropped),
+        "tied": tied,
+        "plan": plan or {},
+        **(extra or {}),
+    }
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest["files"] = files
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    mf = path / MANIFEST
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; give the folder written by `modelpress compress --out`")
+    if not mf.is_file():
+        raise CheckpointError(f"{path} is not a modelpress checkpoint (no {MANIFEST}); "
+                              "for a plain model folder use load_model")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mf} is corrupt ({e}); re-run the compression that wrote it") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mf} is not a modelpress checkpoint manifest")
+    if manifest.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer modelpress (format {manifest['version']}); upgrade modelpress")
+    return manifest
+
+
+def verify_files(path: str | Path, manifest: dict) -> None:
+    path = Path(path)
+    for name, digest in manifest.get("files", {}).items():
+        p = path / name
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if sha256_file(p) != digest:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum "
+                                  "(truncated or modified); re-run the compression that wrote it")
+
+
+def _empty_model(config_dict: dict, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config_dict)
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover
+        from contextlib import nullcontext as no_init_weights
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+@torch.no_grad()
+def load_checkpoint(path: str | Path, *, device: str | torch.device | None = None,
+                    dtype: torch.dtype = torch.float32, verify: bool = True):
+    """Rebuild the compressed model: returns (model, tokenizer or None, units, manifest)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except Exception as e:
+        raise CheckpointError(f"could not read {path / WEIGHTS}: {e}") from None
+    model = _empty_model(manifest["config"], dtype)
+    for name in manifest.get("dropped", []):
+        drop_subblock(model, name)
+    arch = Arch(model)
+    linears = arch.all_linears()
+    units: dict[str, PackedWeight] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for k, t in tensors.items():
+        if SEP in k:
+            u, suffix = k.split(SEP, 1)
+            packed.setdefault(u, {})[suffix] = t
+        else:
+            dense[k] = t
+    for alias, target in manifest.get("tied", {}).items():
+        dense[alias] = dense[target]
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in dense.items()},
+                                                strict=False)
+    expected_missing = {f"{u}.weight" for u in manifest["units"]}
+    really_missing = [m for m in missing if m not in expected_missing]
+    if really_missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match its model config "
+                              f"(missing {really_missing[:3]}, unexpected {unexpected[:3]})")
+    for name, meta in manifest["units"].items():
+        if name not in linears or name not in packed:
+            raise CheckpointError(f"checkpoint {path} has no tensors for unit {name}")
+        try:
+            pw = PackedWeight.from_tensors(packed[name], meta)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path}: unit {name} is malformed ({e})") from None
+        set_weight(linears[name], pw.dequantize())
+        units[name] = pw
+    tok = None
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tok, units, manifest
+
+
+def checkpoint_info(path: str | Path) -> dict:
+    """Sizes and effective bits of a checkpoint, from its manifest and files."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    units = manifest["units"]
+    unit_bytes = sum(u["nbytes"] for u in units.values())
+    unit_params = sum(u["shape"][0] * u["shape"][1] for u in units.values())
+    cfg = manifest["config"]
+    weights_bytes = (path / WEIGHTS).stat().st_size if (path / WEIGHTS).is_file() else 0
+    return {
+        "path": str(path),
+        "model_type": cfg.get("model_type"),
+        "units": len(units),
+        "dropped": manifest.get("dropped", []),
+        "plan": manifest.get("plan", {}),
+        "size_mb": dir_size(path) / 1e6,
+        "weights_mb": weights_bytes / 1e6,
+        "compressed_params": unit_params,
+        "compressed_mb": unit_bytes / 1e6,
+        "bits_per_weight": 8.0 * unit_bytes / unit_params if unit_params else None,
+        "total_params": manifest.get("total_params"),
+        "bits_per_param": (8.0 * weights_bytes / manifest["total_params"]) if manifest.get("total_params") else None,
+    }

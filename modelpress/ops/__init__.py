@@ -1,0 +1,8 @@
+"""Compression operators. Importing this package registers every operator."""
+from . import drop  # noqa: F401
+from .base import OPERATORS, WeightOperator, output_error
+from .packed import PackedWeight, dense_packed
+from .quant import gptq, rtn  # noqa: F401
+from .sparse import magnitude, sparsegpt, wanda  # noqa: F401
+
+__all__ = ["OPERATORS", "PackedWeight", "WeightOperator", "dense_packed", "output_error"]

@@ -1,0 +1,3 @@
+from .influence import subblock_influence
+
+__all__ = ["subblock_influence"]

@@ -1,0 +1,171 @@
+"""The Optimal Brain Surgeon column sweep shared by GPTQ and SparseGPT.
+
+Both methods walk the input columns in order; for each column they decide its final value
+(quantized, or zero if pruned), and spread the error over the not-yet-processed columns using the
+inverse layer Hessian H⁻¹ (H = XᵀX), through its upper Cholesky factor U (H⁻¹ = UᵀU). Updates are
+applied lazily in blocks of columns (Frantar et al., GPTQ / SparseGPT). Pruning (unstructured per
+block, or N:M) and quantization (per group, groups formed in sweep order) may be combined.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from .base import split_count
+from .quant.grid import find_params, n_groups
+
+log = logging.getLogger(__name__)
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H); damping grows if H is singular."""
+    h = h.clone()
+    diag_mean = torch.diagonal(h).mean().clamp_min(1e-12)
+    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    lam = damp
+    for _ in range(8):
+        try:
+            l = torch.linalg.cholesky(h + lam * diag_mean * eye)
+            hinv = torch.cholesky_inverse(l)
+            return torch.linalg.cholesky(hinv, upper=True)
+        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+            lam = lam * 10 if lam > 0 else 1e-4
+            log.debug("Hessian not positive definite; damping raised to %g", lam)
+    raise RuntimeError("layer Hessian could not be made positive definite")
+
+
+@dataclasses.dataclass
+class SweepResult:
+    weight: torch.Tensor  # reconstructed weight, sweep (permuted) column order
+    mask: torch.Tensor | None  # kept entries, sweep order
+    codes: torch.Tensor | None  # uint8 codes (out, in), sweep order
+    scales: torch.Tensor | None  # float16 (out, n_groups)
+    zeros: torch.Tensor | None  # uint8 (out, n_groups)
+    perm: torch.Tensor | None  # sweep order -> original column
+
+
+def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, group_size: int | None = None,
+              sym: bool = False, mse: bool = False, n_prune: int | None = None, nm: tuple[int, int] | None = None,
+              act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> SweepResult:
+    """Compress `w` (out, in) given H = XᵀX/n (in, in). Returns the result in sweep order."""
+    w = w.float().clone()
+    h = h.float().clone()
+    out_f, in_f = w.shape
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    u = inverse_hessian_factor(h, damp)
+    del h
+
+    gs = group_size or in_f
+    if bits is not None and group_size:
+        block_size = max(gs, (block_size // gs) * gs)  # groups never straddle a block
+    if nm is not None:
+        block_size = max(nm[1], (block_size // nm[1]) * nm[1])
+    starts = list(range(0, in_f, block_size))
+    block_counts = None
+    if n_prune is not None:
+        block_counts = split_count(n_prune, [min(block_size, in_f - s) * out_f for s in starts])
+
+    quant = bits is not None
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=w.device) if quant else None
+    ng = n_groups(in_f, group_size)
+    scales = torch.zeros(out_f, ng, dtype=torch.float32, device=w.device) if quant else None
+    zeros = torch.zeros(out_f, ng, dtype=torch.float32, device=w.device) if quant else None
+    mask = torch.ones(out_f, in_f, dtype=torch.bool, device=w.device) if (n_prune or nm) else None
+    q_all = torch.zeros_like(w)
+    mq = (1 << bits) - 1 if quant else 0
+    scale1 = zero1 = None
+    if quant and not group_size:
+        scale, zero = find_params(w, bits, sym, mse=mse)
+        scales[:, 0:1], zeros[:, 0:1] = scale, zero
+        scale1, zero1 = scale.squeeze(1), zero.squeeze(1)
+
+    for bi, i1 in enumerate(starts):
+        i2 = min(i1 + block_size, in_f)
+        cnt = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        codes1 = torch.zeros_like(w1) if quant else None
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        d = torch.diagonal(u1)
+        m1 = None
+        if mask is not None:
+            m1 = torch.ones(out_f, cnt, dtype=torch.bool, device=w.device)
+            if block_counts is not None and block_counts[bi]:
+                score = w1 * w1 / (d * d).unsqueeze(0)
+                m1.view(-1)[torch.topk(score.reshape(-1), block_counts[bi], largest=False).indices] = False
+        for i in range(cnt):
+            col = i1 + i
+            wc = w1[:, i]
+            if nm is not None and i % nm[1] == 0 and i + nm[1] <= cnt:
+                n_keep, m = nm
+                score = w1[:, i:i + m] ** 2 / (d[i:i + m] ** 2).unsqueeze(0)
+                drop = torch.topk(score, m - n_keep, dim=1, largest=False).indices
+                m1[:, i:i + m].scatter_(1, drop, False)
+            if quant and group_size and col % gs == 0:
+                grp = w1[:, i:i + gs]
+                if m1 is not None:
+                    grp = grp * m1[:, i:i + gs]
+                scale, zero = find_params(grp, bits, sym, mse=mse)
+                scales[:, col // gs:col // gs + 1], zeros[:, col // gs:col // gs + 1] = scale, zero
+                scale1, zero1 = scale.squeeze(1), zero.squeeze(1)
+            qc = wc if m1 is None else wc * m1[:, i]
+            if quant:
+                c = torch.clamp(torch.round(qc / scale1) + zero1, 0, mq)
+                codes1[:, i] = c
+                qc = (c - zero1) * scale1
+                if m1 is not None:
+                    qc = qc * m1[:, i]
+            q1[:, i] = qc
+            e = (wc - qc) / d[i]
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
+            err1[:, i] = e
+        q_all[:, i1:i2] = q1
+        if quant:
+            codes[:, i1:i2] = codes1.to(torch.uint8)
+        if m1 is not None:
+            mask[:, i1:i2] = m1
+        if i2 < in_f:
+            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
+
+    return SweepResult(
+        weight=q_all, mask=mask, codes=codes,
+        scales=scales.to(torch.float16) if quant else None,
+        zeros=zeros.to(torch.uint8) if quant and not sym else None,
+        perm=perm,
+    )
+
+
+def to_packed(res: SweepResult, bits: int | None, group_size: int | None, sym: bool):
+    """The sweep's result as a PackedWeight in the original column order."""
+    from .packed import PackedWeight
+
+    out_f, in_f = res.weight.shape
+    perm = res.perm
+
+    def unperm(x):
+        if x is None or perm is None:
+            return x
+        y = torch.empty_like(x)
+        y[:, perm] = x
+        return y
+
+    mask = unperm(res.mask)
+    if bits is None:
+        w = unperm(res.weight)
+        vals = w[mask] if mask is not None else w.reshape(-1)
+        return PackedWeight(shape=(out_f, in_f), mask=mask, values=vals.to(torch.float16))
+    codes = unperm(res.codes)
+    return PackedWeight(shape=(out_f, in_f), mask=mask, bits=bits, group_size=group_size, sym=sym,
+                        codes=codes[mask] if mask is not None else codes.reshape(-1),
+                        scales=res.scales, zeros=res.zeros, perm=perm)

@@ -1,0 +1,39 @@
+"""GPTQ: quantize column by column, compensating each column's error with the inverse Hessian
+(Frantar et al., 2022). Ragged last groups are fine: groups need not divide in_features."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from ...calib.stats import LinearStats
+from ..base import OPERATORS, WeightOperator, check_bits, check_group_size
+from ..obs import obs_sweep, to_packed
+from ..packed import PackedWeight
+
+
+@OPERATORS.register("gptq")
+@dataclasses.dataclass
+class GPTQ(WeightOperator):
+    bits: int = 4
+    group_size: int | None = 64
+    sym: bool = False
+    act_order: bool = True  # columns with large activations first (groups follow that order)
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    mse: bool = False  # clipping search for each group's range
+    block_size: int = 128
+
+    stats: ClassVar[str] = "xtx"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+
+    def compress(self, weight: torch.Tensor, stats: LinearStats | None) -> PackedWeight:
+        res = obs_sweep(weight, stats.hessian, bits=self.bits, group_size=self.group_size, sym=self.sym,
+                        mse=self.mse, act_order=self.act_order, damp=self.damp, block_size=self.block_size)
+        return to_packed(res, self.bits, self.group_size, self.sym)
+
+    def label(self) -> str:
+        return f"gptq w{self.bits}" + (f" g{self.group_size}" if self.group_size else "")
