@@ -88,7 +88,7 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
             h.remove()
         for g in lets:  # unwind batches left parked by an error
             if not g.dead:
-                g.throw(GeneratorExit)
+                g.throw()  # GreenletExit: the greenlet ends quietly
     for name in linears:  # a layer no batch reached (an unused expert) gets no statistics
         if name not in done:
             compress(name, None)

@@ -75,7 +75,7 @@ class Arch:
                 continue
             if n is not None and len(mod) != n:
                 continue
-            if not any(is_linear(x) for x in mod[0].modules()):
+            if not any(is_linear(x) or isinstance(x, Dropped) for blk in mod for x in blk.modules()):
                 continue
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)

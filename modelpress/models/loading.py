@@ -146,6 +146,17 @@ def _convert_gguf(path: Path, out: Path) -> None:
         (tmp / "SOURCE").write_text(f"{path.resolve()}\n")
 
 
+def _check_causal_lm(config, where: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not custom:
+        raise UnsupportedArchitectureError(
+            f"{where!r} is a {type(config).__name__} ({getattr(config, 'model_type', '?')}), not a causal "
+            "language model; modelpress compresses decoder-only causal LMs (Llama, Qwen, Mistral, GPT-2, ...)"
+        )
+
+
 def _from_folder(folder: str, dtype: torch.dtype, device: torch.device, **kw):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -158,6 +169,7 @@ def _from_folder(folder: str, dtype: torch.dtype, device: torch.device, **kw):
         ) from None
     except ValueError as e:
         raise ModelLoadError(f"could not read the config of {folder!r}: {str(e).splitlines()[0]}") from None
+    _check_causal_lm(config, folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kw)
     except ValueError as e:

