@@ -35,6 +35,7 @@ def write_report(out_dir: str | Path, report: dict) -> None:
     for k in ("method", "budget", "data"):
         if k in report:
             md.append(f"- **{k}**: `{report[k]}`")
-    md += ["", markdown_table(rows, REPORT_COLUMNS), ""]
+    columns = [tuple(c) for c in report.get("columns", REPORT_COLUMNS)]
+    md += ["", markdown_table(rows, columns), ""]
     with atomic_file(out_dir / "report.md") as f:
         f.write("\n".join(md))

@@ -101,6 +101,10 @@ def compress_cmd(
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured sparsity 0..0.95"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M sparsity, e.g. 2:4"),
     drop: int = typer.Option(0, "--drop", help="remove this many attention/MLP sub-blocks (lowest influence)"),
+    target_bits: Optional[float] = typer.Option(None, "--target-bits",
+                                                help="budget mode: searched per-layer bit-widths averaging this"),
+    target_mb: Optional[float] = typer.Option(None, "--target-mb", help="budget mode: total size in MB"),
+    target_sparsity: Optional[float] = typer.Option(None, "--target-sparsity", help="budget mode: global sparsity"),
     sequential: bool = typer.Option(True, "--sequential/--no-sequential",
                                     help="feed compressed blocks' outputs to the next block"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="checkpoint folder (default out/MODEL-METHOD)"),
@@ -109,8 +113,15 @@ def compress_cmd(
     data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, seed: int = SeedOpt,
     n_eval: Optional[int] = NEvalOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
 ):
-    """Compress every Linear of MODEL's decoder blocks with one method; save, evaluate, report."""
+    """Compress MODEL: one method for every Linear of its decoder blocks, or — with a budget
+    (--target-bits / --target-mb / --target-sparsity) — per-layer levels found by evolutionary search."""
     _setup(verbose)
+    if target_bits is not None or target_mb is not None or target_sparsity is not None:
+        if method or bits or sparsity or pattern or drop:
+            raise ConfigError("give either a budget (--target-bits/--target-mb/--target-sparsity) or a method, not both")
+        return _budget_compress(model, target_bits, target_mb, target_sparsity, group_size, out, evaluate, data,
+                                n_samples if n_samples != 128 else 32, seq_len, seed,
+                                n_eval if n_eval is not None else 32, device)
     from .. import api
     from ..data import get_windows
     from ..eval import evaluate as run_eval
@@ -156,6 +167,106 @@ def compress_cmd(
     print_rows(rows, REPORT_COLUMNS, title=f"{model} → {out}")
     if export == "hf":
         console.print(f"plain HF folder: {out.with_name(out.name + '-hf')}")
+
+
+def _parse_list(s: Optional[str], cast=int) -> Optional[tuple]:
+    if s is None:
+        return None
+    try:
+        return tuple(cast(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"expected a comma-separated list, got {s!r}") from None
+
+
+def _budget(target_bits, target_mb, target_sparsity, drop):
+    from ..allocate.budget import Budget
+
+    given = [(k, v) for k, v in (("bits", target_bits), ("mb", target_mb), ("sparsity", target_sparsity),
+                                 ("drop", drop)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError("give exactly one budget: --target-bits, --target-mb, --target-sparsity or --drop")
+    return Budget(*given[0])
+
+
+def _run_search(model_name, *, kind, kind_settings, budget, allocator, allocator_settings, compare, data_cfg, db,
+                out, evaluate, plan, fitness_windows, device):
+    from ..models import load_model
+    from ..report import REPORT_COLUMNS
+    from ..search import SearchSettings, run_pipeline
+
+    m, tok = load_model(model_name, device=device)
+    out = out or Path("out") / _slug(f"{Path(model_name).stem}-{kind}-{budget.label()}-{allocator}")
+    rep = run_pipeline(m, tok, model_name=model_name, kind=kind, kind_settings=kind_settings, budget=budget,
+                       allocator=allocator, allocator_settings=allocator_settings, compare=compare, data=data_cfg,
+                       db=db, out=out, settings=SearchSettings(fitness_windows=fitness_windows), evaluate=evaluate,
+                       plan_file=plan, device=device)
+    cols = [c for c in REPORT_COLUMNS if c[0] not in ("bits_per_param", "seconds")] + [("search", "search s")]
+    print_rows(rep["rows"], cols, title=f"{model_name} @ {budget.label()} → {out}")
+    console.print(f"plan: {out / 'plan.json'}   report: {out / 'report.md'}   "
+                  f"database: {rep['database']['path']} (built in {rep['database']['build_seconds']:.0f} s)")
+
+
+def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size, out, evaluate, data, n_samples,
+                     seq_len, seed, n_eval, device):
+    """CPU-friendly defaults for the whole budget pipeline (see README)."""
+    budget = _budget(target_bits, target_mb, target_sparsity, None)
+    kind = "sparsity" if budget.kind == "sparsity" else "quant"
+    kind_settings = {} if kind == "sparsity" else {"levels": (2, 3, 4, 5),
+                                                   "group_size": 64 if group_size is None else (group_size or None)}
+    alloc = {"generations": 20, "offspring": 12, "tokens": (512, 2048), "survivors": (2, 1)}
+    _run_search(model, kind=kind, kind_settings=kind_settings, budget=budget, allocator="evolutionary",
+                allocator_settings=alloc, compare=["uniform"], data_cfg=_data_config(data, n_samples, seq_len, seed, n_eval),
+                db=None, out=out, evaluate=evaluate, plan=None, fitness_windows=16, device=device)
+
+
+@app.command("search")
+@command
+def search_cmd(
+    model: str = typer.Argument(..., help="alias (smollm2-135m), .gguf file, HF folder or hub id"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="quant, sparsity or depth (default: from the budget)"),
+    levels: Optional[str] = typer.Option(None, "--levels", help="quant: bit-widths, e.g. 2,3,4,5,6"),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="quant: group size (0 = per row)"),
+    max_sparsity: Optional[float] = typer.Option(None, "--max-sparsity", help="sparsity: highest level"),
+    target_bits: Optional[float] = typer.Option(None, "--target-bits"),
+    target_sparsity: Optional[float] = typer.Option(None, "--target-sparsity"),
+    drop: Optional[int] = typer.Option(None, "--drop", help="depth: sub-blocks to remove"),
+    target_mb: Optional[float] = typer.Option(None, "--target-mb", help="total size in MB, everything included"),
+    allocator: str = typer.Option("evolutionary", "--allocator", "-a",
+                                  help="evolutionary, dp, uniform, owl (sparsity), block-influence (depth)"),
+    compare: Optional[str] = typer.Option(None, "--compare", help="also evaluate these allocators, e.g. uniform,dp"),
+    generations: Optional[int] = typer.Option(None, "--generations"),
+    offspring: Optional[int] = typer.Option(None, "--offspring"),
+    survivors: Optional[str] = typer.Option(None, "--survivors", help="kept per selection stage, e.g. 2,1"),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="tokens per selection stage, e.g. 512,4096"),
+    seed: int = SeedOpt,
+    fitness_windows: int = typer.Option(16, "--fitness-windows", help="calibration windows the fitness samples"),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="apply this plan.json instead of searching"),
+    db: Optional[Path] = typer.Option(None, "--db", help="level database folder (default: in the cache)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o"),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval"),
+    data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
+    device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+):
+    """Per-unit levels under one exact budget: level database + allocator (EvoPress by default)."""
+    _setup(verbose)
+    budget = _budget(target_bits, target_mb, target_sparsity, drop)
+    kind = kind or {"bits": "quant", "mb": "quant", "sparsity": "sparsity", "drop": "depth"}[budget.kind]
+    ks: dict = {}
+    if levels is not None:
+        ks["levels"] = _parse_list(levels)
+    if group_size is not None:
+        ks["group_size"] = group_size or None
+    if max_sparsity is not None:
+        ks["max_sparsity"] = max_sparsity
+    al = {k: v for k, v in dict(generations=generations, offspring=offspring, survivors=_parse_list(survivors),
+                                tokens=_parse_list(tokens)).items() if v is not None}
+    if allocator == "evolutionary":
+        al["seed"] = seed
+    elif al:
+        raise ConfigError(f"--generations/--offspring/--survivors/--tokens apply to the evolutionary allocator, not {allocator}")
+    _run_search(model, kind=kind, kind_settings=ks, budget=budget, allocator=allocator, allocator_settings=al,
+                compare=list(_parse_list(compare, str) or ()), data_cfg=_data_config(data, n_samples, seq_len, seed, n_eval),
+                db=db, out=out, evaluate=evaluate, plan=plan, fitness_windows=fitness_windows, device=device)
 
 
 @app.command("eval")

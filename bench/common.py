@@ -1,0 +1,63 @@
+"""Shared benchmark plumbing: resumable row cache, table printing, docs/benchmarks.md sections."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from modelpress.report import markdown_table  # noqa: E402
+from modelpress.utils.io import atomic_file, write_json  # noqa: E402
+
+DOCS = ROOT / "docs" / "benchmarks.md"
+CACHE = ROOT / ".bench_cache"
+
+
+class RowCache:
+    """Finished rows survive an interrupted benchmark: re-running skips them (unless --force)."""
+
+    def __init__(self, name: str, force: bool = False):
+        self.path = CACHE / f"{name}.json"
+        self.rows: dict[str, dict] = {}
+        if self.path.is_file() and not force:
+            self.rows = json.loads(self.path.read_text())
+
+    def get(self, key: str) -> dict | None:
+        return self.rows.get(key)
+
+    def put(self, key: str, row: dict) -> None:
+        self.rows[key] = row
+        write_json(self.path, self.rows)
+
+
+def machine() -> str:
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    return f"{platform.machine()} {dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+
+
+def write_section(key: str, body: str) -> None:
+    """Replace (or append) the section between <!-- bench:key --> markers in docs/benchmarks.md."""
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n\nEvery table here is written by a script in `bench/`; rerun it to refresh.\n"
+    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    with atomic_file(DOCS) as f:
+        f.write(text)
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    md = markdown_table(rows, columns)
+    print(md)
+    return md

@@ -1,0 +1,105 @@
+"""Uniform compression of smollm2-135m with every operator; writes a table into docs/benchmarks.md.
+
+Same calibration (128 x 512 tokens of pydoc) and evaluation windows (the held-out 40% of pydoc,
+88 x 512 tokens) for every row. Perplexity, KL to dense, real checkpoint size, effective bits,
+compression wall time (load + calibrate + compress + save). Rows are cached in .bench_cache/ so
+an interrupted run resumes; `--force` recomputes, `--only gptq` runs a subset.
+
+    python bench/uniform.py [--only SUBSTRING] [--force]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import ROOT, RowCache, machine, print_table, write_section
+
+import modelpress as mp
+from modelpress.eval import ReferenceLogprobs, evaluate
+
+ROWS = [("dense", None, {}, 0)]
+ROWS += [(f"rtn w{b} g64", "rtn", dict(bits=b, group_size=64), 0) for b in (4, 3, 2)]
+ROWS += [(f"gptq w{b} g64", "gptq", dict(bits=b, group_size=64), 0) for b in (4, 3, 2)]
+for m in ("magnitude", "wanda", "sparsegpt"):
+    ROWS += [(f"{m} {int(s * 100)}%", m, dict(sparsity=s), 0) for s in (0.5, 0.6, 0.7)]
+    ROWS += [(f"{m} 2:4", m, dict(pattern="2:4"), 0)]
+ROWS += [(f"drop {n} sub-blocks", None, {}, n) for n in (2, 4, 8)]
+
+COLUMNS = [("label", "method"), ("ppl", "ppl"), ("ppl_ratio", "× dense"), ("kl", "KL to dense"),
+           ("size_mb", "size MB"), ("bits_per_weight", "bits/weight (layers)"), ("bits_per_param", "bits/param (file)"),
+           ("seconds", "compress s")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    cache = RowCache("uniform", force=args.force)
+    base, tok = mp.load_model("smollm2-135m", device="cpu")
+    windows = mp.get_windows(tok, mp.DataConfig(n_samples=128, seq_len=512))
+    ref = None
+    for label, method, kw, drop in ROWS:
+        if args.only and args.only not in label:
+            continue
+        if cache.get(label):
+            continue
+        if ref is None:
+            ref = ReferenceLogprobs(base, windows.eval)
+        print(f"== {label}", flush=True)
+        model = copy.deepcopy(base)
+        t0 = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            if method is None and not drop:
+                row = {"size_mb": sum(p.numel() for p in model.parameters()) * 2 / 1e6, "bits_per_param": 16.0,
+                       "seconds": 0.0}
+            else:
+                c = mp.compress(model, tok, method, data=windows, drop=drop, **kw)
+                c.save(Path(tmp) / "ck")
+                info = mp.info(Path(tmp) / "ck")
+                row = {"size_mb": info["weights_mb"], "bits_per_weight": info["bits_per_weight"],
+                       "bits_per_param": info["bits_per_param"], "seconds": time.time() - t0,
+                       "dropped": c.dropped}
+        r = evaluate(model, windows.eval, reference=ref)
+        row.update(label=label, ppl=r.ppl, kl=r.kl, tokens=r.n_tokens)
+        cache.put(label, row)
+        print(json.dumps(row), flush=True)
+        del model
+        gc.collect()
+    render(cache)
+
+
+def render(cache: RowCache) -> None:
+    dense = cache.get("dense")
+    rows = []
+    for label, *_ in ROWS + [("llm-compressor gptq w4a16 g64 (peer)",)]:
+        r = cache.get(label) or RowCache("peer_llmcompressor").get(label)
+        if r is None:
+            continue
+        r = dict(r)
+        if dense:
+            r["ppl_ratio"] = r["ppl"] / dense["ppl"]
+        rows.append(r)
+    md = print_table(rows, COLUMNS)
+    body = (
+        "## Uniform compression (`bench/uniform.py`)\n\n"
+        f"smollm2-135m (SmolLM2-135M-Instruct, float32 compute), calibration 128 x 512 tokens and evaluation "
+        f"{rows[0].get('tokens', '?') if rows else '?'} tokens of the held-out 40% of `pydoc`. "
+        "Size = weights file on disk (embeddings and norms in float16). bits/weight counts codes, scales, zeros, "
+        "masks and permutations of the compressed Linear layers; bits/param divides the whole weights file by all "
+        "134.5M parameters. compress s = calibrate + compress + save on the machine below (eval excluded). "
+        f"Machine: {machine()}.\n\n" + md
+    )
+    write_section("uniform", body)
+
+
+if __name__ == "__main__":
+    main()

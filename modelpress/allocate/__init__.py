@@ -1,0 +1,6 @@
+"""Allocators: pick one level per unit under a budget. Importing registers them all."""
+from . import dp, evolutionary, influence, owl, uniform  # noqa: F401
+from .base import ALLOCATORS, Allocator
+from .problem import Problem, fill, fit, trim
+
+__all__ = ["ALLOCATORS", "Allocator", "Problem", "fill", "fit", "trim"]

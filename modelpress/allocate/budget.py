@@ -1,0 +1,91 @@
+"""Budgets, and the cost table of a level database under a budget.
+
+    bits      average nominal bits per weight of the compressed layers (Σ bits·numel / Σ numel)
+    sparsity  global fraction of pruned weights in the compressed layers
+    drop      number of removed sub-blocks
+    mb        total size in MB as stored: packed layers (codes, scales, zeros, masks, permutations)
+              plus everything else (embeddings, lm_head, norms) in float16 and the file header
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import BudgetError
+from .problem import Problem
+
+HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON header entry, generous
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("bits", "sparsity", "drop", "mb"):
+            raise BudgetError(f"unknown budget {self.kind!r}; use bits, sparsity, drop or mb")
+
+    def label(self) -> str:
+        return {"bits": f"{self.value:g} bits/weight", "sparsity": f"{100 * self.value:g}% sparsity",
+                "drop": f"{int(self.value)} sub-blocks dropped", "mb": f"{self.value:g} MB"}[self.kind]
+
+
+def level_cost(budget: Budget, db, unit: str, value) -> int:
+    info = db.units[unit]
+    if budget.kind == "bits":
+        return int(value) * info.numel
+    if budget.kind == "sparsity":
+        return info.numel - int(value)
+    if budget.kind == "drop":
+        return 1 if value == "kept" else 0
+    return int(db.level_meta(unit, value)["nbytes"])
+
+
+def _tensors_per_unit(db) -> int:
+    k = db.kind.registered_name
+    return {"quant": 4, "sparsity": 2}.get(k, 0)
+
+
+def make_problem(db, budget: Budget) -> Problem:
+    """The allocation problem of `db` under `budget` (costs in the budget's unit)."""
+    if budget.kind not in db.kind.budgets:
+        raise BudgetError(f"a {budget.kind} budget does not apply to a {db.kind.registered_name} database "
+                          f"(it takes: {', '.join(db.kind.budgets)})")
+    units = list(db.units)
+    values = [db.values(u) for u in units]
+    costs = [[level_cost(budget, db, u, v) for v in vs] for u, vs in zip(units, values)]
+    errors = [[float(db.level_meta(u, v)["error"]) for v in vs] for u, vs in zip(units, values)]
+    numel = [db.units[u].numel for u in units]
+    total_numel = sum(numel)
+    v = budget.value
+    if budget.kind == "bits":
+        lo, hi = min(db.kind.levels), max(db.kind.levels)
+        if not lo <= v <= hi:
+            raise BudgetError(f"target of {v:g} bits is outside the database levels {lo}..{hi}")
+        total = int(v * total_numel)
+    elif budget.kind == "sparsity":
+        if not 0 <= v <= db.kind.max_sparsity:
+            raise BudgetError(f"target sparsity {v:g} is outside 0..{db.kind.max_sparsity:g}")
+        total = int((1 - v) * total_numel)
+    elif budget.kind == "drop":
+        if v != int(v) or not 0 <= v <= len(units):
+            raise BudgetError(f"can drop 0..{len(units)} sub-blocks, not {v:g}")
+        total = len(units) - int(v)
+    else:
+        overhead = db.meta["fixed_bytes"] + HEADER_BYTES_PER_TENSOR * (len(units) * _tensors_per_unit(db) + 8)
+        total = int(v * 1e6) - overhead
+        floor = (sum(c[0] for c in costs) + overhead) / 1e6
+        if total < sum(c[0] for c in costs):
+            raise BudgetError(f"{v:g} MB is below the smallest model these levels can make ({floor:.2f} MB, "
+                              "embeddings and norms included); raise --target-mb or allow cheaper levels")
+    labels = []
+    for u, vs in zip(units, values):
+        if db.kind.registered_name == "sparsity":
+            labels.append([int(x) / db.units[u].numel for x in vs])
+        else:
+            labels.append(list(vs))
+    extra = {"block": [db.units[u].block for u in units], "numel": numel, "values": values}
+    for key in ("outlier_ratio", "influence"):
+        if all(key in db.units[u].extra for u in units):
+            extra[key] = [db.units[u].extra[key] for u in units]
+    return Problem(units, costs, errors, total, labels=labels, groups=[db.units[u].group for u in units], extra=extra)

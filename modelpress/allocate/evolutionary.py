@@ -1,0 +1,164 @@
+"""EvoPress: (1 + λ) evolutionary search over per-unit levels under an exact budget.
+
+One parent. Each offspring applies k = min(U{1,3}, U{1,3}) level switches: one unit goes up one
+level and a partner goes down by exactly the same cost, so every candidate keeps the parent's
+total cost. Duplicates are rejected. Selection runs in stages: all offspring are scored on a fresh
+small token sample, the best few are rescored on more tokens, ...; the parent competes only in the
+last stage. Fitness is measured on the whole model (KL to the dense model) by a fitness object;
+this allocator never touches a model. A checkpoint after every generation makes an interrupted
+search resume exactly where it stopped (same seed ⇒ same plan, interrupted or not).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..utils.io import write_json
+from ..utils.progress import Bar
+from .base import ALLOCATORS, Allocator
+from .problem import Problem
+
+log = logging.getLogger(__name__)
+
+
+def mutate(p: Problem, parent: list[int], rng: np.random.Generator, max_tries: int = 50) -> list[int] | None:
+    """Budget-preserving level switches (None when no switch is possible)."""
+    k = int(min(rng.integers(1, 4), rng.integers(1, 4)))
+    child = list(parent)
+    done = 0
+    for _ in range(max_tries):
+        if done == k:
+            break
+        ups = [u for u, i in enumerate(child) if i + 1 < p.n_levels(u)]
+        if not ups:
+            break
+        u = int(ups[rng.integers(len(ups))])
+        d = p.costs[u][child[u] + 1] - p.costs[u][child[u]]
+        partners = [(w, j) for w, i in enumerate(child) if w != u
+                    for j in range(i) if p.costs[w][i] - p.costs[w][j] == d]
+        if not partners:
+            continue
+        w, j = partners[rng.integers(len(partners))]
+        child[u] += 1
+        child[w] = j
+        done += 1
+    return child if done else None
+
+
+@ALLOCATORS.register("evolutionary")
+@dataclasses.dataclass
+class Evolutionary(Allocator):
+    generations: int = 40
+    offspring: int = 16
+    survivors: tuple[int, ...] = (2, 1)  # kept after each selection stage; the last must be 1
+    tokens: tuple[int, ...] = (512, 4096)  # fresh calibration tokens scored in each stage
+    seed: int = 0
+    init: str = "best"  # "uniform", "dp", or "best" (the better of the two on the last stage's sample)
+    checkpoint: str | None = None  # JSON written every generation; an existing one is resumed
+
+    needs_fitness = True
+
+    def __post_init__(self) -> None:
+        self.survivors = tuple(self.survivors)
+        self.tokens = tuple(self.tokens)
+        if len(self.survivors) != len(self.tokens) or not self.tokens:
+            raise ConfigError("survivors and tokens need one entry per selection stage")
+        if self.survivors[-1] != 1 or any(s < 1 for s in self.survivors):
+            raise ConfigError("the last stage keeps exactly one survivor")
+        if self.init not in ("uniform", "dp", "best"):
+            raise ConfigError("init must be uniform, dp or best")
+        if self.generations < 0 or self.offspring < 1:
+            raise ConfigError("generations >= 0 and offspring >= 1")
+        self.history: list[dict] = []
+
+    def _key(self, p: Problem) -> str:
+        h = hashlib.sha256(json.dumps([p.units, p.costs, p.budget, dataclasses.asdict(self) | {"checkpoint": None}],
+                                      default=str).encode())
+        return h.hexdigest()[:16]
+
+    def allocate(self, problem: Problem, fitness=None) -> list[int]:
+        if fitness is None:
+            raise ConfigError("the evolutionary allocator needs a fitness (it measures the whole model)")
+        from .dp import DP
+        from .uniform import Uniform
+
+        rng = np.random.default_rng(self.seed)
+        key = self._key(problem)
+        start = 0
+        parent: list[int] | None = None
+        best_fit = None
+        ck = Path(self.checkpoint) if self.checkpoint else None
+        if ck is not None and ck.is_file():
+            try:
+                state = json.loads(ck.read_text())
+            except json.JSONDecodeError:
+                state = None
+                log.warning("search checkpoint %s is unreadable; starting over", ck)
+            if state and state.get("key") == key:
+                start, parent, best_fit = state["generation"], state["parent"], state["fitness"]
+                rng.bit_generator.state = state["rng"]
+                self.history = state["history"]
+                log.info("resuming evolutionary search at generation %d", start)
+            elif state:
+                log.warning("search checkpoint %s belongs to another problem; starting over", ck)
+        if parent is None:
+            self.history = []
+            uni = Uniform().allocate(problem)
+            if self.init == "uniform":
+                parent = uni
+            else:
+                dp = DP().allocate(problem)
+                if self.init == "dp" or dp == uni:
+                    parent = dp
+                else:
+                    sample = fitness.new_sample(self.tokens[-1], rng)
+                    f_uni, f_dp = fitness(uni, sample), fitness(dp, sample)
+                    parent = uni if f_uni <= f_dp else dp
+                    log.info("init: uniform %.5f, dp %.5f -> %s", f_uni, f_dp, "uniform" if f_uni <= f_dp else "dp")
+            self._save(ck, key, 0, parent, None, rng)
+
+        with Bar(total=self.generations, desc="evolutionary search", initial=start) as bar:
+            for gen in range(start, self.generations):
+                seen = {tuple(parent)}
+                kids: list[list[int]] = []
+                tries = 0
+                while len(kids) < self.offspring and tries < 20 * self.offspring:
+                    tries += 1
+                    kid = mutate(problem, parent, rng)
+                    if kid is not None and tuple(kid) not in seen:
+                        seen.add(tuple(kid))
+                        kids.append(kid)
+                if not kids:
+                    log.info("no budget-preserving mutation exists; stopping")
+                    break
+                cands = kids
+                scores: list[float] = []
+                for stage, (n_tok, keep) in enumerate(zip(self.tokens, self.survivors)):
+                    sample = fitness.new_sample(n_tok, rng)
+                    last = stage == len(self.tokens) - 1
+                    if last:
+                        cands = cands + [parent]
+                    scores = [fitness(c, sample, parent=parent) for c in cands]
+                    order = sorted(range(len(cands)), key=lambda j: (scores[j], j == len(cands) - 1 and last))
+                    cands = [cands[j] for j in order[:keep]]
+                    scores = [scores[j] for j in order[:keep]]
+                improved = cands[0] != parent
+                parent, best_fit = cands[0], scores[0]
+                self.history.append({"generation": gen + 1, "fitness": best_fit, "improved": improved})
+                self._save(ck, key, gen + 1, parent, best_fit, rng)
+                bar.update(1)
+                bar.set_postfix(kl=f"{best_fit:.5f}")
+                log.info("generation %d: fitness %.6f%s", gen + 1, best_fit, " (new parent)" if improved else "")
+        return parent
+
+    def _save(self, ck: Path | None, key: str, gen: int, parent, fit, rng) -> None:
+        if ck is None:
+            return
+        write_json(ck, {"key": key, "generation": gen, "parent": parent, "fitness": fit,
+                        "rng": rng.bit_generator.state, "history": self.history})

@@ -1,0 +1,378 @@
+"""The level database: every unit compressed at every level once, stored on disk.
+
+    DB/db.json               kind and settings, model fingerprint, data, units, fixed bytes
+    DB/units/<unit>.safetensors
+                             one file per unit, memory-mappable; tensors "<level>::<suffix>",
+                             metadata: per level its PackedWeight metadata, exact bytes and the
+                             relative output error ‖(W−Ŵ)X‖²/‖WX‖², plus a digest of the tensors
+
+Building is resumable: unit files are rewritten atomically as soon as a unit gets a level, and a
+rerun skips what is there. A unit file that fails to parse or whose digest does not match is
+treated as missing and rebuilt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from ..calib.runner import LayerwiseRunner
+from ..calib.stats import LinearStats
+from ..data.windows import Windows
+from ..errors import CheckpointError, ConfigError
+from ..export.checkpoint import dense_tensors, storage_dtype_for
+from ..models.arch import Arch, get_weight, set_weight
+from ..ops.base import output_error
+from ..ops.packed import PackedWeight
+from ..utils.io import atomic_file, cache_root, write_json
+from .kinds import KINDS, DepthKind, Kind, QuantKind, SparsityKind, UnitInfo
+
+log = logging.getLogger(__name__)
+
+FORMAT = "modelpress-leveldb"
+VERSION = 1
+
+
+def model_fingerprint(model) -> str:
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
+        h.update(str(float(t.detach().float().sum())).encode())
+    return h.hexdigest()
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "_")
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+    return h.hexdigest()
+
+
+def discover_units(model, kind: Kind) -> list[UnitInfo]:
+    arch = Arch(model)
+    if isinstance(kind, DepthKind):
+        out = []
+        for sb in arch.subblocks():
+            mod = getattr(arch.blocks[sb.block], sb.attr)
+            out.append(UnitInfo(sb.name, None, sum(p.numel() for p in mod.parameters()), sb.block, sb.kind))
+        return out
+    out = []
+    for name, mod in arch.all_linears().items():
+        w = get_weight(mod)
+        out.append(UnitInfo(name, tuple(w.shape), w.numel(), arch.block_of(name), name.rsplit(".", 1)[-1]))
+    return out
+
+
+class LevelDB:
+    def __init__(self, path: Path, meta: dict):
+        self.path = Path(path)
+        self.meta = meta
+        self.kind: Kind = KINDS.build(meta["kind"]["name"], **meta["kind"]["settings"])
+        self.units: dict[str, UnitInfo] = {
+            n: UnitInfo(n, tuple(u["shape"]) if u["shape"] else None, u["numel"], u["block"], u["group"], u.get("extra", {}))
+            for n, u in meta["units"].items()}
+        self._levels: dict[str, dict[str, dict]] = {}  # unit -> value -> level meta (from unit files)
+        self._cache: dict[tuple[str, str], PackedWeight] = {}
+
+    # ---- creation / opening -------------------------------------------------------------
+    @classmethod
+    def default_path(cls, model, kind: Kind, windows: Windows) -> Path:
+        key = json.dumps([model_fingerprint(model), kind.registered_name, kind.settings(),
+                          dataclasses.asdict(windows.config)], sort_keys=True, default=str)
+        return cache_root() / "db" / f"{kind.registered_name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+    @classmethod
+    def open_or_create(cls, path: str | Path | None, model, kind: Kind, windows: Windows) -> "LevelDB":
+        path = Path(path) if path else cls.default_path(model, kind, windows)
+        fp = model_fingerprint(model)
+        mf = path / "db.json"
+        if mf.is_file():
+            try:
+                meta = json.loads(mf.read_text())
+            except json.JSONDecodeError:
+                raise CheckpointError(f"level database {path} has a corrupt db.json; delete the folder to rebuild") from None
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not a modelpress level database")
+            if meta["fingerprint"] != fp:
+                raise ConfigError(f"level database {path} was built for another model; use another --db folder")
+            if meta["kind"]["name"] != kind.registered_name or meta["kind"]["settings"] != json.loads(json.dumps(kind.settings())):
+                raise ConfigError(f"level database {path} was built with other settings "
+                                  f"({meta['kind']}); use another --db folder")
+            if meta["data"] != json.loads(json.dumps(dataclasses.asdict(windows.config))):
+                raise ConfigError(f"level database {path} was built on other calibration data; use another --db folder")
+            return cls(path, meta)
+        units = discover_units(model, kind)
+        if isinstance(kind, SparsityKind):
+            kind.resolve_step(units)
+        fixed = _fixed_bytes(model, units, isinstance(kind, DepthKind))
+        meta = {
+            "format": FORMAT, "version": VERSION, "fingerprint": fp,
+            "kind": {"name": kind.registered_name, "settings": json.loads(json.dumps(kind.settings()))},
+            "data": json.loads(json.dumps(dataclasses.asdict(windows.config))),
+            "fixed_bytes": fixed,
+            "units": {u.name: {"shape": list(u.shape) if u.shape else None, "numel": u.numel, "block": u.block,
+                               "group": u.group, "extra": u.extra} for u in units},
+        }
+        (path / "units").mkdir(parents=True, exist_ok=True)
+        write_json(mf, meta)
+        return cls(path, meta)
+
+    def save_meta(self) -> None:
+        write_json(self.path / "db.json", self.meta)
+
+    # ---- unit files ---------------------------------------------------------------------
+    def _file(self, unit: str) -> Path:
+        return self.path / "units" / f"{_safe(unit)}.safetensors"
+
+    def levels_of(self, unit: str) -> dict[str, dict]:
+        """Level metadata present on disk for `unit` ({} if missing or corrupt)."""
+        if unit in self._levels:
+            return self._levels[unit]
+        f = self._file(unit)
+        levels: dict[str, dict] = {}
+        if f.is_file():
+            try:
+                with safe_open(str(f), "pt") as sf:
+                    md = sf.metadata() or {}
+                    tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+                if md.get("digest") != _digest(tensors):
+                    raise ValueError("digest mismatch")
+                levels = json.loads(md["levels"])
+            except Exception as e:  # corrupt or truncated: rebuild it
+                log.warning("level database: %s is corrupt (%s); it will be rebuilt", f.name, e)
+                f.unlink(missing_ok=True)
+                levels = {}
+        self._levels[unit] = levels
+        return levels
+
+    def add_levels(self, unit: str, new: dict[str, tuple[PackedWeight, float]]) -> None:
+        """Store levels (value -> (packed weight, error)) of `unit`, keeping the ones already there."""
+        levels = dict(self.levels_of(unit))
+        tensors: dict[str, torch.Tensor] = {}
+        f = self._file(unit)
+        if f.is_file():
+            with safe_open(str(f), "pt") as sf:
+                tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+        for value, (pw, err) in new.items():
+            ts, meta = pw.to_tensors()
+            for k in [k for k in tensors if k.startswith(f"{value}::")]:
+                del tensors[k]
+            for suffix, t in ts.items():
+                tensors[f"{value}::{suffix}"] = t.contiguous()
+            levels[str(value)] = {"meta": meta, "nbytes": pw.nbytes(), "error": float(err)}
+        md = {"levels": json.dumps(levels), "digest": _digest(tensors)}
+        with atomic_file(f, "wb") as fh:
+            fh.write(_serialize(tensors, md))
+        self._levels[unit] = levels
+
+    def load(self, unit: str, value, device="cpu") -> PackedWeight:
+        key = (unit, str(value))
+        if key not in self._cache:
+            meta = self.levels_of(unit).get(str(value))
+            if meta is None:
+                raise ConfigError(f"level {value!r} of {unit} is not in the database {self.path}")
+            with safe_open(str(self._file(unit)), "pt") as sf:
+                ts = {k.split("::", 1)[1]: sf.get_tensor(k) for k in sf.keys() if k.startswith(f"{value}::")}
+            self._cache[key] = PackedWeight.from_tensors(ts, meta["meta"])
+        return self._cache[key].to(device)
+
+    def values(self, unit: str) -> list:
+        return self.kind.values(self.units[unit])
+
+    def missing(self) -> dict[str, list]:
+        """unit -> level values not yet built."""
+        if isinstance(self.kind, DepthKind):
+            return {} if all("influence" in u.extra for u in self.units.values()) else {u: ["dropped"] for u in self.units}
+        out = {}
+        for u in self.units:
+            have = self.levels_of(u)
+            miss = [v for v in self.values(u) if str(v) not in have]
+            if miss:
+                out[u] = miss
+        return out
+
+    def level_meta(self, unit: str, value) -> dict:
+        if isinstance(self.kind, DepthKind):
+            info = self.units[unit]
+            kept = value == "kept"
+            return {"nbytes": 2 * info.numel if kept else 0, "error": 0.0 if kept else info.extra["influence"]}
+        return self.levels_of(unit)[str(value)]
+
+    # ---- building -----------------------------------------------------------------------
+    def build(self, model, windows: Windows, *, batch_size: int = 8, device=None) -> None:
+        """Fill every missing (unit, level). Resumable; a no-op when complete."""
+        if not self.missing():
+            return
+        if isinstance(self.kind, QuantKind):
+            self._build_quant(model, windows, batch_size, device)
+        elif isinstance(self.kind, SparsityKind):
+            self._build_sparsity(model, windows, batch_size, device)
+        elif isinstance(self.kind, DepthKind):
+            self._build_depth(model, windows, batch_size)
+        else:  # pragma: no cover
+            raise ConfigError(f"no builder for kind {self.kind.registered_name}")
+
+    def _build_quant(self, model, windows, batch_size, device) -> None:
+        arch = Arch(model)
+        linears = arch.all_linears()
+        dense = {n: get_weight(m).detach().clone() for n, m in linears.items() if n in self.units}
+        kind: QuantKind = self.kind  # type: ignore[assignment]
+        try:
+            for bits in kind.levels:
+                todo = {u for u, miss in self.missing().items() if bits in miss}
+                if not todo:
+                    continue
+                start = min(self.units[u].block for u in todo)
+                log.info("level database: GPTQ %d-bit pass from block %d", bits, start)
+                # blocks before `start` already have this level: put it in so their outputs are right
+                for n in dense:
+                    if self.units[n].block < start:
+                        set_weight(linears[n], self.load(n, bits).dequantize())
+                op = kind.operator(bits)
+                runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=kind.sequential,
+                                         device=device)
+                for step in runner.blocks(desc=f"database {bits}-bit", start=start):
+                    names = [n for n in step.linears if n in self.units]
+
+                    def do(n, st: LinearStats | None, step=step):
+                        w = get_weight(step.linears[n]).float()
+                        pw = op.compress(w, st)
+                        w_hat = pw.dequantize()
+                        err = output_error(w, w_hat, st.hessian)
+                        set_weight(step.linears[n], w_hat)
+                        if n in todo:
+                            self.add_levels(n, {bits: (pw, err)})
+
+                    if kind.sequential:
+                        step.compress_streaming("xtx", do, names=names)
+                    else:
+                        stats = step.collect("xtx", names=names)
+                        for n in names:
+                            do(n, stats[n])
+                        step.advance(sequential=False)
+                for n, w in dense.items():
+                    set_weight(linears[n], w)
+        finally:
+            for n, w in dense.items():
+                set_weight(linears[n], w)
+
+    def _build_sparsity(self, model, windows, batch_size, device) -> None:
+        kind: SparsityKind = self.kind  # type: ignore[assignment]
+        missing = self.missing()
+        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=False, device=device)
+        for step in runner.blocks(desc="database sparsity"):
+            names = [n for n in step.linears if n in missing]
+            if not names:
+                step.advance(sequential=False)
+                continue
+            stats = step.collect("xtx", names=names)
+            for n in names:
+                w = get_weight(step.linears[n]).float()
+                st = stats[n]
+                new = {}
+                for v in missing[n]:
+                    pw = kind.operator(int(v)).compress(w, st)
+                    new[v] = (pw, output_error(w, pw.dequantize(), st.hessian))
+                score = w.abs() * st.col_norms.unsqueeze(0)
+                ratio = float((score > kind.outlier_m * score.mean()).float().mean())
+                self.meta["units"][n]["extra"]["outlier_ratio"] = ratio
+                self.units[n].extra["outlier_ratio"] = ratio
+                self.add_levels(n, new)
+            self.save_meta()
+            step.advance(sequential=False)
+
+    def _build_depth(self, model, windows, batch_size) -> None:
+        from ..ops.drop.influence import subblock_influence
+
+        scores = subblock_influence(model, windows.calib, batch_size=batch_size)
+        for n in self.units:
+            self.meta["units"][n]["extra"]["influence"] = scores[n]
+            self.units[n].extra["influence"] = scores[n]
+        self.save_meta()
+
+
+def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    return save(tensors, metadata=metadata)
+
+
+def _fixed_bytes(model, units: list[UnitInfo], depth: bool) -> int:
+    """Bytes every plan stores whatever its levels: tensors outside the units, as stored (float16)."""
+    dense, _ = dense_tensors(model, {})
+    unit_weights = {f"{u.name}.weight" for u in units}
+    prefixes = tuple(u.name + "." for u in units)
+    total = 0
+    for name, t in dense.items():
+        if (depth and name.startswith(prefixes)) or (not depth and name in unit_weights):
+            continue
+        total += t.numel() * torch.empty(0, dtype=storage_dtype_for(t, torch.float16)).element_size()
+    return total
+
+
+class PlanState:
+    """Applies level choices to a model from a database, incrementally and reversibly.
+
+    Keeps the dense weights (or the original sub-block modules) so any unit can go back; caches
+    dequantized levels so switching during a search costs a copy, not a decode.
+    """
+
+    def __init__(self, model, db: LevelDB, cache: bool = True):
+        self.model = model
+        self.db = db
+        self.arch = Arch(model)
+        self.current: dict[str, object] = {u: None for u in db.units}  # None = dense / original
+        self.cache = cache
+        self._deq: dict[tuple[str, str], torch.Tensor] = {}
+        if isinstance(db.kind, DepthKind):
+            self._orig = {sb.name: getattr(self.arch.blocks[sb.block], sb.attr) for sb in self.arch.subblocks()
+                          if sb.name in db.units}
+        else:
+            lin = self.arch.all_linears()
+            self._mods = {u: lin[u] for u in db.units}
+            self._dense = {u: get_weight(m).detach().clone() for u, m in self._mods.items()}
+
+    def _weight(self, unit: str, value) -> torch.Tensor:
+        key = (unit, str(value))
+        if key in self._deq:
+            return self._deq[key]
+        w = self.db.load(unit, value).dequantize()
+        if self.cache:
+            self._deq[key] = w
+        return w
+
+    def set(self, unit: str, value) -> None:
+        if self.current[unit] == value:
+            return
+        if isinstance(self.db.kind, DepthKind):
+            from ..models.arch import Dropped
+
+            info = self.db.units[unit]
+            blk = self.arch.blocks[info.block]
+            attr = unit.rsplit(".", 1)[1]
+            orig = self._orig[unit]
+            if value == "dropped":
+                setattr(blk, attr, Dropped(info.group, getattr(orig, "layer_idx", info.block if info.group == "attn" else None)))
+            else:
+                setattr(blk, attr, orig)
+        else:
+            set_weight(self._mods[unit], self._dense[unit] if value is None else self._weight(unit, value))
+        self.current[unit] = value
+
+    def apply(self, values: dict[str, object]) -> None:
+        for u, v in values.items():
+            self.set(u, v)
+
+    def restore(self) -> None:
+        for u in list(self.current):
+            self.set(u, "kept" if isinstance(self.db.kind, DepthKind) else None)

@@ -1,0 +1,109 @@
+"""Kinds of levels: what a unit is, which levels it has, how a level is made and what it costs.
+
+- quant:    units = Linear layers; levels = GPTQ at several bit-widths (built sequentially, per level)
+- sparsity: units = Linear layers; levels = SparseGPT pruning in equal *absolute* steps (the same
+            number of weights per step for every layer, so moving one unit up and another down
+            keeps the total exact)
+- depth:    units = attention / MLP sub-blocks; levels = dropped or kept
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+from ..errors import ConfigError
+from ..registry import Registry
+
+KINDS: Registry = Registry("kind")
+
+
+@dataclasses.dataclass
+class UnitInfo:
+    name: str
+    shape: tuple[int, int] | None  # (out, in) for Linear units
+    numel: int  # weights (parameters of a sub-block for depth)
+    block: int
+    group: str  # unit type, e.g. "q_proj" or "attn"
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+class Kind:
+    registered_name: ClassVar[str]
+    budgets: ClassVar[tuple[str, ...]] = ("mb",)
+
+    def values(self, unit: UnitInfo) -> list:
+        """Level values of a unit, cheapest first."""
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@KINDS.register("quant")
+@dataclasses.dataclass
+class QuantKind(Kind):
+    levels: tuple[int, ...] = (2, 3, 4, 5, 6)
+    group_size: int | None = 64
+    sym: bool = False
+    act_order: bool = True
+    damp: float = 0.01
+    mse: bool = False
+    sequential: bool = True  # each level's pass sees inputs from blocks compressed at that level
+
+    budgets = ("bits", "mb")
+
+    def __post_init__(self) -> None:
+        self.levels = tuple(sorted(set(int(b) for b in self.levels)))
+        if not self.levels or any(not 2 <= b <= 8 for b in self.levels):
+            raise ConfigError(f"quantization levels must be bit-widths from 2 to 8, got {self.levels}")
+
+    def values(self, unit: UnitInfo) -> list:
+        return list(self.levels)
+
+    def operator(self, bits: int):
+        from ..ops import OPERATORS
+
+        return OPERATORS.build("gptq", bits=bits, group_size=self.group_size, sym=self.sym,
+                               act_order=self.act_order, damp=self.damp, mse=self.mse)
+
+
+@KINDS.register("sparsity")
+@dataclasses.dataclass
+class SparsityKind(Kind):
+    max_sparsity: float = 0.9
+    step: int | None = None  # weights per level step; default: the largest unit gets `max_levels` levels
+    max_levels: int = 24
+    damp: float = 0.01
+    outlier_m: float = 5.0  # OWL: a weight is an outlier when its Wanda score > M x the layer mean
+
+    budgets = ("sparsity", "mb")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_sparsity <= 0.95:
+            raise ConfigError("max_sparsity must be in (0, 0.95]")
+
+    def resolve_step(self, units: list[UnitInfo]) -> int:
+        if self.step is None:
+            biggest = max(u.numel for u in units)
+            self.step = max(1, math.ceil(self.max_sparsity * biggest / (self.max_levels - 1)))
+        return self.step
+
+    def values(self, unit: UnitInfo) -> list:
+        """Numbers of pruned weights, most pruned (cheapest) first."""
+        k = int(self.max_sparsity * unit.numel) // self.step
+        return [j * self.step for j in range(k, -1, -1)]
+
+    def operator(self, n_prune: int):
+        from ..ops import OPERATORS
+
+        return OPERATORS.build("sparsegpt", n_prune=n_prune, damp=self.damp)
+
+
+@KINDS.register("depth")
+@dataclasses.dataclass
+class DepthKind(Kind):
+    budgets = ("drop", "mb")
+
+    def values(self, unit: UnitInfo) -> list:
+        return ["dropped", "kept"]

@@ -1,0 +1,71 @@
+"""The two report plots: the level each unit got, and fitness per generation (PNG, matplotlib Agg)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_levels(path: str | Path, plans: dict[str, dict[str, object]], units: list[str], groups: list[str],
+                ylabel: str = "level") -> None:
+    """One line of markers per plan: x = unit (in model order), y = its level."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(8, len(units) / 12), 3.6), dpi=110)
+    kinds = sorted(set(groups))
+    markers = "osD^v<>ph*"
+    for pi, (name, levels) in enumerate(plans.items()):
+        ys = [levels[u] for u in units]
+        numeric = all(isinstance(y, (int, float)) for y in ys)
+        if not numeric:
+            order = sorted(set(ys), key=str)
+            ys = [order.index(y) for y in ys]
+            ax.set_yticks(range(len(order)), [str(o) for o in order])
+        for gi, g in enumerate(kinds):
+            idx = [i for i, gg in enumerate(groups) if gg == g]
+            ax.scatter(idx, [ys[i] + 0.08 * (pi - (len(plans) - 1) / 2) for i in idx], s=12,
+                       marker=markers[gi % len(markers)], label=f"{name}: {g}" if len(plans) > 1 else g, alpha=0.8)
+    ax.set_xlabel("unit (model order)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=6, ncol=min(len(kinds), 7), loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_fitness(path: str | Path, history: list[dict]) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
+    if history:
+        ax.plot([h["generation"] for h in history], [h["fitness"] for h in history], marker=".")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("KL to dense (fitness, lower is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curve(path: str | Path, curves: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
+               points: dict[str, tuple[float, float]] | None = None, logy: bool = False) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=110)
+    for name, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=name)
+    for name, (x, y) in (points or {}).items():
+        ax.scatter([x], [y], s=30, label=name, zorder=3)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

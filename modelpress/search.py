@@ -1,0 +1,214 @@
+"""Budget-optimal compression: level database -> allocation under a budget -> compressed model."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .allocate import ALLOCATORS, Problem
+from .allocate.budget import Budget, make_problem
+from .allocate.plan import Plan
+from .api import Compressed, _windows
+from .data.windows import DataConfig, Windows
+from .errors import ConfigError
+from .eval.fitness import KLFitness
+from .export.checkpoint import round_to_storage
+from .levels import KINDS, LevelDB, PlanState
+from .levels.kinds import DepthKind, Kind
+from .registry import config_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SearchSettings:
+    """Fitness settings for allocators that measure the model."""
+
+    fitness_windows: int = 16  # calibration windows the fitness samples from
+    topk: int = 512
+    batch_size: int = 4
+    reuse_prefix: bool = True
+
+
+@dataclasses.dataclass
+class SearchResult:
+    plan: Plan
+    problem: Problem
+    db: LevelDB
+    history: list[dict]
+    seconds: dict[str, float]
+    fitness_stats: dict | None = None
+
+
+def make_kind(kind: str | Kind, **settings) -> Kind:
+    if isinstance(kind, Kind):
+        return kind
+    return KINDS.build(kind, **settings)
+
+
+def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataConfig | Windows | None = None,
+                  db: str | Path | None = None, batch_size: int = 8, device=None, **kind_settings) -> LevelDB:
+    """Open (building or resuming as needed) the level database of `model` for `kind`."""
+    windows = _windows(tokenizer, data)
+    k = make_kind(kind, **kind_settings)
+    d = LevelDB.open_or_create(db, model, k, windows)
+    t = time.time()
+    d.build(model, windows, batch_size=batch_size, device=device)
+    d.meta.setdefault("build_seconds", 0.0)
+    if time.time() - t > 1:
+        d.meta["build_seconds"] += time.time() - t
+        d.save_meta()
+    return d
+
+
+def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary", *,
+             data: DataConfig | Windows | None = None, tokenizer=None, settings: SearchSettings | None = None,
+             **allocator_settings) -> SearchResult:
+    """Choose a level per unit under `budget`. Measuring allocators run the model (left dense after)."""
+    settings = settings or SearchSettings()
+    problem = make_problem(db, budget)
+    alloc = ALLOCATORS.build(allocator, **allocator_settings)
+    if db.kind.registered_name not in alloc.kinds:
+        raise ConfigError(f"allocator {allocator!r} does not apply to kind {db.kind.registered_name!r}")
+    fitness = None
+    t0 = time.time()
+    state = None
+    if alloc.needs_fitness:
+        windows = _windows(tokenizer, data)
+        state = PlanState(model, db)
+        fitness = KLFitness(model, state, problem, windows.calib[: settings.fitness_windows], topk=settings.topk,
+                            batch_size=settings.batch_size, reuse_prefix=settings.reuse_prefix)
+    t1 = time.time()
+    try:
+        choice = alloc.allocate(problem, fitness)
+    finally:
+        if state is not None:
+            state.restore()
+    t2 = time.time()
+    plan = Plan.from_choice(problem, choice, db.kind.registered_name,
+                            budget=dataclasses.asdict(budget), allocator=config_dict(alloc),
+                            info={"cost": problem.cost(choice), "budget_cost": problem.budget,
+                                  "estimated_error": problem.error(choice)})
+    stats = None
+    if fitness is not None:
+        stats = {"evaluations": fitness.evaluations, "seconds": fitness.seconds, "blocks_run": fitness.blocks_run}
+    return SearchResult(plan=plan, problem=problem, db=db, history=list(getattr(alloc, "history", [])),
+                        seconds={"reference": t1 - t0, "search": t2 - t1}, fitness_stats=stats)
+
+
+def materialize(model, tokenizer, db: LevelDB, plan: Plan, state: PlanState | None = None) -> Compressed:
+    """Put the plan's levels into `model` (in place) and return it as a Compressed model."""
+    plan.validate(db)
+    state = state or PlanState(model, db, cache=False)
+    state.apply(plan.levels)
+    if isinstance(db.kind, DepthKind):
+        units = {}
+        dropped = [u for u, v in plan.levels.items() if v == "dropped"]
+    else:
+        units = {u: db.load(u, v) for u, v in plan.levels.items()}
+        dropped = []
+    round_to_storage(model, units)
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        db.units[u].numel for u in dropped)
+    return Compressed(model=model, tokenizer=tokenizer, units=units, dropped=dropped, plan=plan.to_dict(),
+                      total_params=total)
+
+
+def load_plan(path: str | Path, db: LevelDB) -> Plan:
+    plan = Plan.load(path)
+    plan.validate(db)
+    return plan
+
+
+
+
+def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings: dict, budget: Budget,
+                 allocator: str = "evolutionary", allocator_settings: dict | None = None,
+                 compare: list[str] = (), data: DataConfig | Windows | None = None, db: str | Path | None = None,
+                 out: str | Path, settings: SearchSettings | None = None, evaluate: bool = True,
+                 plan_file: str | Path | None = None, device=None) -> dict:
+    """Build/resume the database, allocate (and the `compare` baselines), evaluate every plan,
+    save the chosen one as a checkpoint with plan.json, report.json/.md and two PNG plots."""
+    from .eval.metrics import ReferenceLogprobs, evaluate as run_eval
+    from .plots import plot_fitness, plot_levels
+    from .report import write_report
+
+    t_start = time.time()
+    out = Path(out)
+    windows = _windows(tokenizer, data)
+    t0 = time.time()
+    database = open_database(model, tokenizer, kind, data=windows, db=db, device=device, **kind_settings)
+    build_s = time.time() - t0
+    rows: list[dict] = []
+    ref = None
+    if evaluate:
+        ref = ReferenceLogprobs(model, windows.eval, desc="eval dense")
+        d = run_eval(model, windows.eval, reference=ref, desc="eval dense")
+        rows.append({"label": "dense", "ppl": d.ppl, "kl": 0.0,
+                     "size_mb": (database.meta["fixed_bytes"] + sum(
+                         2 * u.numel for u in database.units.values())) / 1e6})
+    results: dict[str, SearchResult] = {}
+    for name in [*compare, allocator]:
+        if name in results:
+            continue
+        kw = (allocator_settings or {}) if name == allocator else {}
+        if name == allocator and plan_file is not None:
+            plan = load_plan(plan_file, database)
+            problem = make_problem(database, budget)
+            results[name] = SearchResult(plan=plan, problem=problem, db=database, history=[], seconds={})
+            continue
+        if name == allocator and hasattr(ALLOCATORS.get(name), "checkpoint") and "checkpoint" not in kw:
+            kw = {**kw, "checkpoint": str(database.path / "searches" / f"{budget.kind}-{budget.value:g}-{name}.json")}
+        results[name] = allocate(model, database, budget, name, data=windows, settings=settings, **kw)
+        log.info("%s: %s", name, results[name].plan.info)
+    state = PlanState(model, database)
+    for name, res in results.items():
+        row = {"label": name, **res.seconds, "cost": res.plan.info.get("cost"),
+               "size_mb": _plan_mb(database, res), "bits_per_weight": _plan_bits(database, res)}
+        if evaluate:
+            state.apply(res.plan.levels)
+            r = run_eval(model, windows.eval, reference=ref, desc=f"eval {name}")
+            row.update(ppl=r.ppl, kl=r.kl)
+        rows.append(row)
+    chosen = results[allocator]
+    c = materialize(model, tokenizer, database, chosen.plan, state=state)
+    c.save(out)
+    chosen.plan.save(out / "plan.json")
+    problem = chosen.problem
+    plot_levels(out / "levels.png", {n: r.plan.levels for n, r in results.items()}, problem.units,
+                problem.groups or [], ylabel={"quant": "bits", "sparsity": "pruned weights",
+                                              "depth": "kept / dropped"}.get(kind, "level"))
+    plot_fitness(out / "fitness.png", chosen.history)
+    report = {
+        "model": model_name, "method": {"kind": kind, **kind_settings, "allocator": allocator,
+                                        "allocator_settings": allocator_settings or {}},
+        "budget": budget.label(), "data": dataclasses.asdict(windows.config), "rows": rows,
+        "database": {"path": str(database.path), "build_seconds": build_s},
+        "history": chosen.history, "fitness": chosen.fitness_stats, "seconds": time.time() - t_start,
+        "checkpoint": str(out),
+        "columns": [("label", "allocator"), ("ppl", "ppl"), ("kl", "KL to dense"), ("size_mb", "size MB"),
+                    ("bits_per_weight", "bits/weight (layers)"), ("search", "search s")],
+    }
+    write_report(out, report)
+    with open(out / "report.md", "a") as f:
+        f.write("\n![level per unit](levels.png)\n\n![fitness per generation](fitness.png)\n")
+    return report
+
+
+def _plan_mb(db: LevelDB, res: SearchResult) -> float:
+    """Stored size of a plan: packed units + fixed tensors (header excluded)."""
+    return (db.meta["fixed_bytes"] + sum(int(db.level_meta(u, v)["nbytes"]) for u, v in res.plan.levels.items())) / 1e6
+
+
+def _plan_bits(db: LevelDB, res: SearchResult) -> float | None:
+    if isinstance(db.kind, DepthKind):
+        return None
+    n = sum(db.units[u].numel for u in res.plan.levels)
+    return 8.0 * sum(int(db.level_meta(u, v)["nbytes"]) for u, v in res.plan.levels.items()) / n
+
+
+__all__ = ["SearchResult", "SearchSettings", "allocate", "load_plan", "make_kind", "materialize", "open_database",
+           "run_pipeline"]

@@ -1,0 +1,171 @@
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from modelpress.allocate import ALLOCATORS, Problem
+from modelpress.errors import BudgetError, ConfigError
+
+
+class SumFitness:
+    """Fitness = sum of the problem's errors, plus a small sample-dependent wobble."""
+
+    def __init__(self, p: Problem):
+        self.p = p
+        self.calls = 0
+
+    def new_sample(self, n_tokens, rng):
+        return float(rng.random())
+
+    def __call__(self, choice, sample, parent=None):
+        self.calls += 1
+        return self.p.error(choice) * (1 + 0.01 * sample)
+
+
+@st.composite
+def problems(draw, kind="any"):
+    n = draw(st.integers(1, 10))
+    costs, errors, labels = [], [], []
+    for _ in range(n):
+        if kind == "depth":
+            c = [0, 1]
+        else:
+            k = draw(st.integers(1, 5))
+            c0 = draw(st.integers(0, 30))
+            steps = draw(st.lists(st.integers(1, 12), min_size=k - 1, max_size=k - 1))
+            c = [c0]
+            for s in steps:
+                c.append(c[-1] + s)
+        e = sorted(draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=len(c), max_size=len(c))), reverse=True)
+        costs.append(c)
+        errors.append(e)
+        labels.append([1 - (i + 1) / (len(c) + 1) for i in range(len(c))])
+    lo, hi = sum(c[0] for c in costs), sum(c[-1] for c in costs)
+    budget = draw(st.integers(lo, hi + 15))
+    extra = {"outlier_ratio": draw(st.lists(st.floats(0, 0.2), min_size=n, max_size=n)),
+             "block": [i // 2 for i in range(n)], "numel": [max(c[-1], 1) for c in costs],
+             "influence": draw(st.lists(st.floats(0, 1), min_size=n, max_size=n))}
+    return Problem([f"u{i}" for i in range(n)], costs, errors, budget, labels=labels,
+                   groups=[f"g{i % 3}" for i in range(n)], extra=extra)
+
+
+def _alloc(name, p, **kw):
+    a = ALLOCATORS.build(name, **kw)
+    fitness = SumFitness(p) if a.needs_fitness else None
+    return a.allocate(p, fitness)
+
+
+@pytest.mark.parametrize("name,kw", [("uniform", {}), ("dp", {}), ("owl", {}),
+                                     ("evolutionary", dict(generations=3, offspring=4, tokens=(1, 2), survivors=(2, 1)))])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=problems())
+def test_budget_exactness(name, kw, p):
+    choice = _alloc(name, p, **kw)
+    assert len(choice) == len(p.units)
+    assert all(0 <= i < p.n_levels(u) for u, i in enumerate(choice))
+    assert p.cost(choice) <= p.budget
+    assert p.slack_ok(choice), (p.budget - p.cost(choice), choice)
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=problems(kind="depth"))
+def test_budget_exactness_depth(p):
+    for name in ("block-influence", "dp", "uniform"):
+        choice = _alloc(name, p)
+        assert p.cost(choice) <= p.budget and p.slack_ok(choice)
+
+
+def test_infeasible_budget_is_a_clear_error():
+    with pytest.raises(BudgetError, match="below the cheapest plan"):
+        Problem(["a"], [[5, 6]], [[1, 0]], budget=3)
+
+
+def test_dp_is_optimal_for_additive_errors():
+    rng = np.random.default_rng(0)
+    costs = [[1, 2, 3, 4]] * 6
+    errors = [sorted(rng.random(4) * (u + 1), reverse=True) for u in range(6)]
+    p = Problem([f"u{i}" for i in range(6)], costs, [list(e) for e in errors], budget=14)
+    best = min((c for c in np.ndindex(*(4,) * 6) if p.cost(c) <= 14), key=p.error)
+    assert p.error(_alloc("dp", p)) == pytest.approx(p.error(best))
+
+
+class PairFitness:
+    """A non-additive objective. Half the units are ordinary: they cost e² = 4^-level. The other
+    half come in pairs whose errors cancel downstream: a pair costs 0.1·|e_a − e_b| + 0.01·(e_a + e_b),
+    nearly nothing when both sit at the same level. Measured one at a time (what dp sees) every
+    unit looks the same (4^-level), so dp spreads the budget evenly; the best plan drops the
+    pairs to the lowest level together and spends what that frees on the ordinary units."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def new_sample(self, n_tokens, rng):
+        return None
+
+    def __call__(self, choice, sample, parent=None):
+        e = [2.0 ** -i for i in choice]
+        ordinary = sum(x * x for x in e[:8])
+        pairs = sum(0.1 * abs(e[8 + 2 * k] - e[9 + 2 * k]) + 0.01 * (e[8 + 2 * k] + e[9 + 2 * k]) for k in range(4))
+        return ordinary + pairs
+
+
+def pair_problem():
+    n = 16
+    costs = [[2 + i for i in range(5)]] * n
+    errors = [[4.0 ** -i for i in range(5)] for _ in range(n)]
+    return Problem([f"u{i}" for i in range(n)], costs, errors, budget=4 * n)
+
+
+def test_evolutionary_beats_dp_when_errors_interact():
+    p = pair_problem()
+    f = PairFitness(p)
+    dp = _alloc("dp", p)
+    evo = ALLOCATORS.build("evolutionary", generations=150, offspring=8, tokens=(1,), survivors=(1,), init="uniform")
+    choice = evo.allocate(p, f)
+    assert p.cost(choice) == p.cost(dp) == p.budget
+    assert f(choice, None) < 0.5 * f(dp, None), (f(choice, None), f(dp, None))
+
+
+def test_same_seed_same_plan_and_other_seed_differs():
+    p = pair_problem()
+    kw = dict(generations=30, offspring=6, tokens=(1, 2), survivors=(2, 1), init="uniform")
+    a = ALLOCATORS.build("evolutionary", seed=7, **kw).allocate(p, PairFitness(p))
+    b = ALLOCATORS.build("evolutionary", seed=7, **kw).allocate(p, PairFitness(p))
+    c = ALLOCATORS.build("evolutionary", seed=8, **kw).allocate(p, PairFitness(p))
+    assert a == b and a != c
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_search_resumes_after_interruption(tmp_path):
+    p = pair_problem()
+    kw = dict(generations=25, offspring=6, tokens=(1, 2), survivors=(2, 1), seed=3, init="uniform")
+    full = ALLOCATORS.build("evolutionary", **kw).allocate(p, SumFitness(p))
+
+    class Dying(SumFitness):
+        def __call__(self, *a, **k):
+            if self.calls == 100:
+                raise Interrupt
+            return super().__call__(*a, **k)
+
+    ck = tmp_path / "search.json"
+    with pytest.raises(Interrupt):
+        ALLOCATORS.build("evolutionary", checkpoint=str(ck), **kw).allocate(p, Dying(p))
+    state = json.loads(ck.read_text())
+    assert 0 < state["generation"] < 25
+    resumed = ALLOCATORS.build("evolutionary", checkpoint=str(ck), **kw)
+    f = SumFitness(p)
+    assert resumed.allocate(p, f) == full
+    assert f.calls < 25 * 8  # it did not start over
+    assert len(resumed.history) == 25
+
+
+def test_evolutionary_settings_validated():
+    with pytest.raises(ConfigError):
+        ALLOCATORS.build("evolutionary", survivors=(2, 2), tokens=(1, 2))
+    with pytest.raises(ConfigError, match="needs a fitness"):
+        ALLOCATORS.build("evolutionary").allocate(pair_problem())
