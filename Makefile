@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test install clean bench
 
 demo: $(STAMP)
-	$(VENV)/bin/modelpress compress smollm2-135m --method gptq --bits 4 --group-size 64 --out out/demo
+	$(VENV)/bin/modelpress compress smollm2-135m --target-bits 3 --out out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x tests
@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml
 
 bench: $(STAMP)
 	$(PY) bench/uniform.py
+	$(PY) bench/search.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -31,7 +31,7 @@ class SearchSettings:
     topk: int = 512
     batch_size: int = 4
     reuse_prefix: bool = True
-
+    reference: list | None = None  # a KLFitness.ref from an earlier search on the same windows
 
 @dataclasses.dataclass
 class SearchResult:
@@ -80,7 +80,9 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
         windows = _windows(tokenizer, data)
         state = PlanState(model, db)
         fitness = KLFitness(model, state, problem, windows.calib[: settings.fitness_windows], topk=settings.topk,
-                            batch_size=settings.batch_size, reuse_prefix=settings.reuse_prefix)
+                            batch_size=settings.batch_size, reuse_prefix=settings.reuse_prefix,
+                            reference=settings.reference)
+        settings.reference = fitness.ref
     t1 = time.time()
     try:
         choice = alloc.allocate(problem, fitness)

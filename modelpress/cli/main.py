@@ -110,18 +110,19 @@ def compress_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="checkpoint folder (default out/MODEL-METHOD)"),
     export: Optional[str] = typer.Option(None, "--export", help="also write `hf`: a plain dequantized HF folder"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="perplexity and KL before/after"),
-    data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, seed: int = SeedOpt,
+    data: str = DataOpt, n_samples: Optional[int] = typer.Option(None, "--n-samples", help="calibration windows (default 128)"),
+    seq_len: int = SeqOpt, seed: int = SeedOpt,
     n_eval: Optional[int] = NEvalOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
 ):
     """Compress MODEL: one method for every Linear of its decoder blocks, or — with a budget
     (--target-bits / --target-mb / --target-sparsity) — per-layer levels found by evolutionary search."""
     _setup(verbose)
+    n_samples_given, n_samples = n_samples, (n_samples or 128)
     if target_bits is not None or target_mb is not None or target_sparsity is not None:
         if method or bits or sparsity or pattern or drop:
             raise ConfigError("give either a budget (--target-bits/--target-mb/--target-sparsity) or a method, not both")
         return _budget_compress(model, target_bits, target_mb, target_sparsity, group_size, out, evaluate, data,
-                                n_samples if n_samples != 128 else 32, seq_len, seed,
-                                n_eval if n_eval is not None else 32, device)
+                                n_samples_given, seq_len, seed, n_eval, device)
     from .. import api
     from ..data import get_windows
     from ..eval import evaluate as run_eval
@@ -208,15 +209,23 @@ def _run_search(model_name, *, kind, kind_settings, budget, allocator, allocator
 
 def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size, out, evaluate, data, n_samples,
                      seq_len, seed, n_eval, device):
-    """CPU-friendly defaults for the whole budget pipeline (see README)."""
+    """The whole budget pipeline with defaults sized for the machine: on a CPU (2 cores) it finishes
+    in minutes; on a GPU it uses the full database and a longer search."""
+    import torch
+
+    gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     budget = _budget(target_bits, target_mb, target_sparsity, None)
     kind = "sparsity" if budget.kind == "sparsity" else "quant"
-    kind_settings = {} if kind == "sparsity" else {"levels": (2, 3, 4, 5),
-                                                   "group_size": 64 if group_size is None else (group_size or None)}
-    alloc = {"generations": 20, "offspring": 12, "tokens": (512, 2048), "survivors": (2, 1)}
+    kind_settings = {} if kind == "sparsity" else {
+        "levels": (2, 3, 4, 5, 6) if gpu else (2, 3, 4),
+        "group_size": 64 if group_size is None else (group_size or None)}
+    alloc = ({"generations": 150, "offspring": 32, "tokens": (1024, 8192), "survivors": (4, 1)} if gpu else
+             {"generations": 16, "offspring": 8, "tokens": (512, 2048), "survivors": (2, 1)})
     _run_search(model, kind=kind, kind_settings=kind_settings, budget=budget, allocator="evolutionary",
-                allocator_settings=alloc, compare=["uniform"], data_cfg=_data_config(data, n_samples, seq_len, seed, n_eval),
-                db=None, out=out, evaluate=evaluate, plan=None, fitness_windows=16, device=device)
+                allocator_settings=alloc, compare=["uniform"],
+                data_cfg=_data_config(data, n_samples if n_samples is not None else (128 if gpu else 32), seq_len,
+                                      seed, n_eval if n_eval is not None else (None if gpu else 16)),
+                db=None, out=out, evaluate=evaluate, plan=None, fitness_windows=64 if gpu else 16, device=device)
 
 
 @app.command("search")

@@ -1,6 +1,6 @@
 """Whole-model fitness for the evolutionary search: KL(dense ‖ candidate) on calibration tokens.
 
-The dense model's next-token distributions are computed once and kept as top-K log-probabilities
+The dense model's next-token distributions are computed once and kept as top-K log-probabilities (float32)
 plus the remaining tail mass (K >= 512; K = vocab size gives the exact KL). A candidate's KL is
 computed over the K + 1 buckets (top-K tokens of the reference, and "everything else").
 
@@ -35,7 +35,7 @@ def _hidden_arg(args, kwargs):
 
 class KLFitness:
     def __init__(self, model, state, problem, ids: torch.Tensor, *, topk: int = 512, batch_size: int = 4,
-                 reuse_prefix: bool = True):
+                 reuse_prefix: bool = True, reference: list | None = None):
         self.model = model
         self.state = state
         self.problem = problem
@@ -57,12 +57,17 @@ class KLFitness:
         self.seconds = 0.0
         state.restore()
         self.ref: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if reference is not None:  # computed earlier for the same dense model, windows and K
+            if len(reference) != len(ids) or reference[0][0].shape[-1] != self.topk:
+                raise ValueError("reference top-K cache does not match these windows")
+            self.ref = reference
+            return
         with torch.no_grad():
             for s in progress(range(len(ids)), desc="reference top-K"):
                 lp = F.log_softmax(self._logits(ids[s:s + 1])[:, :-1].float(), dim=-1)
                 top, idx = torch.topk(lp, self.topk, dim=-1)
                 tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
-                self.ref.append((idx[0].to(torch.int32).cpu(), top[0].to(torch.float16).cpu(), tail[0].float().cpu()))
+                self.ref.append((idx[0].to(torch.int32).cpu(), top[0].float().cpu(), tail[0].float().cpu()))
 
     # ---- samples ---------------------------------------------------------------------------
     def new_sample(self, n_tokens: int, rng: np.random.Generator) -> tuple[int, ...]:

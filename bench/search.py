@@ -1,0 +1,151 @@
+"""Budget-optimal compression of smollm2-135m: uniform vs dp/owl/block-influence vs evolutionary.
+
+Same calibration (128 x 512 tokens of pydoc) for the databases and the fitness, same held-out
+evaluation (88 x 512 tokens) as bench/uniform.py. Rows are cached (.bench_cache/search.json),
+so an interrupted run resumes; level databases live in the modelpress cache and resume too.
+
+    python bench/search.py [--only quant|sparsity|depth|speed] [--generations 30] [--force]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import time
+
+import numpy as np
+
+from common import ROOT, RowCache, machine, print_table, write_section
+
+import modelpress as mp
+from modelpress.allocate.budget import Budget, make_problem
+from modelpress.allocate.evolutionary import mutate
+from modelpress.eval import ReferenceLogprobs, evaluate
+from modelpress.eval.fitness import KLFitness
+from modelpress.levels import PlanState
+from modelpress.search import SearchSettings, allocate, open_database
+
+SECTIONS = {
+    "quant": dict(kind="quant", settings=dict(levels=(2, 3, 4, 5, 6), group_size=64),
+                  budgets=[Budget("bits", b) for b in (2.5, 3.0, 4.0)], allocators=["uniform", "dp", "evolutionary"]),
+    "sparsity": dict(kind="sparsity", settings=dict(max_sparsity=0.9, max_levels=24),
+                     budgets=[Budget("sparsity", s) for s in (0.5, 0.6, 0.7)],
+                     allocators=["uniform", "owl", "evolutionary"]),
+    "depth": dict(kind="depth", settings={}, budgets=[Budget("drop", n) for n in (4, 8)],
+                  allocators=["block-influence", "evolutionary"]),
+}
+COLUMNS = [("budget", "budget"), ("allocator", "allocator"), ("ppl", "ppl"), ("ppl_ratio", "× dense"),
+           ("kl", "KL to dense"), ("size_mb", "size MB"), ("search_s", "search s"), ("generations", "gens")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--generations", type=int, default=30)
+    ap.add_argument("--offspring", type=int, default=16)
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    cache = RowCache("search", force=args.force)
+    model, tok = mp.load_model("smollm2-135m", device="cpu")
+    windows = mp.get_windows(tok, mp.DataConfig(n_samples=128, seq_len=512))
+    evo = dict(generations=args.generations, offspring=args.offspring, tokens=(512, 2048), survivors=(2, 1))
+    ref = None
+    todo = [s for s in SECTIONS if not args.only or args.only == s]
+    for sec in todo:
+        spec = SECTIONS[sec]
+        keys = [f"{sec}|{b.label()}|{a}" for b in spec["budgets"] for a in spec["allocators"]]
+        if all(cache.get(k) for k in keys) and cache.get(f"{sec}|db"):
+            continue
+        t = time.time()
+        db = open_database(model, tok, spec["kind"], data=windows, **spec["settings"])
+        if not cache.get(f"{sec}|db"):
+            cache.put(f"{sec}|db", {"build_s": db.meta.get("build_seconds", time.time() - t), "path": str(db.path)})
+        if ref is None:
+            ref = ReferenceLogprobs(model, windows.eval)
+            d = evaluate(model, windows.eval, reference=ref)
+            cache.put("dense", {"ppl": d.ppl, "kl": 0.0})
+        settings = SearchSettings(fitness_windows=32)
+        state = PlanState(model, db)
+        for b in spec["budgets"]:
+            for a in spec["allocators"]:
+                key = f"{sec}|{b.label()}|{a}"
+                if cache.get(key):
+                    continue
+                print(f"== {key}", flush=True)
+                kw = dict(evo, checkpoint=str(db.path / "searches" / f"bench-{b.kind}-{b.value:g}.json")) \
+                    if a == "evolutionary" else {}
+                res = allocate(model, db, b, a, data=windows, settings=settings, **kw)
+                state.apply(res.plan.levels)
+                r = evaluate(model, windows.eval, reference=ref)
+                size = (db.meta["fixed_bytes"] + sum(int(db.level_meta(u, v)["nbytes"])
+                                                     for u, v in res.plan.levels.items())) / 1e6
+                row = {"section": sec, "budget": b.label(), "allocator": a, "ppl": r.ppl, "kl": r.kl,
+                       "size_mb": size, "search_s": res.seconds.get("search"), "reference_s": res.seconds.get("reference"),
+                       "generations": len(res.history) or None, "fitness": res.fitness_stats,
+                       "cost": res.plan.info["cost"], "budget_cost": res.plan.info["budget_cost"],
+                       "levels": res.plan.levels}
+                cache.put(key, row)
+                print(json.dumps({k: v for k, v in row.items() if k != "levels"}), flush=True)
+        state.restore()
+        del state
+        gc.collect()
+    if (not args.only or args.only == "speed") and not cache.get("speed"):
+        cache.put("speed", measure_speedup(model, tok, windows))
+    render(cache)
+
+
+def measure_speedup(model, tok, windows, n: int = 24) -> dict:
+    """Time per candidate with and without prefix reuse, on budget-preserving mutations of uniform 3-bit."""
+    db = open_database(model, tok, "quant", data=windows, **SECTIONS["quant"]["settings"])
+    p = make_problem(db, Budget("bits", 3.0))
+    from modelpress.allocate import ALLOCATORS
+
+    parent = ALLOCATORS.build("uniform").allocate(p)
+    out = {}
+    state = PlanState(model, db)
+    fast = KLFitness(model, state, p, windows.calib[:8], reuse_prefix=True)
+    slow = KLFitness(model, state, p, windows.calib[:8], reuse_prefix=False, reference=fast.ref)
+    rng = np.random.default_rng(0)
+    kids = [mutate(p, parent, rng) for _ in range(n)]
+    sample = (0,)
+    for name, f in (("with reuse", fast), ("full model", slow)):
+        f(parent, sample, parent=parent)  # parent states (shared by all offspring in a generation)
+        t = time.time()
+        for k in kids:
+            f(k, sample, parent=parent)
+        out[name] = (time.time() - t) / n
+    state.restore()
+    out["speedup"] = out["full model"] / out["with reuse"]
+    return out
+
+
+def render(cache: RowCache) -> None:
+    dense = cache.get("dense") or {}
+    parts = ["## Budget-optimal search (`bench/search.py`)\n",
+             "smollm2-135m, calibration 128 x 512 tokens of `pydoc` (databases and fitness), evaluation on the "
+             "held-out 88 x 512 tokens (same windows as the uniform table). Quantization levels: GPTQ 2-6 bits, "
+             "group 64, asymmetric, act-order, each level's database built sequentially. Sparsity levels: SparseGPT "
+             "in equal absolute steps. Depth: 60 sub-blocks (30 attention + 30 MLP). `uniform` at a non-integer "
+             "bit target mixes the two neighbouring levels evenly. Evolutionary: fitness = KL to dense on "
+             "calibration tokens (top-512 + tail), 16 offspring, survivors 2/1 on 512/2048 tokens, initialised "
+             "from the better of uniform and dp. "
+             f"Dense perplexity: {dense.get('ppl', float('nan')):.3f}. Machine: {machine()}.\n"]
+    for sec in SECTIONS:
+        rows = [dict(r, ppl_ratio=r["ppl"] / dense["ppl"]) for k, r in cache.rows.items()
+                if k.startswith(sec + "|") and "allocator" in r and dense]
+        if not rows:
+            continue
+        db = cache.get(f"{sec}|db") or {}
+        parts.append(f"### {sec} (database built in {db.get('build_s', 0):.0f} s)\n")
+        parts.append(print_table(rows, COLUMNS) + "\n")
+    sp = cache.get("speed")
+    if sp:
+        parts.append(f"Fitness fast path (prefix reuse): {1000 * sp['with reuse']:.0f} ms per candidate vs "
+                     f"{1000 * sp['full model']:.0f} ms running the whole model, on one 512-token window, for "
+                     f"budget-preserving mutations of uniform 3-bit: **{sp['speedup']:.2f}x**.\n")
+    write_section("search", "\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()

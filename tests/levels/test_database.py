@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+import modelpress as mp
+from modelpress.errors import ConfigError
+from modelpress.levels import LevelDB, QuantKind, SparsityKind, DepthKind
+from modelpress.levels import database as dbmod
+from modelpress.search import open_database
+from tests.conftest import tiny_model
+from tests.export.test_checkpoint import windows
+
+QK = dict(levels=(2, 3, 4), group_size=16)
+
+
+@pytest.fixture
+def w():
+    return windows()
+
+
+def test_quant_database_complete_and_sensible(tmp_path, w):
+    m = tiny_model("llama")
+    db = open_database(m, None, "quant", data=w, db=tmp_path / "db", **QK)
+    assert not db.missing() and len(db.units) == 21
+    for u in db.units:
+        errs = [db.level_meta(u, b)["error"] for b in (2, 3, 4)]
+        assert errs[0] > errs[1] > errs[2] > 0
+        for b in (2, 3, 4):
+            pw = db.load(u, b)
+            assert pw.bits == b and db.level_meta(u, b)["nbytes"] == pw.nbytes()
+    # the model is left dense
+    ref = tiny_model("llama")
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+
+
+def test_level_equals_uniform_sequential_gptq(tmp_path, w):
+    """Built sequentially: level b of every unit is exactly what uniform b-bit GPTQ produces."""
+    db = open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "db", **QK)
+    c = mp.compress(tiny_model("llama"), None, "gptq", data=w, bits=3, group_size=16)
+    for u, pw in c.units.items():
+        assert torch.equal(db.load(u, 3).dequantize(), pw.dequantize())
+
+
+class Boom(Exception):
+    pass
+
+
+def test_build_resumes_after_interruption(tmp_path, w, monkeypatch):
+    full = open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "full", **QK)
+    calls = {"n": 0}
+    real = dbmod.LevelDB.add_levels
+
+    def dying(self, unit, new):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise Boom
+        return real(self, unit, new)
+
+    monkeypatch.setattr(dbmod.LevelDB, "add_levels", dying)
+    with pytest.raises(Boom):
+        open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "db", **QK)
+    monkeypatch.setattr(dbmod.LevelDB, "add_levels", real)
+    part = LevelDB.open_or_create(tmp_path / "db", tiny_model("llama"), QuantKind(**QK), w)
+    n_missing = sum(len(v) for v in part.missing().values())
+    assert 0 < n_missing < 63
+    added = {"n": 0}
+
+    def counting(self, unit, new):
+        added["n"] += len(new)
+        return real(self, unit, new)
+
+    monkeypatch.setattr(dbmod.LevelDB, "add_levels", counting)
+    db = open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "db", **QK)
+    assert added["n"] == n_missing  # nothing finished was redone
+    for u in db.units:
+        for b in (2, 3, 4):
+            assert torch.equal(db.load(u, b).dequantize(), full.load(u, b).dequantize())
+
+
+def test_corrupt_unit_file_is_rebuilt(tmp_path, w):
+    db = open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "db", **QK)
+    unit = list(db.units)[5]
+    f = db._file(unit)
+    good = db.load(unit, 3).dequantize()
+    data = bytearray(f.read_bytes())
+    data[-20] ^= 0xFF
+    f.write_bytes(bytes(data))
+    db2 = LevelDB.open_or_create(tmp_path / "db", tiny_model("llama"), QuantKind(**QK), w)
+    assert set(db2.missing()) == {unit}
+    db3 = open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "db", **QK)
+    assert not db3.missing()
+    assert torch.equal(db3.load(unit, 3).dequantize(), good)
+
+
+def test_database_mismatch_is_a_clear_error(tmp_path, w):
+    open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "db", **QK)
+    with pytest.raises(ConfigError, match="another model"):
+        LevelDB.open_or_create(tmp_path / "db", tiny_model("llama", seed=3), QuantKind(**QK), w)
+    with pytest.raises(ConfigError, match="other settings"):
+        LevelDB.open_or_create(tmp_path / "db", tiny_model("llama"), QuantKind(levels=(2, 3)), w)
+
+
+def test_sparsity_levels_use_equal_absolute_steps(tmp_path, w):
+    db = open_database(tiny_model("llama"), None, "sparsity", data=w, db=tmp_path / "db", max_sparsity=0.8, max_levels=6)
+    step = db.kind.step
+    assert step > 0
+    for u, info in db.units.items():
+        vals = db.values(u)
+        assert vals[-1] == 0 and all(a - b == step for a, b in zip(vals, vals[1:]))
+        assert vals[0] <= 0.8 * info.numel
+        for v in vals[:2]:
+            pw = db.load(u, v)
+            assert (0 if pw.mask is None else int((~pw.mask).sum())) == v
+        assert 0 <= info.extra["outlier_ratio"] <= 1
+
+
+def test_depth_database_has_influence(tmp_path, w):
+    db = open_database(tiny_model("llama"), None, "depth", data=w, db=tmp_path / "db")
+    assert len(db.units) == 6 and not db.missing()
+    assert all(info.extra["influence"] > 0 for info in db.units.values())

@@ -1,0 +1,50 @@
+"""The search pipeline end to end on a tiny model, through the CLI."""
+import json
+
+from typer.testing import CliRunner
+
+from modelpress.cli.main import app
+from tests.cli.test_cli import model_dir, small  # noqa: F401  (fixture)
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def test_search_cli_writes_plan_checkpoint_report_plots(model_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--kind", "quant", "--levels", "2,3,4",
+                            "--group-size", "32", "--target-bits", "3", "--compare", "uniform,dp",
+                            "--generations", "4", "--offspring", "4", "--tokens", "64,128", "--survivors", "2,1",
+                            "--fitness-windows", "4", "--db", str(tmp_path / "db"), "--out", str(out),
+                            *small(model_dir)])
+    assert r.exit_code == 0, r.output
+    for f in ("plan.json", "modelpress.json", "weights.safetensors", "report.json", "report.md"):
+        assert (out / f).is_file(), f
+    for png in ("levels.png", "fitness.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rep = json.loads((out / "report.json").read_text())
+    assert [row["label"] for row in rep["rows"]] == ["dense", "uniform", "dp", "evolutionary"]
+    assert len(rep["history"]) == 4
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["kind"] == "quant" and plan["info"]["cost"] <= plan["info"]["budget_cost"]
+
+    # applying the saved plan reproduces the checkpoint without searching
+    out2 = tmp_path / "out2"
+    r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--kind", "quant", "--levels", "2,3,4",
+                            "--group-size", "32", "--target-bits", "3", "--plan", str(out / "plan.json"),
+                            "--db", str(tmp_path / "db"), "--out", str(out2), "--no-eval", *small(model_dir)])
+    assert r.exit_code == 0, r.output
+    assert (out2 / "weights.safetensors").read_bytes() == (out / "weights.safetensors").read_bytes()
+
+
+def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
+    r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--target-bits", "3.5", "--out", str(tmp_path / "o"),
+                            "--data", str(model_dir / "text.txt"), "--n-samples", "4", "--seq-len", "64", "--n-eval", "2"])
+    assert r.exit_code == 0, r.output
+    assert "uniform" in r.output and "evolutionary" in r.output
+    for args, msg in [(["--target-bits", "9"], "outside the database levels"),
+                      (["--target-bits", "3", "--target-mb", "1"], "exactly one budget"),
+                      (["--drop", "2", "--kind", "quant"], "does not apply"),
+                      (["--target-bits", "3", "--allocator", "owl"], "does not apply to kind")]:
+        r = runner.invoke(app, ["search", str(model_dir / "tiny"), *args, "--levels", "2,3,4", "--no-eval",
+                                "--db", str(tmp_path / "db2"), *small(model_dir)])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
