@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -11,12 +12,12 @@ import torch
 
 from .calib.runner import LayerwiseRunner
 from .data.windows import DataConfig, Windows, get_windows
-from .errors import ConfigError
+from .errors import BudgetError, ConfigError
 from .eval.metrics import EvalResult, evaluate
 from .export.checkpoint import checkpoint_info, load_checkpoint, round_to_storage, save_checkpoint
 from .export.hf import export_hf
 from .models.arch import Arch, drop_subblock, get_weight, set_weight
-from .ops import OPERATORS, PackedWeight, WeightOperator
+from .ops import COMPENSATORS, OPERATORS, PackedWeight, WeightOperator
 from .ops.drop.influence import subblock_influence
 from .registry import config_dict
 from .report import write_report
@@ -79,20 +80,25 @@ def choose_drops(model, calib_ids: torch.Tensor, n: int, batch_size: int = 8) ->
 def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq", *,
              data: DataConfig | Windows | None = None, drop: int | list[str] = 0, sequential: bool = True,
              batch_size: int = 8, device: str | torch.device | None = None, skip: tuple[str, ...] = (),
-             **method_kwargs) -> Compressed:
+             compensate: str | None = None, rank: int = 16, **method_kwargs) -> Compressed:
     """Compress `model` in place with one operator for every Linear in its decoder blocks.
 
     `method` names a registered operator ("gptq", "rtn", "sparsegpt", "wanda", "magnitude") with
     its settings as keyword arguments (`bits=4, group_size=64`, `sparsity=0.5`, `pattern="2:4"`).
     `drop` removes that many attention/MLP sub-blocks (lowest block influence) or the named ones.
+    `compensate="eora"` adds a rank-`rank` error correction on top of every compressed layer.
     Calibration windows come from `data` (default: 128 x 512 tokens of `pydoc`).
     """
     t0 = time.time()
     op = make_operator(method, **method_kwargs)
+    comp = COMPENSATORS.build(compensate, rank=rank) if compensate else None
+    if comp is not None and op is None:
+        raise ConfigError("compensation needs a method to compensate")
+    need = "xtx" if comp is not None else (op.stats if op is not None else "none")
     total_params = sum(p.numel() for p in model.parameters())
     arch = Arch(model)
     windows = None
-    if (op is not None and op.stats != "none") or (isinstance(drop, int) and drop > 0):
+    if need != "none" or (isinstance(drop, int) and drop > 0):
         windows = _windows(tokenizer, data)
     dropped: list[str] = []
     if drop:
@@ -103,42 +109,68 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
     units: dict[str, PackedWeight] = {}
 
     def do(name: str, mod, stats) -> None:
-        if stats is None and op.stats != "none":
-            raise ConfigError(f"layer {name} received no calibration tokens; {op.label()} needs them")
+        if stats is None and need != "none":
+            raise ConfigError(f"layer {name} received no calibration tokens; {label} needs them")
         w = get_weight(mod).float()
         pw = op.compress(w, stats)
+        if comp is not None:
+            pw = comp.apply(w, pw, stats)
         set_weight(mod, pw.dequantize())
         units[name] = pw
 
+    label = (op.label() if op else "dense") + (comp.label() if comp else "")
     if op is not None:
         skipped = lambda n: any(s in n for s in skip)  # noqa: E731
-        if op.stats == "none":
+        if need == "none":
             for name, mod in arch.all_linears().items():
                 if not skipped(name):
                     do(name, mod, None)
         else:
             runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=sequential, device=device)
-            for step in runner.blocks(desc=op.label()):
+            for step in runner.blocks(desc=label):
                 names = [n for n in step.linears if not skipped(n)]
                 if sequential:  # one pass: each layer compressed once all batches reach it
-                    step.compress_streaming(op.stats, lambda n, st: do(n, step.linears[n], st), names=names)
+                    step.compress_streaming(need, lambda n, st: do(n, step.linears[n], st), names=names)
                 else:  # statistics from the dense block, dense outputs fed forward
-                    stats = step.collect(op.stats, names=names)
+                    stats = step.collect(need, names=names)
                     for n in names:
                         do(n, step.linears[n], stats[n])
                     del stats
                     step.advance(sequential=False)
     round_to_storage(model, units)
-    plan = {"method": config_dict(op) if op is not None else None, "label": op.label() if op else "dense",
+    plan = {"method": config_dict(op) if op is not None else None, "label": label,
+            "compensate": config_dict(comp) if comp is not None else None,
             "dropped": dropped, "sequential": sequential,
             "data": dataclasses.asdict(windows.config) if windows is not None else None}
     return Compressed(model=model, tokenizer=tokenizer, units=units, dropped=dropped, plan=plan,
                       total_params=total_params, seconds=time.time() - t0)
 
 
-def load_compressed(path: str | Path, *, device: str | torch.device | None = None, return_tokenizer: bool = False):
-    """A working transformers model from a modelpress checkpoint (optionally with its tokenizer)."""
-    model, tok, _, _ = load_checkpoint(path, device=device)
+def load_compressed(path: str | Path, *, device: str | torch.device | None = None, return_tokenizer: bool = False,
+                    max_memory_mb: float | None = None):
+    """A working transformers model from a modelpress checkpoint (optionally with its tokenizer).
+
+    For a BitStack checkpoint, `max_memory_mb` picks the largest model that fits; for a packed
+    checkpoint it is only checked against the checkpoint's size."""
+    from .export.bitstack import FORMAT as BITSTACK, load_bitstack
+    from .export.checkpoint import MANIFEST
+
+    mf = Path(path) / MANIFEST
+    fmt = None
+    if mf.is_file():
+        try:
+            fmt = json.loads(mf.read_text()).get("format")
+        except json.JSONDecodeError:
+            fmt = None
+    if fmt == BITSTACK:
+        model, tok, _ = load_bitstack(path, max_memory_mb, device=device)
+    else:
+        if max_memory_mb is not None:
+            size = checkpoint_info(path)["weights_mb"]
+            if size > max_memory_mb:
+                raise BudgetError(f"{path} needs {size:.1f} MB; only a BitStack checkpoint "
+                                  f"(`modelpress bitstack`) can load at any size")
+        model, tok, _, _ = load_checkpoint(path, device=device)
     return (model, tok) if return_tokenizer else model
 
 

@@ -182,7 +182,7 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
     problem = chosen.problem
     plot_levels(out / "levels.png", {n: r.plan.levels for n, r in results.items()}, problem.units,
                 problem.groups or [], ylabel={"quant": "bits", "sparsity": "pruned weights",
-                                              "depth": "kept / dropped"}.get(kind, "level"))
+                                              "depth": "kept / dropped", "joint": "level"}.get(kind, "level"))
     plot_fitness(out / "fitness.png", chosen.history)
     report = {
         "model": model_name, "method": {"kind": kind, **kind_settings, "allocator": allocator,

@@ -43,7 +43,7 @@ def level_cost(budget: Budget, db, unit: str, value) -> int:
 
 def _tensors_per_unit(db) -> int:
     k = db.kind.registered_name
-    return {"quant": 4, "sparsity": 2}.get(k, 0)
+    return {"quant": 4, "sparsity": 2, "joint": 6}.get(k, 0)
 
 
 def make_problem(db, budget: Budget) -> Problem:

@@ -22,15 +22,24 @@ from ..errors import ConfigError
 from ..utils.io import write_json
 from ..utils.progress import Bar
 from .base import ALLOCATORS, Allocator
-from .problem import Problem
+from .problem import Problem, fill
 
 log = logging.getLogger(__name__)
 
 
 def mutate(p: Problem, parent: list[int], rng: np.random.Generator, max_tries: int = 50) -> list[int] | None:
-    """Budget-preserving level switches (None when no switch is possible)."""
+    """k budget-preserving level switches (None when no switch is possible).
+
+    Each switch moves a random unit one level up (cost +d) and a partner down. When some partner
+    can go down by exactly d (equal-cost partners: same-shape layers, equal sparsity steps, one
+    sub-block for another) one of those is taken, so the total cost is unchanged. Otherwise, as for
+    byte costs of mixed levels, the partner whose decrease is closest to d while the plan stays
+    within budget is taken (it compensates); the search ends with a fill, so the final plan is
+    still less than one level step below the budget.
+    """
     k = int(min(rng.integers(1, 4), rng.integers(1, 4)))
     child = list(parent)
+    slack = p.budget - p.cost(child)
     done = 0
     for _ in range(max_tries):
         if done == k:
@@ -40,11 +49,25 @@ def mutate(p: Problem, parent: list[int], rng: np.random.Generator, max_tries: i
             break
         u = int(ups[rng.integers(len(ups))])
         d = p.costs[u][child[u] + 1] - p.costs[u][child[u]]
-        partners = [(w, j) for w, i in enumerate(child) if w != u
-                    for j in range(i) if p.costs[w][i] - p.costs[w][j] == d]
-        if not partners:
+        exact, close = [], []
+        for w, i in enumerate(child):
+            if w == u:
+                continue
+            for j in range(i):
+                e = p.costs[w][i] - p.costs[w][j]
+                if e == d:
+                    exact.append((w, j))
+                elif e >= d - slack:
+                    close.append((abs(e - d), w, j))
+        if exact:
+            w, j = exact[rng.integers(len(exact))]
+        elif close:
+            gap = min(c[0] for c in close)
+            best = [(w, j) for g, w, j in close if g == gap]
+            w, j = best[rng.integers(len(best))]
+        else:
             continue
-        w, j = partners[rng.integers(len(partners))]
+        slack += (p.costs[w][child[w]] - p.costs[w][j]) - d
         child[u] += 1
         child[w] = j
         done += 1
@@ -155,7 +178,7 @@ class Evolutionary(Allocator):
                 bar.update(1)
                 bar.set_postfix(kl=f"{best_fit:.5f}")
                 log.info("generation %d: fitness %.6f%s", gen + 1, best_fit, " (new parent)" if improved else "")
-        return parent
+        return fill(problem, parent)  # no-op with equal-cost partners; uses slack left by compensating ones
 
     def _save(self, ck: Path | None, key: str, gen: int, parent, fit, rng) -> None:
         if ck is None:

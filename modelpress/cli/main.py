@@ -101,6 +101,8 @@ def compress_cmd(
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured sparsity 0..0.95"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M sparsity, e.g. 2:4"),
     drop: int = typer.Option(0, "--drop", help="remove this many attention/MLP sub-blocks (lowest influence)"),
+    compensate: Optional[str] = typer.Option(None, "--compensate", help="low-rank error correction: eora"),
+    rank: int = typer.Option(16, "--rank", help="rank of the --compensate correction, or of --method svd/asvd"),
     target_bits: Optional[float] = typer.Option(None, "--target-bits",
                                                 help="budget mode: searched per-layer bit-widths averaging this"),
     target_mb: Optional[float] = typer.Option(None, "--target-mb", help="budget mode: total size in MB"),
@@ -133,6 +135,8 @@ def compress_cmd(
         raise ConfigError(f"unknown export format {export!r}; use --export hf (GGUF: `modelpress export gguf`)")
     kw = {k: v for k, v in dict(bits=bits, sym=sym, act_order=act_order, mse=mse, sparsity=sparsity,
                                 pattern=pattern).items() if v is not None}
+    if method in ("svd", "asvd"):
+        kw["rank"] = rank
     if group_size is not None:
         kw["group_size"] = group_size or None
     if method is None:
@@ -140,7 +144,7 @@ def compress_cmd(
         if method == "gptq" and "bits" not in kw:
             kw["bits"] = 4
     op = api.make_operator(method, **kw) if method else None
-    label = (op.label() if op else "dense") + (f" drop{drop}" if drop else "")
+    label = (op.label() if op else "dense") + (f" +eora r{rank}" if compensate else "") + (f" drop{drop}" if drop else "")
     out = out or Path("out") / _slug(f"{Path(model).stem}-{label}")
 
     t0 = time.time()
@@ -153,7 +157,8 @@ def compress_cmd(
         r = run_eval(ref, windows.eval, desc="eval dense")
         rows.append({"label": "dense", "ppl": r.ppl, "kl": 0.0,
                      "size_mb": sum(p.numel() for p in m.parameters()) * 2 / 1e6, "bits_per_param": 16.0})
-    c = api.compress(m, tok, op, data=windows, drop=drop, sequential=sequential, device=device)
+    c = api.compress(m, tok, op, data=windows, drop=drop, sequential=sequential, device=device,
+                     compensate=compensate, rank=rank)
     c.save(out, export_hf_dir=(out.with_name(out.name + "-hf") if export == "hf" else None))
     info = api.info(out)
     row = {"label": label, "size_mb": info["size_mb"], "bits_per_weight": info["bits_per_weight"],
@@ -232,8 +237,11 @@ def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size,
 @command
 def search_cmd(
     model: str = typer.Argument(..., help="alias (smollm2-135m), .gguf file, HF folder or hub id"),
-    kind: Optional[str] = typer.Option(None, "--kind", help="quant, sparsity or depth (default: from the budget)"),
-    levels: Optional[str] = typer.Option(None, "--levels", help="quant: bit-widths, e.g. 2,3,4,5,6"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="quant, sparsity, depth or joint (default: from the budget)"),
+    levels: Optional[str] = typer.Option(None, "--levels", help="quant/joint: bit-widths, e.g. 2,3,4,5,6"),
+    sparsities: Optional[str] = typer.Option(None, "--sparsities", help="joint: sparsity levels, e.g. 0,0.5"),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="joint: EoRA ranks, e.g. 0,16"),
+    allow_drop: Optional[bool] = typer.Option(None, "--allow-drop/--no-drop", help="joint: a layer may be removed"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="quant: group size (0 = per row)"),
     max_sparsity: Optional[float] = typer.Option(None, "--max-sparsity", help="sparsity: highest level"),
     target_bits: Optional[float] = typer.Option(None, "--target-bits"),
@@ -262,7 +270,12 @@ def search_cmd(
     kind = kind or {"bits": "quant", "mb": "quant", "sparsity": "sparsity", "drop": "depth"}[budget.kind]
     ks: dict = {}
     if levels is not None:
-        ks["levels"] = _parse_list(levels)
+        ks["bits" if kind == "joint" else "levels"] = _parse_list(levels)
+    if kind == "joint":
+        ks.update({k: v for k, v in dict(sparsity=_parse_list(sparsities, float), ranks=_parse_list(ranks),
+                                         allow_drop=allow_drop).items() if v is not None})
+    elif sparsities or ranks or allow_drop is not None:
+        raise ConfigError("--sparsities/--ranks/--allow-drop apply to --kind joint")
     if group_size is not None:
         ks["group_size"] = group_size or None
     if max_sparsity is not None:
@@ -276,6 +289,71 @@ def search_cmd(
     _run_search(model, kind=kind, kind_settings=ks, budget=budget, allocator=allocator, allocator_settings=al,
                 compare=list(_parse_list(compare, str) or ()), data_cfg=_data_config(data, n_samples, seq_len, seed, n_eval),
                 db=db, out=out, evaluate=evaluate, plan=plan, fitness_windows=fitness_windows, device=device)
+
+
+@app.command("bitstack")
+@command
+def bitstack_cmd(
+    model: str = typer.Argument(..., help="alias (smollm2-135m), .gguf file, HF folder or hub id"),
+    out: Path = typer.Option(..., "--out", "-o", help="BitStack checkpoint folder"),
+    blocks: int = typer.Option(8, "--blocks", help="residual blocks per layer (≈1 bit per weight each)"),
+    rank: int = typer.Option(4, "--rank", help="rank of each block's magnitude approximation"),
+    data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, seed: int = SeedOpt,
+    device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+):
+    """Decompose MODEL once into a BitStack; `modelpress load DIR --max-mb M` then loads any size."""
+    _setup(verbose)
+    from ..data import get_windows
+    from ..export.bitstack import BitStackConfig, build_bitstack, size_range_mb
+    from ..models import load_model
+
+    m, tok = load_model(model, device=device)
+    windows = get_windows(tok, _data_config(data, n_samples, seq_len, seed, None))
+    manifest = build_bitstack(m, tok, windows, out, BitStackConfig(max_blocks=blocks, rank=rank))
+    lo, hi = size_range_mb(manifest)
+    console.print(f"BitStack written to {out}: loads at any size from {lo:.1f} to {hi:.1f} MB "
+                  f"({len(manifest['order'])} blocks)")
+
+
+@app.command("load")
+@command
+def load_cmd(
+    path: Path = typer.Argument(..., help="a modelpress checkpoint (BitStack: any size)"),
+    max_mb: Optional[float] = typer.Option(None, "--max-mb", help="memory limit for the compressed weights"),
+    evaluate: bool = typer.Option(False, "--eval/--no-eval", help="perplexity of the loaded model"),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r"),
+    export_hf: Optional[Path] = typer.Option(None, "--export-hf", help="write the loaded model as a plain HF folder"),
+    data: str = DataOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
+    device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+):
+    """Load a checkpoint under a memory limit; optionally evaluate or export it."""
+    _setup(verbose)
+    from ..api import load_compressed
+    from ..data import get_windows
+    from ..eval import evaluate as run_eval
+    from ..export.bitstack import FORMAT, load_bitstack, read_manifest_any
+    from ..export.hf import export_hf as do_export
+    from ..models import load_model
+
+    try:
+        read_manifest_any(path, FORMAT)
+        m, tok, info = load_bitstack(path, max_mb, device=device)
+    except ModelpressError as e:
+        if "not a modelpress-bitstack" not in str(e):
+            raise
+        m, tok = load_compressed(path, device=device, return_tokenizer=True, max_memory_mb=max_mb)
+        from ..api import info as ck_info
+
+        info = {"size_mb": ck_info(path)["weights_mb"]}
+    row = {"label": str(path), **info}
+    if evaluate:
+        ref = load_model(reference, device=device)[0] if reference else None
+        r = run_eval(m, get_windows(tok, _data_config(data, 1, seq_len, 0, n_eval)).eval, reference=ref)
+        row.update(ppl=r.ppl, kl=r.kl)
+    if export_hf:
+        do_export(m, tok, export_hf)
+    print_rows([row], [("label", "model"), ("size_mb", "loaded MB"), ("blocks", "blocks"), ("ppl", "ppl"),
+                       ("kl", "KL to reference")])
 
 
 @app.command("eval")

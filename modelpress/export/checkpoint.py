@@ -47,7 +47,7 @@ def dense_tensors(model, units: dict[str, PackedWeight]) -> tuple[dict[str, torc
     arch = Arch(model)
     covered = set()
     lin = arch.all_linears()
-    for name in units:
+    for name in units:  # (values may be None: only which weights are stored elsewhere matters)
         covered.add(f"{name}.weight")
         if name not in lin:
             raise CheckpointError(f"packed unit {name} is not a Linear layer of this model")
@@ -196,10 +196,10 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
         raise CheckpointError(f"checkpoint {path} does not match its model config "
                               f"(missing {really_missing[:3]}, unexpected {unexpected[:3]})")
     for name, meta in manifest["units"].items():
-        if name not in linears or name not in packed:
-            raise CheckpointError(f"checkpoint {path} has no tensors for unit {name}")
-        try:
-            pw = PackedWeight.from_tensors(packed[name], meta)
+        if name not in linears:
+            raise CheckpointError(f"checkpoint {path} names unit {name}, which its model does not have")
+        try:  # a removed layer has no tensors at all
+            pw = PackedWeight.from_tensors(packed.get(name, {}), meta)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path}: unit {name} is malformed ({e})") from None
         set_weight(linears[name], pw.dequantize())

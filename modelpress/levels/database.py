@@ -31,7 +31,7 @@ from ..models.arch import Arch, get_weight, set_weight
 from ..ops.base import output_error
 from ..ops.packed import PackedWeight
 from ..utils.io import atomic_file, cache_root, write_json
-from .kinds import KINDS, DepthKind, Kind, QuantKind, SparsityKind, UnitInfo
+from .kinds import KINDS, DepthKind, JointKind, Kind, QuantKind, SparsityKind, UnitInfo
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,11 @@ class LevelDB:
             for suffix, t in ts.items():
                 tensors[f"{value}::{suffix}"] = t.contiguous()
             levels[str(value)] = {"meta": meta, "nbytes": pw.nbytes(), "error": float(err)}
+        seen: set[int] = set()
+        for k, t in tensors.items():  # levels sharing a base (with / without EoRA) share storage
+            if t.numel() and t.data_ptr() in seen:
+                tensors[k] = t.clone()
+            seen.add(tensors[k].data_ptr())
         md = {"levels": json.dumps(levels), "digest": _digest(tensors)}
         with atomic_file(f, "wb") as fh:
             fh.write(_serialize(tensors, md))
@@ -189,6 +194,9 @@ class LevelDB:
         return self._cache[key].to(device)
 
     def values(self, unit: str) -> list:
+        """Usable levels of `unit`, cheapest first."""
+        if isinstance(self.kind, JointKind):
+            return self.kind.order(self.units[unit], self.levels_of(unit))
         return self.kind.values(self.units[unit])
 
     def missing(self) -> dict[str, list]:
@@ -198,7 +206,7 @@ class LevelDB:
         out = {}
         for u in self.units:
             have = self.levels_of(u)
-            miss = [v for v in self.values(u) if str(v) not in have]
+            miss = [v for v in self.kind.values(self.units[u]) if str(v) not in have]
             if miss:
                 out[u] = miss
         return out
@@ -221,6 +229,8 @@ class LevelDB:
             self._build_sparsity(model, windows, batch_size, device)
         elif isinstance(self.kind, DepthKind):
             self._build_depth(model, windows, batch_size)
+        elif isinstance(self.kind, JointKind):
+            self._build_joint(model, windows, batch_size, device)
         else:  # pragma: no cover
             raise ConfigError(f"no builder for kind {self.kind.registered_name}")
 
@@ -291,6 +301,42 @@ class LevelDB:
                 self.units[n].extra["outlier_ratio"] = ratio
                 self.add_levels(n, new)
             self.save_meta()
+            step.advance(sequential=False)
+
+    def _build_joint(self, model, windows, batch_size, device) -> None:
+        from ..ops import COMPENSATORS, OPERATORS
+        from ..ops.lowrank.factor import eigen_root
+
+        kind: JointKind = self.kind  # type: ignore[assignment]
+        missing = self.missing()
+        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=False, device=device)
+        for step in runner.blocks(desc="database joint"):
+            names = [n for n in step.linears if n in missing]
+            if not names:
+                step.advance(sequential=False)
+                continue
+            stats = step.collect("xtx", names=names)
+            for n in names:
+                w = get_weight(step.linears[n]).float()
+                st = stats[n]
+                h = st.hessian
+                roots = eigen_root(h, kind.damp) if any(kind.ranks) else None
+                new = {}
+                want = set(missing[n])
+                if "drop" in want:
+                    new["drop"] = (PackedWeight(shape=tuple(w.shape)), 1.0)
+                for b in kind.bits:
+                    for sp in kind.sparsity:
+                        names_here = [kind.name(b, sp, r) for r in kind.ranks]
+                        if not want.intersection(names_here):
+                            continue
+                        op = (OPERATORS.build("gptq", bits=b, group_size=kind.group_size, damp=kind.damp) if not sp else
+                              OPERATORS.build("sparsegpt", sparsity=sp, bits=b, group_size=kind.group_size, damp=kind.damp))
+                        base = op.compress(w, st)
+                        for r, v in zip(kind.ranks, names_here):
+                            pw = base if r == 0 else COMPENSATORS.build("eora", rank=r, damp=kind.damp).apply(w, base, st, roots=roots)
+                            new[v] = (pw, output_error(w, pw.dequantize(), h))
+                self.add_levels(n, new)
             step.advance(sequential=False)
 
     def _build_depth(self, model, windows, batch_size) -> None:

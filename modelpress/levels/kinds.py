@@ -39,6 +39,10 @@ class Kind:
     def settings(self) -> dict:
         return dataclasses.asdict(self)
 
+    def order(self, unit: UnitInfo, built: dict[str, dict]) -> list:
+        """The unit's usable levels, cheapest first (default: all of them)."""
+        return self.values(unit)
+
 
 @KINDS.register("quant")
 @dataclasses.dataclass
@@ -107,3 +111,47 @@ class DepthKind(Kind):
 
     def values(self, unit: UnitInfo) -> list:
         return ["dropped", "kept"]
+
+
+@KINDS.register("joint")
+@dataclasses.dataclass
+class JointKind(Kind):
+    """Levels are combinations: GPTQ bits x SparseGPT sparsity x EoRA rank (and optionally "drop",
+    the layer removed). All are costed in bytes; a unit keeps only its Pareto-optimal levels
+    (no other level is both smaller and more accurate). Built from dense-input statistics."""
+
+    bits: tuple[int, ...] = (2, 3, 4)
+    sparsity: tuple[float, ...] = (0.0, 0.5)
+    ranks: tuple[int, ...] = (0, 16)
+    group_size: int | None = 64
+    allow_drop: bool = False
+    damp: float = 0.01
+
+    budgets = ("mb",)
+
+    def __post_init__(self) -> None:
+        self.bits = tuple(int(b) for b in self.bits)
+        self.sparsity = tuple(float(s) for s in self.sparsity)
+        self.ranks = tuple(int(r) for r in self.ranks)
+        if any(not 2 <= b <= 8 for b in self.bits) or any(not 0 <= s <= 0.95 for s in self.sparsity):
+            raise ConfigError("joint levels: bits in 2..8, sparsity in 0..0.95")
+
+    @staticmethod
+    def name(bits: int, sparsity: float, rank: int) -> str:
+        return f"w{bits}" + (f"-s{round(100 * sparsity)}" if sparsity else "") + (f"-r{rank}" if rank else "")
+
+    def values(self, unit: UnitInfo) -> list:
+        combos = [self.name(b, s, r) for b in self.bits for s in self.sparsity for r in self.ranks]
+        return (["drop"] if self.allow_drop else []) + combos
+
+    def order(self, unit: UnitInfo, built: dict[str, dict]) -> list:
+        cands = sorted((m["nbytes"], m["error"], v) for v, m in built.items())
+        out, best = [], float("inf")
+        for nbytes, err, v in cands:
+            if err < best and (not out or nbytes > built[out[-1]]["nbytes"]):
+                out.append(v)
+                best = err
+            elif out and nbytes == built[out[-1]]["nbytes"] and err < built[out[-1]]["error"]:
+                out[-1] = v
+                best = err
+        return out

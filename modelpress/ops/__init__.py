@@ -1,8 +1,10 @@
 """Compression operators. Importing this package registers every operator."""
-from . import drop  # noqa: F401
+from . import compensate, drop  # noqa: F401
+from .compensate import COMPENSATORS
 from .base import OPERATORS, WeightOperator, output_error
 from .packed import PackedWeight, dense_packed
 from .quant import gptq, rtn  # noqa: F401
+from .lowrank import svd  # noqa: F401
 from .sparse import magnitude, sparsegpt, wanda  # noqa: F401
 
-__all__ = ["OPERATORS", "PackedWeight", "WeightOperator", "dense_packed", "output_error"]
+__all__ = ["COMPENSATORS", "OPERATORS", "PackedWeight", "WeightOperator", "dense_packed", "output_error"]

@@ -71,6 +71,9 @@ class PackedWeight:
             w = (q.float() - z) * s
             if self.mask is not None:
                 w = w.masked_fill(~self.mask, 0.0)
+        elif self.values is None:  # no base: a pure low-rank weight, or a removed layer
+            w = torch.zeros(out_f, in_f, dtype=torch.float32,
+                            device=self.lr_b.device if self.lr_b is not None else "cpu")
         elif self.mask is None:
             w = self.values.float().reshape(out_f, in_f).clone()
         else:
@@ -98,7 +101,7 @@ class PackedWeight:
                 t["zeros"] = pack_bits(self.zeros.cpu(), self.bits)
             if self.perm is not None:
                 t["perm"] = self.perm.cpu().to(self._perm_dtype())
-        else:
+        elif self.values is not None:
             t["values"] = self.values.cpu().to(torch.float16).reshape(-1).contiguous()
         if self.lr_b is not None:
             t["lr_b"] = self.lr_b.cpu().to(torch.float16).contiguous()
@@ -124,7 +127,7 @@ class PackedWeight:
             if "perm" in t:
                 pw.perm = t["perm"].long()
         else:
-            pw.values = t["values"]
+            pw.values = t.get("values")
         if "lr_b" in t:
             pw.lr_b, pw.lr_a = t["lr_b"], t["lr_a"]
         return pw.to(device)
@@ -149,7 +152,7 @@ class PackedWeight:
                 n += packed_nbytes(out_f * ng, self.bits)
             if self.perm is not None:
                 n += in_f * (2 if self._perm_dtype() == torch.int16 else 4)
-        else:
+        elif self.values is not None:
             n += self.n_kept * 2
         if self.lr_b is not None:
             n += (self.lr_b.numel() + self.lr_a.numel()) * 2
@@ -165,7 +168,9 @@ class PackedWeight:
         if self.mask is not None:
             parts.append(f"{100 * self.sparsity:.0f}% sparse")
         if self.lr_b is not None:
-            parts.append(f"+rank{self.lr_b.shape[1]}")
+            parts.append(f"{'+' if parts or self.values is not None else ''}rank{self.lr_b.shape[1]}")
+        if self.bits is None and self.values is None and self.lr_b is None:
+            return "removed"
         return " ".join(parts) or "fp16"
 
 
