@@ -35,6 +35,7 @@ SECTIONS = {
     "depth": dict(kind="depth", settings={}, budgets=[Budget("drop", n) for n in (4, 8)],
                   allocators=["block-influence", "evolutionary"]),
 }
+N_EVAL = 40  # held-out windows (20k tokens): the first 40 of the 88 used by bench/uniform.py
 COLUMNS = [("budget", "budget"), ("allocator", "allocator"), ("ppl", "ppl"), ("ppl_ratio", "× dense"),
            ("kl", "KL to dense"), ("size_mb", "size MB"), ("search_s", "search s"), ("generations", "gens")]
 
@@ -48,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     cache = RowCache("search", force=args.force)
     model, tok = mp.load_model("smollm2-135m", device="cpu")
-    windows = mp.get_windows(tok, mp.DataConfig(n_samples=128, seq_len=512))
+    windows = mp.get_windows(tok, mp.DataConfig(n_samples=128, seq_len=512, n_eval=N_EVAL))
     evo = dict(generations=args.generations, offspring=args.offspring, tokens=(512, 2048), survivors=(2, 1))
     ref = None
     todo = [s for s in SECTIONS if not args.only or args.only == s]
@@ -75,7 +76,7 @@ def main() -> None:
                 print(f"== {key}", flush=True)
                 kw = dict(evo, checkpoint=str(db.path / "searches" / f"bench-{b.kind}-{b.value:g}.json")) \
                     if a == "evolutionary" else {}
-                res = allocate(model, db, b, a, data=windows, settings=settings, **kw)
+                res = allocate(model, db, b, a, data=windows, settings=settings, state=state, **kw)
                 state.apply(res.plan.levels)
                 r = evaluate(model, windows.eval, reference=ref)
                 size = (db.meta["fixed_bytes"] + sum(int(db.level_meta(u, v)["nbytes"])
@@ -97,13 +98,13 @@ def main() -> None:
 
 def measure_speedup(model, tok, windows, n: int = 24) -> dict:
     """Time per candidate with and without prefix reuse, on budget-preserving mutations of uniform 3-bit."""
-    db = open_database(model, tok, "quant", data=windows, **SECTIONS["quant"]["settings"])
+    db = open_database(model, tok, "quant", data=windows, **SECTIONS["quant"]["settings"])  # built above
     p = make_problem(db, Budget("bits", 3.0))
     from modelpress.allocate import ALLOCATORS
 
     parent = ALLOCATORS.build("uniform").allocate(p)
     out = {}
-    state = PlanState(model, db)
+    state = PlanState(model, db)  # the model is dense here (the sections restored it)
     fast = KLFitness(model, state, p, windows.calib[:8], reuse_prefix=True)
     slow = KLFitness(model, state, p, windows.calib[:8], reuse_prefix=False, reference=fast.ref)
     rng = np.random.default_rng(0)
@@ -124,7 +125,7 @@ def render(cache: RowCache) -> None:
     dense = cache.get("dense") or {}
     parts = ["## Budget-optimal search (`bench/search.py`)\n",
              "smollm2-135m, calibration 128 x 512 tokens of `pydoc` (databases and fitness), evaluation on the "
-             "held-out 88 x 512 tokens (same windows as the uniform table). Quantization levels: GPTQ 2-6 bits, "
+             f"first {N_EVAL} of the 88 held-out 512-token windows of the uniform table (to keep the CPU run short). Quantization levels: GPTQ 2-6 bits, "
              "group 64, asymmetric, act-order, each level's database built sequentially. Sparsity levels: SparseGPT "
              "in equal absolute steps. Depth: 60 sub-blocks (30 attention + 30 MLP). `uniform` at a non-integer "
              "bit target mixes the two neighbouring levels evenly. Evolutionary: fitness = KL to dense on "

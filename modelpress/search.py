@@ -66,8 +66,9 @@ def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataCon
 
 def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary", *,
              data: DataConfig | Windows | None = None, tokenizer=None, settings: SearchSettings | None = None,
-             **allocator_settings) -> SearchResult:
-    """Choose a level per unit under `budget`. Measuring allocators run the model (left dense after)."""
+             state: PlanState | None = None, **allocator_settings) -> SearchResult:
+    """Choose a level per unit under `budget`. Measuring allocators run the model through `state`
+    (the caller's PlanState, if it keeps one) and leave it dense."""
     settings = settings or SearchSettings()
     problem = make_problem(db, budget)
     alloc = ALLOCATORS.build(allocator, **allocator_settings)
@@ -75,10 +76,9 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
         raise ConfigError(f"allocator {allocator!r} does not apply to kind {db.kind.registered_name!r}")
     fitness = None
     t0 = time.time()
-    state = None
     if alloc.needs_fitness:
         windows = _windows(tokenizer, data)
-        state = PlanState(model, db)
+        state = state or PlanState(model, db)
         fitness = KLFitness(model, state, problem, windows.calib[: settings.fitness_windows], topk=settings.topk,
                             batch_size=settings.batch_size, reuse_prefix=settings.reuse_prefix,
                             reference=settings.reference)
@@ -87,7 +87,7 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
     try:
         choice = alloc.allocate(problem, fitness)
     finally:
-        if state is not None:
+        if fitness is not None:
             state.restore()
     t2 = time.time()
     plan = Plan.from_choice(problem, choice, db.kind.registered_name,
@@ -153,6 +153,7 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
                      "size_mb": (database.meta["fixed_bytes"] + sum(
                          2 * u.numel for u in database.units.values())) / 1e6})
     results: dict[str, SearchResult] = {}
+    state = PlanState(model, database)
     for name in [*compare, allocator]:
         if name in results:
             continue
@@ -164,9 +165,8 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
             continue
         if name == allocator and hasattr(ALLOCATORS.get(name), "checkpoint") and "checkpoint" not in kw:
             kw = {**kw, "checkpoint": str(database.path / "searches" / f"{budget.kind}-{budget.value:g}-{name}.json")}
-        results[name] = allocate(model, database, budget, name, data=windows, settings=settings, **kw)
+        results[name] = allocate(model, database, budget, name, data=windows, settings=settings, state=state, **kw)
         log.info("%s: %s", name, results[name].plan.info)
-    state = PlanState(model, database)
     for name, res in results.items():
         row = {"label": name, **res.seconds, "cost": res.plan.info.get("cost"),
                "size_mb": _plan_mb(database, res), "bits_per_weight": _plan_bits(database, res)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections import OrderedDict
 import json
 import logging
 from pathlib import Path
@@ -373,13 +374,17 @@ class PlanState:
     dequantized levels so switching during a search costs a copy, not a decode.
     """
 
-    def __init__(self, model, db: LevelDB, cache: bool = True):
+    def __init__(self, model, db: LevelDB, cache: bool = True, cache_bytes: int = 2 << 30):
+        """The model must be dense (no plan applied) when the state is made. At most one PlanState
+        should drive a model at a time: each assumes it knows what the model holds."""
         self.model = model
         self.db = db
         self.arch = Arch(model)
         self.current: dict[str, object] = {u: None for u in db.units}  # None = dense / original
         self.cache = cache
-        self._deq: dict[tuple[str, str], torch.Tensor] = {}
+        self.cache_bytes = cache_bytes
+        self._deq: "OrderedDict[tuple[str, str], torch.Tensor]" = OrderedDict()
+        self._deq_bytes = 0
         if isinstance(db.kind, DepthKind):
             self._orig = {sb.name: getattr(self.arch.blocks[sb.block], sb.attr) for sb in self.arch.subblocks()
                           if sb.name in db.units}
@@ -391,10 +396,15 @@ class PlanState:
     def _weight(self, unit: str, value) -> torch.Tensor:
         key = (unit, str(value))
         if key in self._deq:
+            self._deq.move_to_end(key)
             return self._deq[key]
         w = self.db.load(unit, value).dequantize()
-        if self.cache:
+        if self.cache:  # least recently used levels are dropped beyond cache_bytes
             self._deq[key] = w
+            self._deq_bytes += w.numel() * w.element_size()
+            while self._deq_bytes > self.cache_bytes and len(self._deq) > 1:
+                _, old = self._deq.popitem(last=False)
+                self._deq_bytes -= old.numel() * old.element_size()
         return w
 
     def set(self, unit: str, value) -> None:
