@@ -54,7 +54,7 @@ def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataCon
     """Open (building or resuming as needed) the level database of `model` for `kind`."""
     windows = _windows(tokenizer, data)
     k = make_kind(kind, **kind_settings)
-    d = LevelDB.open_or_create(db, model, k, windows)
+    d = LevelDB.open_or_create(db, model, k, windows, tokenizer=tokenizer)
     t = time.time()
     d.build(model, windows, batch_size=batch_size, device=device)
     d.meta.setdefault("build_seconds", 0.0)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from ..models.arch import Arch, drop_subblock, get_weight, set_weight
-from ..ops.packed import PackedWeight
+from ..ops.packed import PackedWeight, load_weight
 from ..utils.io import atomic_dir, dir_size, sha256_file
 
 log = logging.getLogger(__name__)
@@ -44,17 +44,20 @@ def dense_tensors(model, units: dict[str, PackedWeight]) -> tuple[dict[str, torc
 
     Returns (name -> tensor, alias -> stored name) for tied weights (e.g. lm_head = embeddings).
     """
-    arch = Arch(model)
     covered = set()
-    lin = arch.all_linears()
+    mods = dict(model.named_modules())
     for name in units:  # (values may be None: only which weights are stored elsewhere matters)
         covered.add(f"{name}.weight")
-        if name not in lin:
-            raise CheckpointError(f"packed unit {name} is not a Linear layer of this model")
+        if name not in mods or not hasattr(mods[name], "weight"):
+            raise CheckpointError(f"packed unit {name} is not a weight layer of this model")
     out: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for name, t in model.state_dict(keep_vars=False).items():
+    sd = model.state_dict(keep_vars=False)
+    for name, t in sd.items():  # a packed weight can be tied too (embedding = lm_head)
+        if name in covered:
+            seen.setdefault((t.data_ptr(), tuple(t.shape), t.dtype), name)
+    for name, t in sd.items():
         if name in covered:
             continue
         key = (t.data_ptr(), tuple(t.shape), t.dtype)
@@ -175,8 +178,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
     model = _empty_model(manifest["config"], dtype)
     for name in manifest.get("dropped", []):
         drop_subblock(model, name)
-    arch = Arch(model)
-    linears = arch.all_linears()
+    linears = dict(model.named_modules())
     units: dict[str, PackedWeight] = {}
     packed: dict[str, dict[str, torch.Tensor]] = {}
     dense: dict[str, torch.Tensor] = {}
@@ -187,10 +189,12 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
         else:
             dense[k] = t
     for alias, target in manifest.get("tied", {}).items():
-        dense[alias] = dense[target]
+        if target in dense:
+            dense[alias] = dense[target]
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in dense.items()},
                                                 strict=False)
     expected_missing = {f"{u}.weight" for u in manifest["units"]}
+    expected_missing |= {a for a, tgt in manifest.get("tied", {}).items() if tgt in expected_missing}
     really_missing = [m for m in missing if m not in expected_missing]
     if really_missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match its model config "
@@ -199,7 +203,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
         if name not in linears:
             raise CheckpointError(f"checkpoint {path} names unit {name}, which its model does not have")
         try:  # a removed layer has no tensors at all
-            pw = PackedWeight.from_tensors(packed.get(name, {}), meta)
+            pw = load_weight(packed.get(name, {}), meta)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path}: unit {name} is malformed ({e})") from None
         set_weight(linears[name], pw.dequantize())

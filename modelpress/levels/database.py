@@ -30,9 +30,9 @@ from ..errors import CheckpointError, ConfigError
 from ..export.checkpoint import dense_tensors, storage_dtype_for
 from ..models.arch import Arch, get_weight, set_weight
 from ..ops.base import output_error
-from ..ops.packed import PackedWeight
+from ..ops.packed import PackedWeight, load_weight
 from ..utils.io import atomic_file, cache_root, write_json
-from .kinds import KINDS, DepthKind, JointKind, Kind, QuantKind, SparsityKind, UnitInfo
+from .kinds import KINDS, DepthKind, GGUFKind, JointKind, Kind, QuantKind, SparsityKind, UnitInfo
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,19 @@ def discover_units(model, kind: Kind) -> list[UnitInfo]:
             out.append(UnitInfo(sb.name, None, sum(p.numel() for p in mod.parameters()), sb.block, sb.kind))
         return out
     out = []
+    if isinstance(kind, GGUFKind) and kind.embedding:
+        from ..export.ggufio import embedding_name
+
+        emb = model.get_input_embeddings()
+        out.append(UnitInfo(embedding_name(model), tuple(emb.weight.shape), emb.weight.numel(), 0, "embedding"))
     for name, mod in arch.all_linears().items():
         w = get_weight(mod)
-        out.append(UnitInfo(name, tuple(w.shape), w.numel(), arch.block_of(name), name.rsplit(".", 1)[-1]))
+        extra = {}
+        if isinstance(kind, GGUFKind):
+            from ..export.ggufio import unit_heads
+
+            extra["heads"] = unit_heads(name, model)
+        out.append(UnitInfo(name, tuple(w.shape), w.numel(), arch.block_of(name), name.rsplit(".", 1)[-1], extra))
     return out
 
 
@@ -95,7 +105,7 @@ class LevelDB:
         return cache_root() / "db" / f"{kind.registered_name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
     @classmethod
-    def open_or_create(cls, path: str | Path | None, model, kind: Kind, windows: Windows) -> "LevelDB":
+    def open_or_create(cls, path: str | Path | None, model, kind: Kind, windows: Windows, tokenizer=None) -> "LevelDB":
         path = Path(path) if path else cls.default_path(model, kind, windows)
         fp = model_fingerprint(model)
         mf = path / "db.json"
@@ -117,7 +127,13 @@ class LevelDB:
         units = discover_units(model, kind)
         if isinstance(kind, SparsityKind):
             kind.resolve_step(units)
-        fixed = _fixed_bytes(model, units, isinstance(kind, DepthKind))
+        if isinstance(kind, GGUFKind):
+            from ..export.ggufio import check_architecture, gguf_fixed_bytes
+
+            check_architecture(model)
+            fixed = gguf_fixed_bytes(model, {u.name: u.shape for u in units}, tokenizer)
+        else:
+            fixed = _fixed_bytes(model, units, isinstance(kind, DepthKind))
         meta = {
             "format": FORMAT, "version": VERSION, "fingerprint": fp,
             "kind": {"name": kind.registered_name, "settings": json.loads(json.dumps(kind.settings()))},
@@ -191,14 +207,14 @@ class LevelDB:
                 raise ConfigError(f"level {value!r} of {unit} is not in the database {self.path}")
             with safe_open(str(self._file(unit)), "pt") as sf:
                 ts = {k.split("::", 1)[1]: sf.get_tensor(k) for k in sf.keys() if k.startswith(f"{value}::")}
-            self._cache[key] = PackedWeight.from_tensors(ts, meta["meta"])
+            self._cache[key] = load_weight(ts, meta["meta"])
         return self._cache[key].to(device)
 
     def values(self, unit: str) -> list:
         """Usable levels of `unit`, cheapest first."""
-        if isinstance(self.kind, JointKind):
-            return self.kind.order(self.units[unit], self.levels_of(unit))
-        return self.kind.values(self.units[unit])
+        if isinstance(self.kind, DepthKind):
+            return self.kind.values(self.units[unit])
+        return self.kind.order(self.units[unit], self.levels_of(unit))
 
     def missing(self) -> dict[str, list]:
         """unit -> level values not yet built."""
@@ -232,6 +248,8 @@ class LevelDB:
             self._build_depth(model, windows, batch_size)
         elif isinstance(self.kind, JointKind):
             self._build_joint(model, windows, batch_size, device)
+        elif isinstance(self.kind, GGUFKind):
+            self._build_gguf(model, windows, batch_size, device)
         else:  # pragma: no cover
             raise ConfigError(f"no builder for kind {self.kind.registered_name}")
 
@@ -340,6 +358,34 @@ class LevelDB:
                 self.add_levels(n, new)
             step.advance(sequential=False)
 
+    def _build_gguf(self, model, windows, batch_size, device) -> None:
+        from ..ops.ggmlweight import GGMLWeight
+
+        missing = self.missing()
+        mods = dict(model.named_modules())
+        for u in [u for u in missing if self.units[u].group == "embedding"]:
+            w = get_weight(mods[u]).float()
+            new = {}
+            for t in missing[u]:
+                gw = GGMLWeight.quantize(w, t)
+                new[t] = (gw, float(((gw.dequantize() - w) ** 2).sum() / (w ** 2).sum()))
+            self.add_levels(u, new)
+        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=False, device=device)
+        for step in runner.blocks(desc="database gguf"):
+            names = [n for n in step.linears if n in missing]
+            if not names:
+                step.advance(sequential=False)
+                continue
+            stats = step.collect("xtx", names=names)
+            for n in names:
+                w = get_weight(step.linears[n]).float()
+                new = {}
+                for t in missing[n]:
+                    gw = GGMLWeight.quantize(w, t, heads=self.units[n].extra.get("heads"))
+                    new[t] = (gw, output_error(w, gw.dequantize().to(w.device), stats[n].hessian))
+                self.add_levels(n, new)
+            step.advance(sequential=False)
+
     def _build_depth(self, model, windows, batch_size) -> None:
         from ..ops.drop.influence import subblock_influence
 
@@ -389,8 +435,8 @@ class PlanState:
             self._orig = {sb.name: getattr(self.arch.blocks[sb.block], sb.attr) for sb in self.arch.subblocks()
                           if sb.name in db.units}
         else:
-            lin = self.arch.all_linears()
-            self._mods = {u: lin[u] for u in db.units}
+            mods = dict(model.named_modules())
+            self._mods = {u: mods[u] for u in db.units}
             self._dense = {u: get_weight(m).detach().clone() for u, m in self._mods.items()}
 
     def _weight(self, unit: str, value) -> torch.Tensor:

@@ -145,13 +145,47 @@ class JointKind(Kind):
         return (["drop"] if self.allow_drop else []) + combos
 
     def order(self, unit: UnitInfo, built: dict[str, dict]) -> list:
-        cands = sorted((m["nbytes"], m["error"], v) for v, m in built.items())
-        out, best = [], float("inf")
-        for nbytes, err, v in cands:
-            if err < best and (not out or nbytes > built[out[-1]]["nbytes"]):
-                out.append(v)
-                best = err
-            elif out and nbytes == built[out[-1]]["nbytes"] and err < built[out[-1]]["error"]:
-                out[-1] = v
-                best = err
-        return out
+        return pareto(built)
+
+
+def pareto(built: dict[str, dict]) -> list:
+    """Levels no other level beats on both bytes and error, cheapest first (equal bytes: the more
+    accurate one)."""
+    cands = sorted((m["nbytes"], m["error"], v) for v, m in built.items())
+    out: list = []
+    for nbytes, err, v in cands:
+        if out and nbytes == built[out[-1]]["nbytes"]:
+            continue  # sorted by error within equal bytes: the first one was the best
+        if not out or err < built[out[-1]]["error"]:
+            out.append(v)
+    return out
+
+
+@KINDS.register("gguf")
+@dataclasses.dataclass
+class GGUFKind(Kind):
+    """Levels are llama.cpp (GGML) tensor types, each with its exact bytes in the GGUF file. A unit
+    only gets the types its row width allows (K-quants need multiples of 256 weights per row).
+    The input embedding is a unit too (it is a fifth of a small model's file)."""
+
+    types: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+    embedding: bool = True
+
+    budgets = ("mb",)
+
+    def __post_init__(self) -> None:
+        from ..export import ggml
+
+        self.types = tuple(ggml.qtype(t).name for t in self.types)
+
+    def values(self, unit: UnitInfo) -> list:
+        from ..export import ggml
+
+        ok = [t for t in self.types if ggml.supported(ggml.qtype(t), unit.shape[1])]
+        if not ok:
+            raise ConfigError(f"none of the GGML types {self.types} can store {unit.name} "
+                              f"(rows of {unit.shape[1]} weights)")
+        return sorted(ok, key=lambda t: (ggml.bytes_per_row(ggml.qtype(t), unit.shape[1]), t))
+
+    def order(self, unit: UnitInfo, built: dict[str, dict]) -> list:
+        return pareto(built)

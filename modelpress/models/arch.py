@@ -31,8 +31,9 @@ def is_linear(m: nn.Module) -> bool:
 
 
 def get_weight(m: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features), whatever the module stores."""
-    if isinstance(m, nn.Linear):
+    """The weight as (out_features, in_features) — (vocab, hidden) for an embedding — whatever the
+    module stores."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
         return m.weight.data
     return m.weight.data.t()  # Conv1D stores (in, out)
 
@@ -41,7 +42,7 @@ def set_weight(m: nn.Module, w: torch.Tensor) -> None:
     """Write an (out, in) weight back in the module's own layout, dtype and device."""
     target = m.weight.data
     w = w.to(device=target.device, dtype=target.dtype)
-    if isinstance(m, nn.Linear):
+    if isinstance(m, (nn.Linear, nn.Embedding)):
         target.copy_(w)
     else:
         target.copy_(w.t())

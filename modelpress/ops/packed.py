@@ -177,3 +177,12 @@ class PackedWeight:
 def dense_packed(w: torch.Tensor) -> PackedWeight:
     """An uncompressed (float16) weight in packed form."""
     return PackedWeight(shape=tuple(w.shape), values=w.to(torch.float16).reshape(-1))
+
+
+def load_weight(t: dict[str, torch.Tensor], meta: dict, device: torch.device | str = "cpu"):
+    """A stored weight of any format: packed (default) or raw GGML blocks."""
+    if meta.get("format") == "ggml":
+        from .ggmlweight import GGMLWeight
+
+        return GGMLWeight.from_tensors(t, meta, device)
+    return PackedWeight.from_tensors(t, meta, device)

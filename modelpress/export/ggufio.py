@@ -1,0 +1,252 @@
+"""GGUF export for llama.cpp (Llama family), and llama.cpp-side evaluation.
+
+Metadata (tokenizer included) is copied from the GGUF file the model came from when there is one,
+so llama.cpp tokenizes exactly as before; otherwise it is built from the Hugging Face config and a
+BPE tokenizer. Tensors are written as raw GGML blocks: either given (from a level database, so the
+file holds exactly the bytes that were evaluated) or quantized here with llama.cpp's arithmetic.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
+from ..ops.ggmlweight import GGMLWeight
+from . import ggml
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("llama", "mistral")
+ALIGN = 32
+
+
+def _pad(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def check_architecture(model) -> None:
+    mt = getattr(model.config, "model_type", None)
+    if mt not in SUPPORTED:
+        raise UnsupportedArchitectureError(
+            f"GGUF export supports the Llama family ({', '.join(SUPPORTED)}), not {mt!r}")
+    if getattr(model.config, "attention_bias", False) or getattr(model.config, "mlp_bias", False):
+        raise UnsupportedArchitectureError("GGUF export of Llama models with biases is not supported")
+
+
+def source_gguf(model) -> Path | None:
+    """The GGUF file a model was loaded from (load_model records it beside its cached copy)."""
+    src = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if src:
+        f = Path(src) / "SOURCE"
+        if f.is_file():
+            p = Path(f.read_text().strip())
+            if p.is_file():
+                return p
+    return None
+
+
+def head_counts(model) -> dict[str, int]:
+    cfg = model.config
+    return {"q_proj": cfg.num_attention_heads, "k_proj": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
+
+
+def unit_heads(name: str, model) -> int | None:
+    return head_counts(model).get(name.rsplit(".", 1)[-1])
+
+
+def embedding_name(model) -> str:
+    emb = model.get_input_embeddings()
+    return next(n for n, m in model.named_modules() if m is emb)
+
+
+def _metadata_from_source(writer, path: Path) -> None:
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(path))
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type",
+                                                 "general.quantization_version", "general.alignment"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
+        writer.add_key_value(name, field.contents(), vtype, sub)
+
+
+def _metadata_from_config(writer, model, tokenizer) -> None:
+    from gguf import TokenType
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_name(str(getattr(cfg, "_name_or_path", "model")) or "model")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))
+    theta = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    writer.add_rope_freq_base(float(theta))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    if tokenizer is None:
+        raise ModelLoadError("GGUF export needs the model's tokenizer")
+    tj = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else None
+    if not tj or tj.get("model", {}).get("type") != "BPE":
+        raise UnsupportedArchitectureError("GGUF export from a Hugging Face folder supports BPE tokenizers; "
+                                           "export from the original .gguf model instead")
+    vocab = tj["model"]["vocab"]
+    special = {t["id"] for t in tj.get("added_tokens", []) if t.get("special")}
+    tokens = [""] * cfg.vocab_size
+    for tok, i in vocab.items():
+        if i < cfg.vocab_size:
+            tokens[i] = tok
+    for t in tj.get("added_tokens", []):
+        if t["id"] < cfg.vocab_size:
+            tokens[t["id"]] = t["content"]
+    for i, t in enumerate(tokens):
+        if not t:
+            tokens[i] = f"[PAD{i}]"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(TokenType.CONTROL if i in special else TokenType.NORMAL) for i in range(len(tokens))])
+    if merges:
+        writer.add_token_merges(merges)
+    for key, fn in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                    ("pad_token_id", writer.add_pad_token_id)):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int):
+            fn(v)
+
+
+@torch.no_grad()
+def export_gguf(model, out: str | Path, *, weights: dict | None = None, default_type: str = "Q8_0",
+                tokenizer=None, source: str | Path | None = None) -> Path:
+    """Write `model` as a GGUF file llama.cpp runs. `weights` maps unit names (Linear layers and the
+    input embedding) to GGMLWeight; every other 2-D weight is quantized to `default_type`."""
+    import gguf
+
+    check_architecture(model)
+    out = Path(out)
+    weights = dict(weights or {})
+    src = Path(source) if source else source_gguf(model)
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    dt = ggml.qtype(default_type)
+    emb = embedding_name(model)
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch="llama")
+        if src is not None:
+            _metadata_from_source(writer, src)
+        else:
+            _metadata_from_config(writer, model, tokenizer)
+        types_used: dict[str, int] = {}
+        for hf_name, t in model.state_dict().items():
+            if hf_name == "lm_head.weight" and tied:
+                continue
+            gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise UnsupportedArchitectureError(f"no GGUF name for tensor {hf_name}")
+            unit = hf_name[: -len(".weight")] if hf_name.endswith(".weight") else hf_name
+            if t.dim() == 1:
+                writer.add_tensor(gname, t.float().cpu().numpy())
+                continue
+            gw = weights.pop(unit, None)
+            if gw is None:
+                gw = GGMLWeight.quantize(t.float(), default_type if ggml.supported(dt, t.shape[1]) else "F16",
+                                         heads=unit_heads(unit, model))
+            if tuple(gw.shape) != tuple(t.shape):
+                raise ConfigError(f"weight for {unit} has shape {gw.shape}, the model has {tuple(t.shape)}")
+            qt = ggml.qtype(gw.type)
+            types_used[gw.type] = types_used.get(gw.type, 0) + t.numel()
+            writer.add_tensor(gname, gw.data.cpu().numpy(), raw_dtype=qt)
+        if weights:
+            raise ConfigError(f"weights given for units the model does not have: {', '.join(list(weights)[:3])}")
+        main = max(types_used, key=types_used.get) if types_used else "F32"
+        ftype = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
+                 "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25}.get(main, 0)
+        writer.add_file_type(ftype)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def gguf_fixed_bytes(model, units: dict[str, tuple[int, int]], tokenizer=None) -> int:
+    """File bytes of a GGUF export that do not depend on the units' types: header, metadata,
+    tensor infos and the float tensors. A unit adds its data padded to 32 bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        p = export_gguf(model, Path(tmp) / "probe.gguf", default_type="Q8_0", tokenizer=tokenizer)
+        size = p.stat().st_size
+    for name, shape in units.items():
+        size -= _pad(ggml.bytes_per_row(ggml.qtype("Q8_0"), shape[1]) * shape[0])
+    return size
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _llama(path: str | Path, n_ctx: int, threads: int | None = None):
+    if not llama_cpp_available():
+        raise ModelLoadError("evaluating with llama.cpp needs `pip install llama-cpp-python`")
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
+                 n_threads=threads or max(1, os.cpu_count() or 1))
+
+
+def llama_cpp_perplexity(path: str | Path, ids: torch.Tensor) -> dict:
+    """Perplexity computed by llama.cpp itself on token windows (no tokenization on its side)."""
+    import time
+
+    llm = _llama(path, ids.shape[1])
+    nll, n = 0.0, 0
+    t0 = time.time()
+    for row in ids.tolist():
+        llm.reset()
+        llm.eval(row)
+        logits = torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32))
+        lp = torch.log_softmax(logits[:-1].double(), dim=-1)
+        tgt = torch.tensor(row[1:])
+        nll += -float(lp.gather(-1, tgt[:, None]).sum())
+        n += len(row) - 1
+    return {"ppl": float(np.exp(nll / n)), "nll": nll / n, "n_tokens": n, "seconds": time.time() - t0}
+
+
+def llama_cpp_generate(path: str | Path, prompt_ids: list[int], n_new: int = 64) -> dict:
+    """Greedy generation with llama.cpp: the tokens and the decode speed (tokens/s)."""
+    import time
+
+    llm = _llama(path, len(prompt_ids) + n_new + 8)
+    llm.reset()
+    llm.eval(prompt_ids)
+    out = []
+    t = time.time()
+    for _ in range(n_new):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(nxt)
+        llm.eval([nxt])
+    dt = time.time() - t
+    return {"tokens": out, "tokens_per_s": n_new / dt}
