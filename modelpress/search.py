@@ -177,13 +177,28 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
         rows.append(row)
     chosen = results[allocator]
     c = materialize(model, tokenizer, database, chosen.plan, state=state)
-    c.save(out)
-    chosen.plan.save(out / "plan.json")
+    report_dir = out
+    if out.suffix == ".gguf":  # a GGUF file for llama.cpp, with the report in a folder beside it
+        from .export.ggufio import export_gguf
+        from .ops.ggmlweight import GGMLWeight
+
+        if not all(isinstance(w, GGMLWeight) for w in c.units.values()):
+            raise ConfigError("only --kind gguf writes a .gguf file; give a folder for --out")
+        export_gguf(model, out, weights=c.units, tokenizer=tokenizer)
+        report_dir = out.with_name(out.stem + ".report")
+        report_dir.mkdir(parents=True, exist_ok=True)
+        predicted = database.meta["fixed_bytes"] + sum(int(database.level_meta(u, v)["nbytes"])
+                                                       for u, v in chosen.plan.levels.items())
+        chosen.plan.info.update(file_bytes=out.stat().st_size, predicted_bytes=predicted)
+    else:
+        c.save(out)
+    out_files = report_dir
+    chosen.plan.save(out_files / "plan.json")
     problem = chosen.problem
-    plot_levels(out / "levels.png", {n: r.plan.levels for n, r in results.items()}, problem.units,
-                problem.groups or [], ylabel={"quant": "bits", "sparsity": "pruned weights",
-                                              "depth": "kept / dropped", "joint": "level"}.get(kind, "level"))
-    plot_fitness(out / "fitness.png", chosen.history)
+    plot_levels(out_files / "levels.png", {n: r.plan.levels for n, r in results.items()}, problem.units,
+                problem.groups or [], ylabel={"quant": "bits", "sparsity": "pruned weights", "depth": "kept / dropped",
+                                              "joint": "level", "gguf": "GGML type"}.get(kind, "level"))
+    plot_fitness(out_files / "fitness.png", chosen.history)
     report = {
         "model": model_name, "method": {"kind": kind, **kind_settings, "allocator": allocator,
                                         "allocator_settings": allocator_settings or {}},
@@ -194,8 +209,8 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
         "columns": [("label", "allocator"), ("ppl", "ppl"), ("kl", "KL to dense"), ("size_mb", "size MB"),
                     ("bits_per_weight", "bits/weight (layers)"), ("search", "search s")],
     }
-    write_report(out, report)
-    with open(out / "report.md", "a") as f:
+    write_report(out_files, report)
+    with open(out_files / "report.md", "a") as f:
         f.write("\n![level per unit](levels.png)\n\n![fitness per generation](fitness.png)\n")
     return report
 

@@ -237,7 +237,8 @@ def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size,
 @command
 def search_cmd(
     model: str = typer.Argument(..., help="alias (smollm2-135m), .gguf file, HF folder or hub id"),
-    kind: Optional[str] = typer.Option(None, "--kind", help="quant, sparsity, depth or joint (default: from the budget)"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="quant, sparsity, depth, joint or gguf (default: from the budget)"),
+    types: Optional[str] = typer.Option(None, "--types", help="gguf: GGML types to choose from, e.g. Q4_0,Q5_0,Q8_0"),
     levels: Optional[str] = typer.Option(None, "--levels", help="quant/joint: bit-widths, e.g. 2,3,4,5,6"),
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help="joint: sparsity levels, e.g. 0,0.5"),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="joint: EoRA ranks, e.g. 0,16"),
@@ -276,6 +277,10 @@ def search_cmd(
                                          allow_drop=allow_drop).items() if v is not None})
     elif sparsities or ranks or allow_drop is not None:
         raise ConfigError("--sparsities/--ranks/--allow-drop apply to --kind joint")
+    if types is not None:
+        if kind != "gguf":
+            raise ConfigError("--types applies to --kind gguf")
+        ks["types"] = _parse_list(types, str)
     if group_size is not None:
         ks["group_size"] = group_size or None
     if max_sparsity is not None:
@@ -356,6 +361,36 @@ def load_cmd(
                        ("kl", "KL to reference")])
 
 
+export_app = typer.Typer(help="Write a model in another format.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("gguf")
+@command
+def export_gguf_cmd(
+    src: str = typer.Argument(..., help="a modelpress checkpoint folder or any model load_model accepts"),
+    out: Path = typer.Option(..., "--out", "-o", help="the .gguf file to write"),
+    type_: str = typer.Option("Q8_0", "--type", help="GGML type for every weight without one (e.g. Q8_0, Q4_K)"),
+    verbose: bool = VerboseOpt,
+):
+    """Export to GGUF for llama.cpp (Llama family). Weights already stored as GGML blocks
+    (a `--kind gguf` checkpoint) are written as they are; the others are quantized to --type."""
+    _setup(verbose)
+    from ..export.checkpoint import MANIFEST, load_checkpoint
+    from ..export.ggufio import export_gguf
+    from ..models import load_model
+    from ..ops.ggmlweight import GGMLWeight
+
+    if (Path(src) / MANIFEST).is_file():
+        m, tok, units, _ = load_checkpoint(src)
+        weights = {u: w for u, w in units.items() if isinstance(w, GGMLWeight)}
+    else:
+        m, tok = load_model(src, device="cpu")
+        weights = {}
+    p = export_gguf(m, out, weights=weights, default_type=type_, tokenizer=tok)
+    console.print(f"wrote {p} ({p.stat().st_size / 1e6:.2f} MB)")
+
+
 @app.command("eval")
 @command
 def eval_cmd(
@@ -363,10 +398,25 @@ def eval_cmd(
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="model to measure KL against"),
     data: str = DataOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    engine: str = typer.Option("torch", "--engine", help="torch, or llama.cpp for a .gguf file"),
     device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
 ):
     """Perplexity on the held-out windows (and KL to a reference model)."""
     _setup(verbose)
+    if engine not in ("torch", "llama.cpp"):
+        raise ConfigError("--engine is torch or llama.cpp")
+    if engine == "llama.cpp":
+        from ..data import get_windows
+        from ..export.ggufio import llama_cpp_perplexity
+        from ..models import load_model
+
+        if not model.endswith(".gguf") or not Path(model).is_file():
+            raise ConfigError("--engine llama.cpp evaluates a .gguf file")
+        _, tok = load_model(model, device="cpu")  # the same tokenizer and windows as the torch engine
+        r = llama_cpp_perplexity(model, get_windows(tok, _data_config(data, 1, seq_len, 0, n_eval)).eval)
+        print_rows([{"label": model + " (llama.cpp)", "ppl": r["ppl"], "tokens": r["n_tokens"], "s": r["seconds"]}],
+                   [("label", "model"), ("ppl", "ppl"), ("tokens", "tokens"), ("s", "seconds")])
+        return
     from ..api import load_compressed
     from ..data import get_windows
     from ..eval import evaluate as run_eval

@@ -118,8 +118,8 @@ def _metadata_from_config(writer, model, tokenizer) -> None:
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types([int(TokenType.CONTROL if i in special else TokenType.NORMAL) for i in range(len(tokens))])
-    if merges:
-        writer.add_token_merges(merges)
+    writer.add_token_merges(merges)
+    writer.add_token_scores([0.0] * len(tokens))
     for key, fn in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                     ("pad_token_id", writer.add_pad_token_id)):
         v = getattr(cfg, key, None)

@@ -75,6 +75,10 @@ def discover_units(model, kind: Kind) -> list[UnitInfo]:
 
         emb = model.get_input_embeddings()
         out.append(UnitInfo(embedding_name(model), tuple(emb.weight.shape), emb.weight.numel(), 0, "embedding"))
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not emb.weight:  # an untied lm_head is stored as output.weight
+            name = next(n for n, m in model.named_modules() if m is head)
+            out.append(UnitInfo(name, tuple(head.weight.shape), head.weight.numel(), len(arch) - 1, "output"))
     for name, mod in arch.all_linears().items():
         w = get_weight(mod)
         extra = {}
@@ -363,7 +367,7 @@ class LevelDB:
 
         missing = self.missing()
         mods = dict(model.named_modules())
-        for u in [u for u in missing if self.units[u].group == "embedding"]:
+        for u in [u for u in missing if self.units[u].group in ("embedding", "output")]:
             w = get_weight(mods[u]).float()
             new = {}
             for t in missing[u]:
