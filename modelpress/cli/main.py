@@ -361,6 +361,103 @@ def load_cmd(
                        ("kl", "KL to reference")])
 
 
+kv_app = typer.Typer(help="Compressed KV caches for generation.", no_args_is_help=True)
+app.add_typer(kv_app, name="kv")
+
+
+def _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits, model, tok,
+                 data, n_samples, seq_len, seed):
+    from ..kvcache import KV_METHODS, fit_bases
+
+    given = dict(bits=bits, group=group, window=window, budget=budget, sinks=sinks, rank=rank, outliers=outliers,
+                 salient=salient, hi_bits=hi_bits, lo_bits=lo_bits)
+    kw = {k: v for k, v in given.items() if v is not None}
+    if method == "channel":
+        from ..data import get_windows
+
+        ids = get_windows(tok, _data_config(data, n_samples, seq_len, seed, None)).calib
+        kw["bases"] = fit_bases(model, ids)
+    return KV_METHODS.build(method, **kw)
+
+
+def _kv_opts():
+    return dict(
+        bits=typer.Option(None, "--bits", help="kivi/gear: 2,3,4,8 (16 = unquantized)"),
+        group=typer.Option(None, "--group"), window=typer.Option(None, "--window", help="recent tokens kept exact"),
+        budget=typer.Option(None, "--budget", help="eviction: tokens kept per head"),
+        sinks=typer.Option(None, "--sinks"), rank=typer.Option(None, "--rank", help="gear residual rank / channel rank"),
+        outliers=typer.Option(None, "--outliers"), salient=typer.Option(None, "--salient"),
+        hi_bits=typer.Option(None, "--hi-bits"), lo_bits=typer.Option(None, "--lo-bits"))
+
+
+_O = _kv_opts()
+
+
+@kv_app.command("eval")
+@command
+def kv_eval_cmd(
+    model: str = typer.Argument(...),
+    method: str = typer.Option(..., "--method", "-m", help="full, kivi, gear, zipcache, streamingllm, h2o, snapkv, ems, channel"),
+    bits: Optional[int] = _O["bits"], group: Optional[int] = _O["group"], window: Optional[int] = _O["window"],
+    budget: Optional[int] = _O["budget"], sinks: Optional[int] = _O["sinks"], rank: Optional[int] = _O["rank"],
+    outliers: Optional[float] = _O["outliers"], salient: Optional[float] = _O["salient"],
+    hi_bits: Optional[int] = _O["hi_bits"], lo_bits: Optional[int] = _O["lo_bits"],
+    prefill: int = typer.Option(256, "--prefill", help="tokens processed at once (the prompt)"),
+    step: int = typer.Option(1, "--step", help="tokens per decoding step (1 = exactly as in generation)"),
+    data: str = DataOpt, seq_len: int = typer.Option(1024, "--seq-len"), n_eval: Optional[int] = typer.Option(4, "--n-eval"),
+    n_samples: int = typer.Option(8, "--n-samples", help="calibration windows (channel bases)"), seed: int = SeedOpt,
+    device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+):
+    """Perplexity with a compressed cache over long windows, its exact bytes vs the full cache, tokens/s."""
+    _setup(verbose)
+    from ..data import get_windows
+    from ..kvcache import kv_evaluate
+    from ..models import load_model
+
+    m, tok = load_model(model, device=device)
+    meth = _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits, m, tok,
+                        data, n_samples, seq_len, seed)
+    ids = get_windows(tok, _data_config(data, 1, seq_len, seed, n_eval)).eval
+    if prefill >= seq_len:
+        raise ConfigError("--prefill must be shorter than --seq-len")
+    full = kv_evaluate(m, ids, "full", prefill=prefill, step=step, desc="full cache")
+    r = kv_evaluate(m, ids, meth, prefill=prefill, step=step, reference=full["logprobs"], desc=method)
+    rows = [{"label": "full cache", "ppl": full["ppl"], "mb": full["cache_bytes"] / 1e6, "ratio": 1.0,
+             "tps": full["tokens_per_s"]},
+            {"label": meth.label(), "ppl": r["ppl"], "kl": r["kl"], "mb": r["cache_bytes"] / 1e6, "ratio": r["ratio"],
+             "tps": r["tokens_per_s"]}]
+    print_rows(rows, [("label", "cache"), ("ppl", "ppl"), ("kl", "KL to full"), ("mb", "cache MB"),
+                      ("ratio", "compression"), ("tps", "tokens/s")])
+
+
+@kv_app.command("generate")
+@command
+def kv_generate_cmd(
+    model: str = typer.Argument(...),
+    method: str = typer.Option("kivi", "--method", "-m"),
+    prompt: str = typer.Option(..., "--prompt", "-p"),
+    max_new: int = typer.Option(48, "--max-new"),
+    bits: Optional[int] = _O["bits"], group: Optional[int] = _O["group"], window: Optional[int] = _O["window"],
+    budget: Optional[int] = _O["budget"], sinks: Optional[int] = _O["sinks"], rank: Optional[int] = _O["rank"],
+    outliers: Optional[float] = _O["outliers"], salient: Optional[float] = _O["salient"],
+    hi_bits: Optional[int] = _O["hi_bits"], lo_bits: Optional[int] = _O["lo_bits"],
+    data: str = DataOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+):
+    """Greedy generation with a compressed cache, for a quick look."""
+    _setup(verbose)
+    from ..kvcache import kv_generate
+    from ..models import load_model
+
+    m, tok = load_model(model, device=device)
+    meth = _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits, m, tok,
+                        data, 8, 512, seed)
+    enc = tok(prompt, return_tensors="pt")
+    out, cache = kv_generate(m, enc["input_ids"].to(m.device), meth, attention_mask=enc["attention_mask"].to(m.device),
+                             max_new_tokens=max_new)
+    console.print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    console.print(f"[dim]{meth.label()}: cache {cache.nbytes() / 1e3:.1f} kB vs full {cache.full_nbytes() / 1e3:.1f} kB[/]")
+
+
 export_app = typer.Typer(help="Write a model in another format.", no_args_is_help=True)
 app.add_typer(export_app, name="export")
 

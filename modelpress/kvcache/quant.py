@@ -1,0 +1,183 @@
+"""KIVI-style quantized cache: keys per channel (statistics over groups of `group` tokens), values
+per token (statistics over groups of `group` channels), the most recent `window` tokens kept in full
+precision. Bit-widths may differ per layer and KV head (`head_bits`): that is what the budget
+allocators choose. All chunks of a row live in concatenated code/scale tensors, decoded in one step."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import ConfigError
+from .base import KV_METHODS, KVMethod, RowStore
+
+
+def _mq(bits: torch.Tensor) -> torch.Tensor:
+    return (2 ** bits.float()) - 1
+
+
+def quant_keys(k: torch.Tensor, bits: torch.Tensor):
+    """k (H, G, D): one (scale, zero) per head and channel over the G tokens. bits (H,)."""
+    mq = _mq(bits)[:, None, None]
+    lo, hi = k.amin(1, keepdim=True), k.amax(1, keepdim=True)
+    scale = ((hi - lo) / mq).clamp_min(1e-8).half()
+    zero = lo.half()
+    codes = torch.round((k.float() - zero.float()) / scale.float()).clamp_min(0).minimum(mq).to(torch.uint8)
+    return codes, scale, zero  # (H, G, D) (H, 1, D) (H, 1, D)
+
+
+def quant_values(v: torch.Tensor, bits: torch.Tensor, group: int):
+    """v (H, G, D): one (scale, zero) per head, token and group of `group` channels."""
+    h, g, d = v.shape
+    gv = min(group, d)
+    assert d % gv == 0, "head_dim must be a multiple of the value group size"
+    x = v.float().reshape(h, g, d // gv, gv)
+    mq = _mq(bits)[:, None, None, None]
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = ((hi - lo) / mq).clamp_min(1e-8).half()
+    zero = lo.half()
+    codes = torch.round((x - zero.float()) / scale.float()).clamp_min(0).minimum(mq).to(torch.uint8)
+    return codes.reshape(h, g, d), scale[..., 0], zero[..., 0]  # (H, G, D) (H, G, D/gv) x2
+
+
+class QuantStore(RowStore):
+    """Residual of recent tokens in full precision; older tokens quantized `group` at a time."""
+
+    def __init__(self, method, layer, n_heads, head_dim, dtype):
+        super().__init__(method, layer, n_heads, head_dim, dtype)
+        self.rk = self.rv = self.rpos = None
+        self.kc = self.ks = self.kz = None  # (H, T, D) uint8, (H, C, D) fp16 x2
+        self.vc = self.vs = self.vz = None  # (H, T, D) uint8, (H, T, D/gv) fp16 x2
+        self.qpos = None  # (T,)
+        self.bits = None
+
+    def head_bits(self, device) -> torch.Tensor:
+        if self.bits is None:
+            self.bits = torch.tensor(self.method.bits_of(self.layer)[: self.n_heads], device=device)
+        return self.bits
+
+    def append(self, k, v, pos):
+        if self.rk is None:
+            self.rk, self.rv, self.rpos = k, v, pos
+        else:
+            self.rk, self.rv = torch.cat([self.rk, k], 1), torch.cat([self.rv, v], 1)
+            self.rpos = torch.cat([self.rpos, pos])
+
+    def _push(self, name, *ts):
+        cur = [getattr(self, n) for n in name]
+        new = [t if c is None else torch.cat([c, t], 1) for c, t in zip(cur, ts)]
+        for n, t in zip(name, new):
+            setattr(self, n, t)
+
+    def compact(self):
+        g, w = self.method.group, self.method.window
+        n = 0 if self.rk is None else self.rk.shape[1]
+        n_chunks = max(0, (n - w) // g)
+        if not n_chunks:
+            return
+        take = n_chunks * g
+        k, v = self.rk[:, :take], self.rv[:, :take]
+        h, d = k.shape[0], k.shape[2]
+        bits = self.head_bits(k.device)
+        chunks = k.reshape(h, n_chunks, g, d).permute(1, 0, 2, 3).reshape(n_chunks * h, g, d)
+        kc, ks, kz = quant_keys(chunks, bits.repeat(n_chunks))
+        kc = kc.reshape(n_chunks, h, g, d).permute(1, 0, 2, 3).reshape(h, take, d)
+        ks = ks.reshape(n_chunks, h, 1, d).permute(1, 0, 2, 3).reshape(h, n_chunks, d)
+        kz = kz.reshape(n_chunks, h, 1, d).permute(1, 0, 2, 3).reshape(h, n_chunks, d)
+        vc, vs, vz = quant_values(v, bits, self.method.group)
+        self._push(("kc", "ks", "kz", "vc", "vs", "vz"), kc, ks, kz, vc, vs, vz)
+        self.qpos = self.rpos[:take] if self.qpos is None else torch.cat([self.qpos, self.rpos[:take]])
+        self.rk, self.rv, self.rpos = self.rk[:, take:], self.rv[:, take:], self.rpos[take:]
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        h, t, d = self.kc.shape
+        g = self.method.group
+        c = t // g
+        k = self.kc.reshape(h, c, g, d).float() * self.ks.float()[:, :, None] + self.kz.float()[:, :, None]
+        gv = min(g, d)
+        v = self.vc.reshape(h, t, d // gv, gv).float() * self.vs.float()[..., None] + self.vz.float()[..., None]
+        return k.reshape(h, t, d), v.reshape(h, t, d)
+
+    def materialize(self):
+        ks, vs, ps = [], [], []
+        if self.kc is not None:
+            k, v = self.decode()
+            ks.append(k.to(self.dtype))
+            vs.append(v.to(self.dtype))
+            ps.append(self.qpos)
+        if self.rk is not None:
+            ks.append(self.rk)
+            vs.append(self.rv)
+            ps.append(self.rpos)
+        return torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(ps).expand(self.n_heads, -1)
+
+    def code_bytes(self) -> int:
+        if self.kc is None:
+            return 0
+        t, d = self.kc.shape[1], self.kc.shape[2]
+        return sum(2 * (-(-t * d * int(b) // 8)) for b in self.bits.tolist())  # keys + values, packed
+
+    def nbytes(self):
+        n = self.code_bytes()
+        if self.kc is not None:
+            n += 2 * (self.ks.numel() + self.kz.numel() + self.vs.numel() + self.vz.numel())
+        if self.rk is not None:
+            n += (self.rk.numel() + self.rv.numel()) * self.rk.element_size()
+        return n
+
+
+class HalfStore(QuantStore):
+    """16 bits: the quantized part is plain float16."""
+
+    def compact(self):
+        g, w = self.method.group, self.method.window
+        n = 0 if self.rk is None else self.rk.shape[1]
+        take = max(0, (n - w) // g) * g
+        if not take:
+            return
+        self._push(("kc", "vc"), self.rk[:, :take].half(), self.rv[:, :take].half())
+        self.qpos = self.rpos[:take] if self.qpos is None else torch.cat([self.qpos, self.rpos[:take]])
+        self.rk, self.rv, self.rpos = self.rk[:, take:], self.rv[:, take:], self.rpos[take:]
+
+    def decode(self):
+        return self.kc.float(), self.vc.float()
+
+    def nbytes(self):
+        n = 0 if self.kc is None else 2 * (self.kc.numel() + self.vc.numel())
+        if self.rk is not None:
+            n += (self.rk.numel() + self.rv.numel()) * self.rk.element_size()
+        return n
+
+
+class KIVIStore(RowStore):
+    """Dispatches to the float16 store when every head of the layer is at 16 bits."""
+
+    def __new__(cls, method, layer, n_heads, head_dim, dtype):
+        bits = method.bits_of(layer)[:n_heads]
+        impl = HalfStore if all(b >= 16 for b in bits) else QuantStore
+        if any(b >= 16 for b in bits) and impl is QuantStore:
+            raise ConfigError("mixing 16-bit and quantized heads in one layer is not supported")
+        return impl(method, layer, n_heads, head_dim, dtype)
+
+
+@KV_METHODS.register("kivi")
+@dataclasses.dataclass
+class KIVI(KVMethod):
+    bits: int = 4  # 2, 3, 4, 8; 16 = float16, no quantization
+    group: int = 32
+    window: int = 32
+    head_bits: list | None = None  # [layer][kv head] bit-widths (overrides `bits`)
+
+    store = KIVIStore
+
+    def __post_init__(self):
+        for b in [self.bits] + [x for row in (self.head_bits or []) for x in row]:
+            if b not in (2, 3, 4, 8, 16):
+                raise ConfigError(f"KV bits must be 2, 3, 4, 8 or 16, got {b}")
+        if self.group < 1 or self.window < 0:
+            raise ConfigError("group >= 1 and window >= 0")
+
+    def bits_of(self, layer: int) -> list[int]:
+        if self.head_bits is not None:
+            return list(self.head_bits[layer])
+        return [self.bits] * 1024

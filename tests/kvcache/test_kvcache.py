@@ -1,0 +1,153 @@
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import modelpress as mp
+from modelpress.errors import ConfigError, UnsupportedArchitectureError
+from modelpress.kvcache import KV_METHODS, fit_bases, kv_evaluate, kv_generate, make_cache, use_kv_cache
+from modelpress.kvcache.allocate import allocate_kv_bits, kv_problem
+from modelpress.kvcache.base import cache_kwarg
+from tests.conftest import tiny_model
+
+# settings under which a method compresses nothing: the result must equal the full cache
+LOSSLESS = [("full", {}), ("kivi", dict(bits=4, window=10_000)), ("gear", dict(window=10_000)),
+            ("zipcache", dict(window=10_000)), ("streamingllm", dict(budget=10_000)), ("h2o", dict(budget=10_000)),
+            ("snapkv", dict(budget=10_000)), ("ems", dict(budget=10_000)), ("channel", dict(rank=16))]
+LOSSY = [("kivi", dict(bits=2, window=8, group=8)), ("gear", dict(bits=2, window=8, group=8)),
+         ("zipcache", dict(window=8, group=8)), ("streamingllm", dict(budget=16, window=4)),
+         ("h2o", dict(budget=16, window=4)), ("snapkv", dict(budget=16, window=4)), ("ems", dict(budget=16, window=4)),
+         ("channel", dict(rank=6))]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", layers=2)
+
+
+@pytest.fixture(scope="module")
+def bases(model):
+    return fit_bases(model, torch.randint(3, 256, (4, 64), generator=torch.Generator().manual_seed(1)))
+
+
+def _kw(name, kw, bases):
+    return dict(kw, bases=bases) if name == "channel" else kw
+
+
+@pytest.mark.parametrize("name,kw", LOSSLESS)
+def test_lossless_setting_generates_what_the_full_cache_does(model, bases, name, kw):
+    ids = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    out, cache = kv_generate(model, ids, name, max_new_tokens=10, **_kw(name, kw, bases))
+    assert torch.equal(out, ref)
+    if name != "channel":
+        assert cache.nbytes() == cache.full_nbytes()  # nothing compressed, nothing lost
+
+
+def test_unquantized_16_bit_tokens_match(model):
+    ids = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    out, cache = kv_generate(model, ids, "kivi", bits=16, window=4, group=8, max_new_tokens=10)
+    assert torch.equal(out, ref) and cache.nbytes() < cache.full_nbytes()
+
+
+def test_full_method_logits_equal_dynamic_cache(model):
+    ids = torch.randint(3, 256, (2, 24))
+    with torch.no_grad():
+        ref = model(ids, use_cache=True, **{cache_kwarg(model): DynamicCache(config=model.config)}).logits
+        cache = make_cache(model, "full")
+        with use_kv_cache(model, cache):
+            got = model(ids, use_cache=True, **{cache_kwarg(model): cache}).logits
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def _run(model, name, kw, n_tokens=41):
+    cache = make_cache(model, name, **kw)
+    ids = torch.randint(3, 256, (1, n_tokens), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), use_kv_cache(model, cache):
+        model(ids[:, :20], use_cache=True, **{cache_kwarg(model): cache})
+        for t in range(20, n_tokens):
+            model(ids[:, t:t + 1], use_cache=True, **{cache_kwarg(model): cache})
+    return cache
+
+
+def test_bytes_match_the_formulas(model, bases):
+    L, H, D, T, e = 2, 2, 16, 41, 4  # layers, kv heads, head dim, tokens, float32 bytes
+    full = _run(model, "full", {})
+    assert full.nbytes() == full.full_nbytes() == L * 2 * H * D * T * e
+    # KIVI: quantized chunks of G tokens, the rest exact
+    G, W, b = 8, 8, 4
+    q = ((T - W) // G) * G
+    kivi = L * (2 * H * (q * D * b // 8) + 2 * 2 * H * (q // G) * D + 2 * 2 * H * q * (D // G)
+                + 2 * H * (T - q) * D * e)
+    assert _run(model, "kivi", dict(bits=b, group=G, window=W)).nbytes() == kivi
+    # GEAR: KIVI + outliers (value + index, 2 bytes each) + rank-r factors per chunk, head, K and V
+    r, rho = 2, 0.05
+    k = math.ceil(rho * G * D)
+    gear = kivi + L * 2 * H * (q // G) * (4 * k + 2 * r * (G + D))
+    assert _run(model, "gear", dict(bits=b, group=G, window=W, rank=r, outliers=rho)).nbytes() == gear
+    # eviction: exactly `budget` tokens per head
+    for name in ("streamingllm", "h2o", "snapkv", "ems"):
+        assert _run(model, name, dict(budget=16, window=4)).nbytes() == L * 2 * H * 16 * D * e
+    # channel shrinking: `rank` dimensions per head for keys and values
+    assert _run(model, "channel", dict(rank=6, bases=bases)).nbytes() == L * 2 * H * T * 6 * e
+
+
+@pytest.mark.parametrize("name,kw", LOSSY)
+def test_padded_batch_equals_one_by_one(model, bases, name, kw):
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(3, 256, (1, 28), generator=g), torch.randint(3, 256, (1, 19), generator=g)
+    batch = torch.zeros(2, 28, dtype=torch.long)
+    batch[0] = a
+    batch[1, 9:] = b
+    mask = torch.ones(2, 28, dtype=torch.long)
+    mask[1, :9] = 0
+    kw = _kw(name, kw, bases)
+    out, _ = kv_generate(model, batch, name, attention_mask=mask, max_new_tokens=8, **kw)
+    one_a, _ = kv_generate(model, a, name, max_new_tokens=8, **kw)
+    one_b, _ = kv_generate(model, b, name, max_new_tokens=8, **kw)
+    assert torch.equal(out[0, 28:], one_a[0, 28:])
+    assert torch.equal(out[1, 28:], one_b[0, 19:])
+
+
+def test_context_manager_restores_the_model(model):
+    before = model.config._attn_implementation
+    hooks = len(model._forward_pre_hooks)
+    with pytest.raises(RuntimeError, match="inside"):
+        with use_kv_cache(model, make_cache(model, "kivi")):
+            assert model.config._attn_implementation == "modelpress_kv"
+            raise RuntimeError("inside")
+    assert model.config._attn_implementation == before and len(model._forward_pre_hooks) == hooks
+
+
+def test_errors():
+    with pytest.raises(UnsupportedArchitectureError):
+        with use_kv_cache(torch.nn.Sequential(torch.nn.Linear(2, 2)), None):
+            pass
+    with pytest.raises(ConfigError):
+        KV_METHODS.build("kivi", bits=5)
+    with pytest.raises(ConfigError):
+        KV_METHODS.build("h2o", budget=8, window=16)
+    with pytest.raises(ConfigError, match="unknown kv method"):
+        KV_METHODS.build("nope")
+
+
+def test_per_head_budgets_meet_the_budget(model):
+    ids = torch.randint(3, 256, (2, 96), generator=torch.Generator().manual_seed(4))
+    p = kv_problem(model, ids, 3.0, levels=(2, 3, 4, 8), group=8)
+    assert len(p.units) == 4 and all(e[0] > e[-1] for e in p.errors)
+    for alloc, kw in (("uniform", {}), ("dp", {}), ("evolutionary", dict(generations=3, offspring=3, tokens=(96,), survivors=(1,)))):
+        bits, info = allocate_kv_bits(model, ids, 3.0, alloc, levels=(2, 3, 4, 8), group=8, window=8, **kw)
+        assert info["cost"] == info["budget"] == 12
+        assert sum(map(sum, bits)) == 12
+
+
+@pytest.mark.real
+def test_4bit_cache_within_2_percent_on_default_model():
+    model, tok = mp.load_model("smollm2-135m", device="cpu")
+    ids = mp.get_windows(tok, mp.DataConfig(seq_len=1024, n_samples=1, n_eval=1)).eval
+    full = kv_evaluate(model, ids, "full", prefill=256, step=1)
+    q4 = kv_evaluate(model, ids, "kivi", bits=4, prefill=256, step=1)
+    assert q4["ppl"] < 1.02 * full["ppl"], (q4["ppl"], full["ppl"])
+    assert q4["ratio"] > 2.5
