@@ -53,15 +53,18 @@ def plot_fitness(path: str | Path, history: list[dict]) -> None:
 
 
 def plot_curve(path: str | Path, curves: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
-               points: dict[str, tuple[float, float]] | None = None, logy: bool = False) -> None:
+               points: dict[str, tuple[float, float]] | None = None, logy: bool = False,
+               logx: bool = False, marker: str | None = "o") -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4), dpi=110)
     for name, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=name)
+        ax.plot(xs, ys, marker=marker, ms=3, label=name)
     for name, (x, y) in (points or {}).items():
         ax.scatter([x], [y], s=30, label=name, zorder=3)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

@@ -24,8 +24,9 @@ from .lgreco import LGreCo
 
 class CommState:
     def __init__(self, compressor: Compressor, ef: ErrorFeedback, names: dict[int, str], group=None,
-                 lgreco: LGreCo | None = None):
+                 lgreco: LGreCo | None = None, scope: str = "tensor"):
         self.compressor = compressor
+        self.scope = scope  # "tensor": compress each gradient; "bucket": the whole bucket as one vector
         self.ef = ef
         self.names = names  # id(param) -> parameter name
         self.group = group
@@ -43,6 +44,8 @@ class CommState:
         return self.compressor if lv is None else self.compressor.with_level(lv)
 
     def key(self, name: str) -> int:
+        if name.startswith("bucket:"):
+            return int(name.split(":")[1])
         return sorted(self.names.values()).index(name)
 
     def state_dict(self) -> dict:
@@ -77,11 +80,14 @@ def _hook(state: CommState, bucket) -> torch.futures.Future:
     params = bucket.parameters()
     items, meta = [], []
     off = 0
-    for g, p in zip(grads, params):
-        name = state.names[id(p)]
-        n = g.numel()
-        view = buf[off:off + n].view(g.shape)
-        off += n
+    if state.scope == "bucket":  # one vector: the largest entries of the whole bucket win (global top-k)
+        parts = [(f"bucket:{bucket.index()}", buf)]
+    else:
+        parts = []
+        for g, p in zip(grads, params):
+            parts.append((state.names[id(p)], buf[off:off + g.numel()].view(g.shape)))
+            off += g.numel()
+    for name, view in parts:
         mem = state.mem.setdefault(name, {})
         x = state.ef.prepare(view.clone(), mem)
         ctx = state.ctx.setdefault(name, {})
@@ -112,8 +118,16 @@ _hook.__annotations__["bucket"] = dist.GradBucket
 
 
 def compression_hook(model: torch.nn.Module, compressor: str | Compressor = "topk", *, ef: str | ErrorFeedback = "none",
-                     group=None, lgreco: LGreCo | None = None, eta: float | None = None, **settings):
-    """(state, hook) for `ddp_model.register_comm_hook(state, hook)`; `model` names the parameters."""
+                     group=None, lgreco: LGreCo | None = None, eta: float | None = None, scope: str = "tensor",
+                     **settings):
+    """(state, hook) for `ddp_model.register_comm_hook(state, hook)`; `model` names the parameters.
+
+    scope="tensor" compresses each gradient on its own (what L-GreCo's per-layer levels need);
+    scope="bucket" compresses each DDP bucket as one vector (global Top-K across layers)."""
+    if scope not in ("tensor", "bucket"):
+        raise ConfigError(f"scope must be 'tensor' or 'bucket', not {scope!r}")
+    if scope == "bucket" and lgreco is not None:
+        raise ConfigError("L-GreCo chooses a level per layer: use scope='tensor'")
     comp = COMPRESSORS.build(compressor, **settings) if isinstance(compressor, str) else compressor
     if isinstance(ef, str):
         ef = ERROR_FEEDBACK.build(ef, **({"eta": eta} if eta is not None else {}))
@@ -121,4 +135,4 @@ def compression_hook(model: torch.nn.Module, compressor: str | Compressor = "top
         raise ConfigError(f"L-GreCo needs a compressor with levels (topk, qsgd, powersgd), not {comp.registered_name}")
     inner = model.module if hasattr(model, "module") else model
     names = {id(p): n for n, p in inner.named_parameters()}
-    return CommState(comp, ef, names, group, lgreco), _hook
+    return CommState(comp, ef, names, group, lgreco, scope), _hook

@@ -46,8 +46,9 @@ def parse(argv=None):
     ap.add_argument("--ratio", type=float, default=0.01, help="topk / randk ratio")
     ap.add_argument("--bits", type=int, default=4, help="qsgd bits")
     ap.add_argument("--psgd-rank", type=int, default=4, help="powersgd rank")
+    ap.add_argument("--scope", default="tensor", help="tensor (per-layer) or bucket (global top-k)")
     ap.add_argument("--ef", default="none", help="none, ef, ef21, econtrol")
-    ap.add_argument("--eta", type=float, default=0.5, help="econtrol strength")
+    ap.add_argument("--eta", type=float, default=0.03, help="econtrol strength (of the order of the compressor's k/d)")
     ap.add_argument("--lgreco", default=None, help="comma-separated levels for L-GreCo, e.g. 0.005,0.01,0.02,0.05")
     ap.add_argument("--lgreco-every", type=int, default=50)
     ap.add_argument("--optimizer", default="adam", help="adam, sgd, onebit-adam")
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
                 cast = int if args.compressor in ("qsgd", "powersgd") else float
                 lg = LGreCo(tuple(cast(x) for x in args.lgreco.split(",")), every=args.lgreco_every)
             state, hook = compression_hook(net, args.compressor, ef=args.ef, eta=args.eta if args.ef == "econtrol" else None,
-                                           lgreco=lg, **kw)
+                                           lgreco=lg, scope=args.scope, **kw)
             net.register_comm_hook(state, hook)
         opt = (torch.optim.Adam(net.parameters(), lr=args.lr) if args.optimizer == "adam"
                else torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9))

@@ -41,10 +41,14 @@ class PowerSGD(Compressor):
     def init_q(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
         m = as_matrix(x).shape[1]
         q = ctx.get("q")
-        if q is None or q.shape != (m, self.rank):
-            g = torch.Generator().manual_seed(self.seed + 17 * ctx.get("key", 0))
-            q = orthogonalize(torch.randn(m, self.rank, generator=g)).to(x.device, x.dtype)
-        return q
+        if q is not None and q.shape == (m, self.rank):
+            return q
+        g = torch.Generator().manual_seed(self.seed + 17 * ctx.get("key", 0))
+        fresh = torch.randn(m, self.rank, generator=g).to(x.device, x.dtype)
+        if q is not None and q.shape[0] == m:  # rank changed (L-GreCo): keep the warm directions
+            keep = min(q.shape[1], self.rank)
+            fresh[:, :keep] = q[:, :keep]
+        return orthogonalize(fresh)
 
     def nbytes_for(self, x: torch.Tensor) -> int:
         if not self.compressible(x):
