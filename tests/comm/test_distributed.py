@@ -33,14 +33,14 @@ def _entry(rank, world, port, fn, args):
         dist.destroy_process_group()
 
 
-def _ddp_params(rank, out, hook: bool):
+def _ddp_params(rank, out, hook, hook_kw=None):
     from modelpress.comm import compression_hook
     from modelpress.comm.train import tiny_lm
 
     model = tiny_lm(32, 2, seed=0)
     net = torch.nn.parallel.DistributedDataParallel(model)
     if hook:
-        state, h = compression_hook(net, "none", ef="none")
+        state, h = compression_hook(net, hook if isinstance(hook, str) else "none", ef="none", **(hook_kw or {}))
         net.register_comm_hook(state, h)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(rank)
@@ -59,6 +59,24 @@ def test_noop_hook_matches_plain_ddp_exactly(tmp_path):
     _launch(_ddp_params, str(tmp_path / "hook.pt"), True)
     a, b = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "hook.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bucket_scope_topk_at_full_ratio_is_plain_ddp(tmp_path):
+    _launch(_ddp_params, str(tmp_path / "plain.pt"), False)
+    _launch(_ddp_params, str(tmp_path / "bucket.pt"), "topk", dict(ratio=1.0, scope="bucket"))
+    a, b = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "bucket.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bucket_scope_rejects_lgreco():
+    from modelpress.comm import LGreCo, compression_hook
+    from modelpress.comm.train import tiny_lm
+    from modelpress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scope"):
+        compression_hook(tiny_lm(32, 1), "topk", scope="bucket", lgreco=LGreCo((0.01, 0.02)))
+    with pytest.raises(ConfigError, match="scope"):
+        compression_hook(tiny_lm(32, 1), "topk", scope="layer")
 
 
 def _exchange_all(rank, out):
