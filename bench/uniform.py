@@ -89,14 +89,20 @@ def render(cache: RowCache) -> None:
             r["ppl_ratio"] = r["ppl"] / dense["ppl"]
         rows.append(r)
     md = print_table(rows, COLUMNS)
+    missing = [label for label, *_ in ROWS if not cache.get(label)]
+    if not RowCache("peer_llmcompressor").get("llm-compressor gptq w4a16 g64 (peer)"):
+        missing.append("the llm-compressor peer")
     body = (
         "## Uniform compression (`bench/uniform.py`)\n\n"
         f"smollm2-135m (SmolLM2-135M-Instruct, float32 compute), calibration 128 x 512 tokens and evaluation "
         f"{rows[0].get('tokens', '?') if rows else '?'} tokens of the held-out 40% of `pydoc`. "
         "Size = weights file on disk (embeddings and norms in float16). bits/weight counts codes, scales, zeros, "
         "masks and permutations of the compressed Linear layers; bits/param divides the whole weights file by all "
-        "134.5M parameters. compress s = calibrate + compress + save on the machine below (eval excluded). "
-        f"Machine: {machine()}.\n\n" + md
+        "134.5M parameters. compress s = calibrate + compress + save on the machine below (eval excluded); the "
+        "2026-11-27 rows ran while other benchmarks shared the 2 cores, so their times are inflated (up to ~3x "
+        "for the SparseGPT row) and only the quality columns are comparable. "
+        + (f"Not run yet: {', '.join(missing)} (`python bench/uniform.py` resumes). " if missing else "")
+        + f"Machine: {machine()}.\n\n" + md
     )
     write_section("uniform", body)
 
