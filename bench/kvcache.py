@@ -126,18 +126,23 @@ def main() -> None:
         t = time.time()
         needle = needle_score(model, tok, prompts, answers, method, dict(kw, **extra))
         row = {"label": label, "method": method, "settings": {k: v for k, v in kw.items() if k != "head_bits"},
-               "ratio": fp16_ratio(r, model), "cache_mb": (r["cache_bytes"] if method != "full" else
+               "ratio": fp16_ratio(r, model) if method != "full" else 1.0, "cache_mb": (r["cache_bytes"] if method != "full" else
                                                            r["full_bytes"] * 2 / next(model.parameters()).element_size()) / 1e6,
                "ppl": r["ppl"], "kl": r["kl"],
                "tok_s": r["tokens_per_s"], "needle": needle, "needle_s": time.time() - t, "n_tokens": r["n_tokens"]}
         cache.put(key, row)
         print(row, flush=True)
 
-    # every row's KL needs the full cache's logprobs: the first run computes them
-    full = kv_evaluate(model, ids, "full", prefill=PREFILL, step=STEP, batch_size=len(ids), desc="full")
-    ref = full["logprobs"]
+    # every row's KL needs the full cache's logprobs: computed once, kept next to the row cache
+    ref_path = cache.path.with_name(f"kvcache-ref-{args.windows}.pt")
+    if ref_path.is_file() and not args.force:
+        ref = torch.load(ref_path)
+    else:
+        ref = kv_evaluate(model, ids, "full", prefill=PREFILL, step=STEP, batch_size=len(ids), desc="full")["logprobs"]
+        torch.save(ref, ref_path)
     run("full", "full cache", "full", {})
-    for target in TARGETS:
+
+    def compressed(target):
         for method in GRIDS:
             key = f"{method}|{target}x"
             if cache.get(key):
@@ -145,7 +150,16 @@ def main() -> None:
             kw = pick(twin, method, target, twin_bases, cache)
             desc = ", ".join(f"{k}={v}" for k, v in kw.items())
             run(key, f"{method} ~{target}x ({desc})", method, kw)
-    # per-head bit budgets: uniform vs measured (dp on per-head errors, evolutionary on KL)
+
+    compressed(TARGETS[0])
+    head_budgets(model, calib, run, cache)
+    for target in TARGETS[1:]:
+        compressed(target)
+    render(cache)
+
+
+def head_budgets(model, calib, run, cache) -> None:
+    """Per-head bit budgets: uniform vs measured (dp on per-head errors, evolutionary on KL)."""
     for bits in (3.0,):
         for alloc, kw in (("uniform", {}), ("dp", {}),
                           ("evolutionary", dict(generations=8, offspring=6, tokens=(512,), survivors=(1,)))):
@@ -156,7 +170,6 @@ def main() -> None:
             head_bits, info = allocate_kv_bits(model, calib[:2], bits, alloc, levels=(2, 3, 4, 8), group=32, **kw)
             print(alloc, "allocation", time.time() - t, "s", flush=True)
             run(key, f"KIVI per-head bits avg {bits:g}, {alloc}", "kivi", dict(head_bits=head_bits, group=32))
-    render(cache)
 
 
 def render(cache: RowCache) -> None:

@@ -95,7 +95,7 @@ def main() -> None:
         del model
         gc.collect()
     speed_pass(cache)
-    render(cache, db)
+    render(cache, args.generations, args.offspring)
 
 
 def speed_pass(cache: RowCache, rounds: int = 3) -> None:
@@ -112,7 +112,7 @@ def speed_pass(cache: RowCache, rounds: int = 3) -> None:
             cache.put(key, dict(cache.get(key), tok_s=best))
 
 
-def render(cache: RowCache, db=None) -> None:
+def render(cache: RowCache, generations: int, offspring: int) -> None:
     rows = [cache.get("f32")] if cache.get("f32") else []
     for preset in PRESETS:
         p, s = cache.get(f"preset|{preset}"), cache.get(f"search|{preset}")
@@ -128,7 +128,8 @@ def render(cache: RowCache, db=None) -> None:
         "## GGUF for llama.cpp (`bench/llamacpp.py`)\n\n"
         "smollm2-135m. Presets: llama.cpp's quantizer (llama-cpp-python 0.3.36, no importance matrix) from an F32 "
         "GGUF export. Searched mix: evolutionary search over GGML types per tensor (Q2_K … Q8_0, embedding "
-        "included; K-quants only where rows are multiples of 256), KL fitness on 16 calibration windows, budget = "
+        f"included; K-quants only where rows are multiples of 256), {generations} generations x {offspring} offspring, "
+        "KL fitness on 16 calibration windows, budget = "
         f"the preset's file size. Perplexity computed by llama.cpp on {n_tok} held-out `pydoc` tokens "
         "(40 windows of 512); tokens/s = llama.cpp greedy decoding of 64 tokens after a 64-token prompt, 2 threads, best of 3, all files measured back to back at the end. "
         f"Machine: {machine()}.\n\n" + md + f"\n\nTypes chosen per tensor by the search: {mixes}.\n"

@@ -214,7 +214,7 @@ def _llama(path: str | Path, n_ctx: int, threads: int | None = None):
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
-                 n_threads=threads or max(1, os.cpu_count() or 1))
+                 n_threads=threads or int(os.environ.get("MODELPRESS_LLAMA_THREADS", 0)) or max(1, os.cpu_count() or 1))
 
 
 def llama_cpp_perplexity(path: str | Path, ids: torch.Tensor) -> dict:
