@@ -56,9 +56,12 @@ def plot_curve(path: str | Path, curves: dict[str, tuple[list[float], list[float
                points: dict[str, tuple[float, float]] | None = None, logy: bool = False,
                logx: bool = False, marker: str | None = "o") -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=110)
-    for name, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker=marker, ms=3, label=name)
+    many = len(curves) + len(points or {}) > 10
+    fig, ax = plt.subplots(figsize=(9.6 if many else 6.4, 4.5 if many else 4), dpi=110)
+    colors = plt.get_cmap("tab20").colors if many else None
+    for i, (name, (xs, ys)) in enumerate(curves.items()):
+        ax.plot(xs, ys, marker=marker, ms=3, label=name, color=colors[i % 20] if colors else None,
+                linestyle="-" if i < 10 or not many else "--")
     for name, (x, y) in (points or {}).items():
         ax.scatter([x], [y], s=30, label=name, zorder=3)
     if logy:
@@ -68,7 +71,10 @@ def plot_curve(path: str | Path, curves: dict[str, tuple[list[float], list[float
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
