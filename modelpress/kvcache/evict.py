@@ -101,8 +101,19 @@ class EvictStore(RowStore):
         return 0 if self.k is None else (self.k.numel() + self.v.numel()) * self.k.element_size()
 
 
+@dataclasses.dataclass
 class EvictMethod(KVMethod):
+    """Settings every eviction method shares: tokens kept per head (optionally per layer), of which
+    the most recent `window` are always kept."""
+
+    budget: int = 256
+    window: int = 32
+    layer_budgets: list | None = None
+
     merge = False
+
+    def __post_init__(self):
+        self.check()
 
     def budget_of(self, layer: int) -> int:
         return int(self.layer_budgets[layer]) if self.layer_budgets is not None else int(self.budget)
@@ -121,15 +132,9 @@ class StreamingStore(EvictStore):
 @KV_METHODS.register("streamingllm")
 @dataclasses.dataclass
 class StreamingLLM(EvictMethod):
-    budget: int = 256
     sinks: int = 4
-    window: int = 32
-    layer_budgets: list | None = None
 
     store = StreamingStore
-
-    def __post_init__(self):
-        self.check()
 
 
 class H2OStore(EvictStore):
@@ -140,15 +145,8 @@ class H2OStore(EvictStore):
 @KV_METHODS.register("h2o")
 @dataclasses.dataclass
 class H2O(EvictMethod):
-    budget: int = 256
-    window: int = 32
-    layer_budgets: list | None = None
-
     store = H2OStore
     scores = True
-
-    def __post_init__(self):
-        self.check()
 
 
 class SnapStore(EvictStore):
@@ -163,29 +161,16 @@ class SnapStore(EvictStore):
 @KV_METHODS.register("snapkv")
 @dataclasses.dataclass
 class SnapKV(EvictMethod):
-    budget: int = 256
-    window: int = 32
     obs_window: int = 32
     kernel: int = 7
-    layer_budgets: list | None = None
 
     store = SnapStore
     scores = True
-
-    def __post_init__(self):
-        self.check()
 
 
 @KV_METHODS.register("ems")
 @dataclasses.dataclass
 class EMS(EvictMethod):
-    budget: int = 256
-    window: int = 32
-    layer_budgets: list | None = None
-
     store = H2OStore
     scores = True
     merge = True
-
-    def __post_init__(self):
-        self.check()
