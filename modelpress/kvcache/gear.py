@@ -53,12 +53,10 @@ class GEARStore(QuantStore):
         return b, a
 
     def compact(self):
-        g, w = self.method.group, self.method.window
-        n = 0 if self.rk is None else self.rk.shape[1]
-        c = max(0, (n - w) // g)
-        if not c:
+        g, take = self.method.group, self.ready()
+        if not take:
             return
-        take = c * g
+        c = take // g
         h, d = self.rk.shape[0], self.rk.shape[2]
         bits = self.head_bits(self.rk.device)
         parts = {}
@@ -83,8 +81,7 @@ class GEARStore(QuantStore):
             self.extra[name] = new if old is None else {
                 key: None if t is None else torch.cat([old[key], t], 1) for key, t in new.items()}
         self._push(("kc", "ks", "kz", "vc", "vs", "vz"), *parts["k"], *parts["v"])
-        self.qpos = self.rpos[:take] if self.qpos is None else torch.cat([self.qpos, self.rpos[:take]])
-        self.rk, self.rv, self.rpos = self.rk[:, take:], self.rv[:, take:], self.rpos[take:]
+        self.retire(take)
 
     def decode(self):
         k, v = super().decode()

@@ -40,21 +40,15 @@ def quant_values(v: torch.Tensor, bits: torch.Tensor, group: int):
     return codes.reshape(h, g, d), scale[..., 0], zero[..., 0]  # (H, G, D) (H, G, D/gv) x2
 
 
-class QuantStore(RowStore):
-    """Residual of recent tokens in full precision; older tokens quantized `group` at a time."""
+class GroupedStore(RowStore):
+    """Recent tokens kept exact in a residual (rk, rv, rpos); older ones encoded `group` tokens at a
+    time (positions qpos). Subclasses encode in compact() and decode in decode(); the residual and
+    position bookkeeping lives here."""
 
     def __init__(self, method, layer, n_heads, head_dim, dtype):
         super().__init__(method, layer, n_heads, head_dim, dtype)
         self.rk = self.rv = self.rpos = None
-        self.kc = self.ks = self.kz = None  # (H, T, D) uint8, (H, C, D) fp16 x2
-        self.vc = self.vs = self.vz = None  # (H, T, D) uint8, (H, T, D/gv) fp16 x2
-        self.qpos = None  # (T,)
-        self.bits = None
-
-    def head_bits(self, device) -> torch.Tensor:
-        if self.bits is None:
-            self.bits = torch.tensor(self.method.bits_of(self.layer)[: self.n_heads], device=device)
-        return self.bits
+        self.qpos = None  # (T,) positions of the encoded tokens
 
     def append(self, k, v, pos):
         if self.rk is None:
@@ -63,6 +57,47 @@ class QuantStore(RowStore):
             self.rk, self.rv = torch.cat([self.rk, k], 1), torch.cat([self.rv, v], 1)
             self.rpos = torch.cat([self.rpos, pos])
 
+    def ready(self) -> int:
+        """Residual tokens ready to encode: whole groups beyond the exact recent window."""
+        n = 0 if self.rk is None else self.rk.shape[1]
+        return max(0, (n - self.method.window) // self.method.group) * self.method.group
+
+    def retire(self, take: int) -> None:
+        """The first `take` residual tokens have been encoded: move their positions, drop them."""
+        self.qpos = self.rpos[:take] if self.qpos is None else torch.cat([self.qpos, self.rpos[:take]])
+        self.rk, self.rv, self.rpos = self.rk[:, take:], self.rv[:, take:], self.rpos[take:]
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def materialize(self):
+        ks, vs, ps = [], [], []
+        if self.qpos is not None:
+            k, v = self.decode()
+            ks.append(k.to(self.dtype))
+            vs.append(v.to(self.dtype))
+            ps.append(self.qpos)
+        if self.rk is not None:
+            ks.append(self.rk)
+            vs.append(self.rv)
+            ps.append(self.rpos)
+        return torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(ps).expand(self.n_heads, -1)
+
+
+class QuantStore(GroupedStore):
+    """Residual of recent tokens in full precision; older tokens quantized `group` at a time."""
+
+    def __init__(self, method, layer, n_heads, head_dim, dtype):
+        super().__init__(method, layer, n_heads, head_dim, dtype)
+        self.kc = self.ks = self.kz = None  # (H, T, D) uint8, (H, C, D) fp16 x2
+        self.vc = self.vs = self.vz = None  # (H, T, D) uint8, (H, T, D/gv) fp16 x2
+        self.bits = None
+
+    def head_bits(self, device) -> torch.Tensor:
+        if self.bits is None:
+            self.bits = torch.tensor(self.method.bits_of(self.layer)[: self.n_heads], device=device)
+        return self.bits
+
     def _push(self, name, *ts):
         cur = [getattr(self, n) for n in name]
         new = [t if c is None else torch.cat([c, t], 1) for c, t in zip(cur, ts)]
@@ -70,12 +105,10 @@ class QuantStore(RowStore):
             setattr(self, n, t)
 
     def compact(self):
-        g, w = self.method.group, self.method.window
-        n = 0 if self.rk is None else self.rk.shape[1]
-        n_chunks = max(0, (n - w) // g)
-        if not n_chunks:
+        g, take = self.method.group, self.ready()
+        if not take:
             return
-        take = n_chunks * g
+        n_chunks = take // g
         k, v = self.rk[:, :take], self.rv[:, :take]
         h, d = k.shape[0], k.shape[2]
         bits = self.head_bits(k.device)
@@ -86,8 +119,7 @@ class QuantStore(RowStore):
         kz = kz.reshape(n_chunks, h, 1, d).permute(1, 0, 2, 3).reshape(h, n_chunks, d)
         vc, vs, vz = quant_values(v, bits, self.method.group)
         self._push(("kc", "ks", "kz", "vc", "vs", "vz"), kc, ks, kz, vc, vs, vz)
-        self.qpos = self.rpos[:take] if self.qpos is None else torch.cat([self.qpos, self.rpos[:take]])
-        self.rk, self.rv, self.rpos = self.rk[:, take:], self.rv[:, take:], self.rpos[take:]
+        self.retire(take)
 
     def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         h, t, d = self.kc.shape
@@ -97,19 +129,6 @@ class QuantStore(RowStore):
         gv = min(g, d)
         v = self.vc.reshape(h, t, d // gv, gv).float() * self.vs.float()[..., None] + self.vz.float()[..., None]
         return k.reshape(h, t, d), v.reshape(h, t, d)
-
-    def materialize(self):
-        ks, vs, ps = [], [], []
-        if self.kc is not None:
-            k, v = self.decode()
-            ks.append(k.to(self.dtype))
-            vs.append(v.to(self.dtype))
-            ps.append(self.qpos)
-        if self.rk is not None:
-            ks.append(self.rk)
-            vs.append(self.rv)
-            ps.append(self.rpos)
-        return torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(ps).expand(self.n_heads, -1)
 
     def code_bytes(self) -> int:
         if self.kc is None:
@@ -130,14 +149,11 @@ class HalfStore(QuantStore):
     """16 bits: the quantized part is plain float16."""
 
     def compact(self):
-        g, w = self.method.group, self.method.window
-        n = 0 if self.rk is None else self.rk.shape[1]
-        take = max(0, (n - w) // g) * g
+        take = self.ready()
         if not take:
             return
         self._push(("kc", "vc"), self.rk[:, :take].half(), self.rv[:, :take].half())
-        self.qpos = self.rpos[:take] if self.qpos is None else torch.cat([self.qpos, self.rpos[:take]])
-        self.rk, self.rv, self.rpos = self.rk[:, take:], self.rv[:, take:], self.rpos[take:]
+        self.retire(take)
 
     def decode(self):
         return self.kc.float(), self.vc.float()

@@ -13,7 +13,8 @@ import dataclasses
 import torch
 
 from ..errors import ConfigError
-from .base import KV_METHODS, KVMethod, RowStore
+from .base import KV_METHODS, KVMethod
+from .quant import GroupedStore
 
 
 def _tokenwise(x: torch.Tensor, bits: torch.Tensor):
@@ -26,13 +27,11 @@ def _tokenwise(x: torch.Tensor, bits: torch.Tensor):
     return codes, scale, zero
 
 
-class ZipStore(RowStore):
+class ZipStore(GroupedStore):
     def __init__(self, *a):
         super().__init__(*a)
-        self.rk = self.rv = self.rpos = None
         self.att = self.cnt = None  # saliency accumulators of the residual tokens
         self.q = None  # dict of concatenated quantized tensors
-        self.qpos = None
         self.qbits = None  # (T,) bits per stored token
 
     def append(self, k, v, pos):
@@ -40,11 +39,10 @@ class ZipStore(RowStore):
         z = torch.zeros(k.shape[0], n, device=k.device)
         zc = torch.zeros(n, device=k.device)
         if self.rk is None:
-            self.rk, self.rv, self.rpos, self.att, self.cnt = k, v, pos, z, zc
+            self.att, self.cnt = z, zc
         else:
-            self.rk, self.rv = torch.cat([self.rk, k], 1), torch.cat([self.rv, v], 1)
-            self.rpos = torch.cat([self.rpos, pos])
             self.att, self.cnt = torch.cat([self.att, z], 1), torch.cat([self.cnt, zc])
+        super().append(k, v, pos)
 
     def observe(self, probs, qpos):
         if probs.shape[1] == 0 or self.rk is None:
@@ -57,12 +55,10 @@ class ZipStore(RowStore):
         self.cnt += (self.rpos[None, :] <= qpos[pick][:, None]).float().sum(0)
 
     def compact(self):
-        g, w = self.method.group, self.method.window
-        n = 0 if self.rk is None else self.rk.shape[1]
-        c = max(0, (n - w) // g)
-        if not c:
+        g, take = self.method.group, self.ready()
+        if not take:
             return
-        take = c * g
+        c = take // g
         h, d = self.rk.shape[0], self.rk.shape[2]
         sal = (self.att[:, :take] / self.cnt[:take].clamp_min(1)).sum(0).reshape(c, g)
         n_hi = int(round(self.method.salient * g))
@@ -78,26 +74,16 @@ class ZipStore(RowStore):
         new = {"kc": kc, "ks": ks, "kz": kz, "vc": vc, "vs": vs, "vz": vz, "norm": norm}
         self.q = new if self.q is None else {key: torch.cat([self.q[key], t], 1) for key, t in new.items()}
         self.qbits = bits if self.qbits is None else torch.cat([self.qbits, bits])
-        self.qpos = self.rpos[:take] if self.qpos is None else torch.cat([self.qpos, self.rpos[:take]])
-        self.rk, self.rv, self.rpos = self.rk[:, take:], self.rv[:, take:], self.rpos[take:]
+        self.retire(take)
         self.att, self.cnt = self.att[:, take:], self.cnt[take:]
 
-    def materialize(self):
-        ks, vs, ps = [], [], []
-        if self.q is not None:
-            q, g = self.q, self.method.group
-            h, t, d = q["kc"].shape
-            kn = q["kc"].float() * q["ks"].float() + q["kz"].float()
-            k = (kn.reshape(h, t // g, g, d) * q["norm"].float()).reshape(h, t, d)
-            v = q["vc"].float() * q["vs"].float() + q["vz"].float()
-            ks.append(k.to(self.dtype))
-            vs.append(v.to(self.dtype))
-            ps.append(self.qpos)
-        if self.rk is not None:
-            ks.append(self.rk)
-            vs.append(self.rv)
-            ps.append(self.rpos)
-        return torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(ps).expand(self.n_heads, -1)
+    def decode(self):
+        q, g = self.q, self.method.group
+        h, t, d = q["kc"].shape
+        kn = q["kc"].float() * q["ks"].float() + q["kz"].float()
+        k = (kn.reshape(h, t // g, g, d) * q["norm"].float()).reshape(h, t, d)
+        v = q["vc"].float() * q["vs"].float() + q["vz"].float()
+        return k, v
 
     def nbytes(self):
         n = 0
