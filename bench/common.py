@@ -57,6 +57,11 @@ def write_section(key: str, body: str) -> None:
         f.write(text)
 
 
+def not_run_note(missing: list[str], script: str) -> str:
+    """The sentence a partial table carries: which rows are still to run, and how to resume."""
+    return f"Not run yet: {', '.join(missing)} (`python bench/{script}` resumes). " if missing else ""
+
+
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     md = markdown_table(rows, columns)
     print(md)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from common import RowCache, machine, print_table, write_section
+from common import not_run_note, RowCache, machine, print_table, write_section
 
 import modelpress as mp
 from modelpress.kvcache import fit_bases, kv_evaluate, kv_generate
@@ -197,7 +197,7 @@ def render(cache: RowCache) -> None:
         "(3 prompts, greedy). tokens/s = decoded tokens per second of the chunked forwards (batch of all windows). "
         "Per-head rows: KIVI with bits per (layer, KV head) from {2,3,4,8} averaging 3, chosen uniformly, by dp "
         "on measured per-head errors, or by evolutionary search on KL (2 calibration windows of 512). "
-        + (f"Not run yet: {', '.join(missing)} (`python bench/kvcache.py` resumes). " if missing else "")
+        + not_run_note(missing, "kvcache.py")
         + f"Machine: {machine()}; tokens/s measured while other benchmarks shared the 2 cores.\n\n" + md
     )
     write_section("kvcache", body)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, RowCache, machine, print_table, write_section
+from common import not_run_note, ROOT, RowCache, machine, print_table, write_section
 
 import modelpress as mp
 from modelpress.eval import ReferenceLogprobs, evaluate
@@ -101,7 +101,7 @@ def render(cache: RowCache) -> None:
         "134.5M parameters. compress s = calibrate + compress + save on the machine below (eval excluded); the "
         "2026-11-27 rows ran while other benchmarks shared the 2 cores, so their times are inflated (up to ~3x "
         "for the SparseGPT row) and only the quality columns are comparable. "
-        + (f"Not run yet: {', '.join(missing)} (`python bench/uniform.py` resumes). " if missing else "")
+        + not_run_note(missing, "uniform.py")
         + f"Machine: {machine()}.\n\n" + md
     )
     write_section("uniform", body)
