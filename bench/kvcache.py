@@ -24,12 +24,14 @@ from modelpress.kvcache import fit_bases, kv_evaluate, kv_generate
 from modelpress.kvcache.allocate import allocate_kv_bits
 
 SEQ, PREFILL, STEP = 2048, 256, 32
-EVICT = [dict(budget=b) for b in (192, 224, 256, 448, 480, 512)]
+STORAGE = "float16"  # every cache (full included) holds its uncompressed entries in 16 bits, as deployed
+EVICT = [dict(budget=b) for b in (224, 256, 288, 480, 512, 544)]
 GRIDS = {
     "kivi": [dict(bits=b, group=g) for b, g in ((4, 64), (3, 32), (3, 64), (2, 32), (2, 64), (2, 128))],
     "gear": [dict(bits=b, group=g, rank=r, outliers=0.01) for b, g, r in
-             ((3, 64, 2), (2, 32, 2), (2, 64, 2), (2, 64, 4), (2, 128, 2), (2, 128, 1))],
-    "zipcache": [dict(hi_bits=h, lo_bits=2, salient=0.2, group=g) for h, g in ((8, 32), (4, 32), (4, 64), (4, 128), (3, 128))],
+             ((3, 64, 2), (3, 128, 2), (2, 32, 2), (2, 64, 2), (2, 128, 2), (2, 128, 1))],
+    "zipcache": [dict(hi_bits=h, lo_bits=lo, salient=0.2, group=g) for h, lo, g in
+                 ((4, 3, 64), (4, 2, 32), (4, 2, 64), (4, 2, 128), (3, 2, 128))],
     "streamingllm": EVICT, "h2o": EVICT, "snapkv": EVICT, "ems": EVICT,
     "channel": [dict(rank=r) for r in (4, 6, 8, 12, 16)],
 }
@@ -52,10 +54,9 @@ def shape_twin(model):
 
 
 def fp16_ratio(r: dict, model) -> float:
-    """Full-cache bytes counted at 2 bytes per element (what a deployed fp16/bf16 model holds; the
-    CPU run computes in float32, which would flatter every ratio by 2x) over the compressed bytes."""
-    elem = next(model.parameters()).element_size()
-    return r["full_bytes"] * 2 / elem / max(r["cache_bytes"], 1)
+    """Full-cache bytes over compressed bytes, both with uncompressed entries in float16 (STORAGE;
+    the CPU run computes in float32)."""
+    return r["full_bytes"] / max(r["cache_bytes"], 1)
 
 
 def pick(twin, method: str, target: float, twin_bases, cache: RowCache) -> dict:
@@ -66,7 +67,8 @@ def pick(twin, method: str, target: float, twin_bases, cache: RowCache) -> dict:
         key = f"bytes|{method}|{sorted(kw.items())}"
         if not cache.get(key):
             extra = dict(bases=twin_bases) if method == "channel" else {}
-            r = kv_evaluate(twin, ids, method, prefill=PREFILL, step=STEP, batch_size=1, desc="bytes", **kw, **extra)
+            r = kv_evaluate(twin, ids, method, prefill=PREFILL, step=STEP, batch_size=1, desc="bytes", storage=STORAGE,
+                            **kw, **extra)
             cache.put(key, {"ratio": fp16_ratio(r, twin)})
         ratio = cache.get(key)["ratio"]
         if best is None or abs(ratio - target) < best[0]:
@@ -91,7 +93,7 @@ def needle_prompts(tok, filler: torch.Tensor, n_ctx: int = 1536):
 def needle_score(model, tok, prompts, answers, method, settings) -> float:
     hits = 0
     for i in range(0, len(prompts), 3):
-        out, _ = kv_generate(model, prompts[i:i + 3], method, max_new_tokens=7, **settings)
+        out, _ = kv_generate(model, prompts[i:i + 3], method, max_new_tokens=7, storage=STORAGE, **settings)
         for row, ans in zip(out[:, prompts.shape[1]:], answers[i:i + 3]):
             hits += ans in tok.decode(row).replace(" ", "")
     return hits / len(answers)
@@ -120,25 +122,25 @@ def main() -> None:
         print("==", key, kw, flush=True)
         extra = dict(bases=bases) if method == "channel" else {}
         r = kv_evaluate(model, ids, method, prefill=PREFILL, step=STEP, batch_size=len(ids), reference=ref,
-                        desc=label, **kw, **extra)
+                        desc=label, storage=STORAGE, **kw, **extra)
         if method == "full":
             ref = r["logprobs"]
         t = time.time()
         needle = needle_score(model, tok, prompts, answers, method, dict(kw, **extra))
         row = {"label": label, "method": method, "settings": {k: v for k, v in kw.items() if k != "head_bits"},
-               "ratio": fp16_ratio(r, model) if method != "full" else 1.0, "cache_mb": (r["cache_bytes"] if method != "full" else
-                                                           r["full_bytes"] * 2 / next(model.parameters()).element_size()) / 1e6,
+               "ratio": fp16_ratio(r, model), "cache_mb": r["cache_bytes"] / 1e6,
                "ppl": r["ppl"], "kl": r["kl"],
                "tok_s": r["tokens_per_s"], "needle": needle, "needle_s": time.time() - t, "n_tokens": r["n_tokens"]}
         cache.put(key, row)
         print(row, flush=True)
 
     # every row's KL needs the full cache's logprobs: computed once, kept next to the row cache
-    ref_path = cache.path.with_name(f"kvcache-ref-{args.windows}.pt")
+    ref_path = cache.path.with_name(f"kvcache-ref-{STORAGE}-{args.windows}.pt")
     if ref_path.is_file() and not args.force:
         ref = torch.load(ref_path)
     else:
-        ref = kv_evaluate(model, ids, "full", prefill=PREFILL, step=STEP, batch_size=len(ids), desc="full")["logprobs"]
+        ref = kv_evaluate(model, ids, "full", prefill=PREFILL, step=STEP, batch_size=len(ids), desc="full",
+                          storage=STORAGE)["logprobs"]
         torch.save(ref, ref_path)
     run("full", "full cache", "full", {})
 
@@ -152,7 +154,7 @@ def main() -> None:
             run(key, f"{method} ~{target}x ({desc})", method, kw)
 
     compressed(TARGETS[0])
-    head_budgets(model, calib, run, cache)
+    head_budgets(model, calib, w.calib[:2], run, cache)
     for target in TARGETS[1:]:
         compressed(target)
     render(cache)
@@ -181,24 +183,26 @@ def render(cache: RowCache) -> None:
         rows.append(dict(r, ppl_ratio=r["ppl"] / full["ppl"] if full else None))
     md = print_table(rows, COLUMNS)
     expected = ["full"] + [f"{m}|{t}x" for t in TARGETS for m in GRIDS] + [
-        f"headbits|3.0|{a}" for a in ("uniform", "dp", "evolutionary")]
+        f"headbits|{b}|{a}" for b in HEAD_BITS for a, _ in HEAD_ALLOC]
     missing = [k.replace("|", " ") for k in expected if not cache.get(k)]
     body = (
         "## KV-cache compression (`bench/kvcache.py`)\n\n"
         f"smollm2-135m, {full['n_tokens'] if full else '?'} scored tokens = held-out `pydoc` windows of {SEQ} tokens, "
         f"{PREFILL}-token prompt then {STEP} tokens per forward with the cache compressed between forwards "
         "(teacher-forced; a chunk's own tokens see each other uncompressed, as a 32-token recent window would). "
-        "bytes ratio = full cache bytes counted in fp16 (the run computes in float32; counting its float32 cache "
-        "would double every ratio) / the compressed cache's exact bytes (codes, scales, factors, "
-        "indices) at the end of the window. The recent window and not-yet-full groups stay in the model dtype "
-        "(float32 here), which caps the quantized caches near 4.7x in this grid (8x rows are the grid's closest); "
-        "settings picked from a grid as the closest to 4x / 8x. needle = "
+        "Every cache, the full one included, keeps its uncompressed entries (recent window, not-yet-full groups, "
+        "kept tokens) in float16 (`storage=\"float16\"`; the CPU run computes in float32). bytes ratio = full "
+        "cache bytes / the compressed cache's exact bytes (codes, scales, factors, indices, float16 entries) at "
+        "the end of the window; settings picked from a grid as the closest to 4x / 8x (KIVI's finest 2-bit "
+        "setting stops near 7x, so its 8x row is the grid's closest). needle = "
         "exact-match rate of a 5-digit pass code planted at 10/50/90% depth of a 1.5k-token `pydoc` prompt "
         "(3 prompts, greedy). tokens/s = decoded tokens per second of the chunked forwards (batch of all windows). "
-        "Per-head rows: KIVI with bits per (layer, KV head) from {2,3,4,8} averaging 3, chosen uniformly, by dp "
-        "on measured per-head errors, or by evolutionary search on KL (2 calibration windows of 512). "
+        "Per-head rows: KIVI (group 32) with bits per (layer, KV head) from {2,3,4,8} averaging 2.5 or 3, chosen "
+        "uniformly (2.5: half the heads at 2, half at 3), by dp on measured per-head key+value errors, or by "
+        "evolutionary search on KL (2 calibration windows of 2048, decoded as in the evaluation; 10 generations "
+        "x 6 offspring, started from the better of uniform and dp). "
         + not_run_note(missing, "kvcache.py")
-        + f"Machine: {machine()}; tokens/s measured while other benchmarks shared the 2 cores.\n\n" + md
+        + f"Machine: {machine()}.\n\n" + md
     )
     write_section("kvcache", body)
 

@@ -28,8 +28,8 @@ from modelpress.export.bitstack import BitStackConfig, build_bitstack, load_bits
 from modelpress.search import SearchSettings, allocate, materialize, open_database
 
 N_EVAL = 40
-EORA = [("gptq", dict(bits=3, group_size=64)), ("rtn", dict(bits=3, group_size=64)),
-        ("gptq", dict(bits=2, group_size=64)), ("sparsegpt", dict(sparsity=0.5)), ("wanda", dict(pattern="2:4"))]
+EORA = [("gptq", dict(bits=3, group_size=64)), ("sparsegpt", dict(sparsity=0.5)), ("wanda", dict(pattern="2:4")),
+        ("rtn", dict(bits=3, group_size=64))]
 COLUMNS = [("label", "method"), ("ppl", "ppl"), ("ppl_ratio", "× dense"), ("kl", "KL to dense"),
            ("size_mb", "size MB"), ("seconds", "time s")]
 JOINT = dict(bits=(2, 3, 4), sparsity=(0.0, 0.5), ranks=(0, 16), group_size=64)

@@ -365,12 +365,12 @@ kv_app = typer.Typer(help="Compressed KV caches for generation.", no_args_is_hel
 app.add_typer(kv_app, name="kv")
 
 
-def _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits, model, tok,
-                 data, n_samples, seq_len, seed):
+def _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits, storage,
+                 model, tok, data, n_samples, seq_len, seed):
     from ..kvcache import KV_METHODS, fit_bases
 
     given = dict(bits=bits, group=group, window=window, budget=budget, sinks=sinks, rank=rank, outliers=outliers,
-                 salient=salient, hi_bits=hi_bits, lo_bits=lo_bits)
+                 salient=salient, hi_bits=hi_bits, lo_bits=lo_bits, storage=storage)
     kw = {k: v for k, v in given.items() if v is not None}
     if method == "channel":
         from ..data import get_windows
@@ -387,7 +387,9 @@ def _kv_opts():
         budget=typer.Option(None, "--budget", help="eviction: tokens kept per head"),
         sinks=typer.Option(None, "--sinks"), rank=typer.Option(None, "--rank", help="gear residual rank / channel rank"),
         outliers=typer.Option(None, "--outliers"), salient=typer.Option(None, "--salient"),
-        hi_bits=typer.Option(None, "--hi-bits"), lo_bits=typer.Option(None, "--lo-bits"))
+        hi_bits=typer.Option(None, "--hi-bits"), lo_bits=typer.Option(None, "--lo-bits"),
+        storage=typer.Option(None, "--storage", help="dtype of entries kept uncompressed (float16, bfloat16; "
+                             "default: the model's)"))
 
 
 _O = _kv_opts()
@@ -402,6 +404,7 @@ def kv_eval_cmd(
     budget: Optional[int] = _O["budget"], sinks: Optional[int] = _O["sinks"], rank: Optional[int] = _O["rank"],
     outliers: Optional[float] = _O["outliers"], salient: Optional[float] = _O["salient"],
     hi_bits: Optional[int] = _O["hi_bits"], lo_bits: Optional[int] = _O["lo_bits"],
+    storage: Optional[str] = _O["storage"],
     prefill: int = typer.Option(256, "--prefill", help="tokens processed at once (the prompt)"),
     step: int = typer.Option(1, "--step", help="tokens per decoding step (1 = exactly as in generation)"),
     data: str = DataOpt, seq_len: int = typer.Option(1024, "--seq-len"), n_eval: Optional[int] = typer.Option(4, "--n-eval"),
@@ -415,12 +418,12 @@ def kv_eval_cmd(
     from ..models import load_model
 
     m, tok = load_model(model, device=device)
-    meth = _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits, m, tok,
-                        data, n_samples, seq_len, seed)
+    meth = _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits,
+                        storage, m, tok, data, n_samples, seq_len, seed)
     ids = get_windows(tok, _data_config(data, 1, seq_len, seed, n_eval)).eval
     if prefill >= seq_len:
         raise ConfigError("--prefill must be shorter than --seq-len")
-    full = kv_evaluate(m, ids, "full", prefill=prefill, step=step, desc="full cache")
+    full = kv_evaluate(m, ids, "full", prefill=prefill, step=step, desc="full cache", storage=storage)
     r = kv_evaluate(m, ids, meth, prefill=prefill, step=step, reference=full["logprobs"], desc=method)
     rows = [{"label": "full cache", "ppl": full["ppl"], "mb": full["cache_bytes"] / 1e6, "ratio": 1.0,
              "tps": full["tokens_per_s"]},
@@ -441,6 +444,7 @@ def kv_generate_cmd(
     budget: Optional[int] = _O["budget"], sinks: Optional[int] = _O["sinks"], rank: Optional[int] = _O["rank"],
     outliers: Optional[float] = _O["outliers"], salient: Optional[float] = _O["salient"],
     hi_bits: Optional[int] = _O["hi_bits"], lo_bits: Optional[int] = _O["lo_bits"],
+    storage: Optional[str] = _O["storage"],
     data: str = DataOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
 ):
     """Greedy generation with a compressed cache, for a quick look."""
@@ -449,8 +453,8 @@ def kv_generate_cmd(
     from ..models import load_model
 
     m, tok = load_model(model, device=device)
-    meth = _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits, m, tok,
-                        data, 8, 512, seed)
+    meth = _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits,
+                        storage, m, tok, data, 8, 512, seed)
     enc = tok(prompt, return_tensors="pt")
     out, cache = kv_generate(m, enc["input_ids"].to(m.device), meth, attention_mask=enc["attention_mask"].to(m.device),
                              max_new_tokens=max_new)

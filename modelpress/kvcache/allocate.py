@@ -77,13 +77,13 @@ class KVFitness:
     tokens at once, the rest `step` tokens at a time with the cache built incrementally."""
 
     def __init__(self, model, problem: Problem, ids: torch.Tensor, *, prefill: int | None = None, step: int = 32,
-                 group: int = 32, window: int = 32):
+                 group: int = 32, window: int = 32, storage: str | None = None):
         self.model, self.problem, self.ids = model, problem, ids
         prefill = ids.shape[1] // 4 if prefill is None else prefill
         if not 0 < prefill < ids.shape[1]:
             raise BudgetError(f"prefill {prefill} leaves nothing to decode in windows of {ids.shape[1]} tokens")
-        self.prefill, self.step, self.group, self.window = prefill, step, group, window
-        self.ref = {i: self._logprobs("full", {}, ids[i:i + 1]) for i in range(len(ids))}
+        self.prefill, self.step, self.group, self.window, self.storage = prefill, step, group, window, storage
+        self.ref = {i: self._logprobs("full", dict(storage=storage), ids[i:i + 1]) for i in range(len(ids))}
 
     @torch.no_grad()
     def _logprobs(self, method, settings, batch) -> torch.Tensor:
@@ -103,7 +103,8 @@ class KVFitness:
         return tuple(sorted(int(i) for i in rng.choice(len(self.ids), size=n, replace=False)))
 
     def __call__(self, choice, sample, parent=None) -> float:
-        method = KIVI(group=self.group, window=self.window, head_bits=head_bits_of(self.problem, choice))
+        method = KIVI(group=self.group, window=self.window, head_bits=head_bits_of(self.problem, choice),
+                      storage=self.storage)
         tot, n = 0.0, 0
         for i in sample:
             lp = self._logprobs(method, {}, self.ids[i:i + 1])
@@ -115,12 +116,12 @@ class KVFitness:
 
 def allocate_kv_bits(model, ids: torch.Tensor, target_bits: float, allocator: str = "evolutionary", *,
                      levels=(2, 3, 4, 8), group: int = 32, window: int = 32, fitness_ids: torch.Tensor | None = None,
-                     **allocator_settings) -> tuple[list[list[int]], dict]:
+                     storage: str | None = None, **allocator_settings) -> tuple[list[list[int]], dict]:
     """Bits per (layer, KV head) averaging `target_bits`; returns (head_bits, info)."""
     problem = kv_problem(model, ids, target_bits, levels, group)
     alloc = ALLOCATORS.build(allocator, **allocator_settings)
     fitness = KVFitness(model, problem, fitness_ids if fitness_ids is not None else ids, group=group,
-                        window=window) if alloc.needs_fitness else None
+                        window=window, storage=storage) if alloc.needs_fitness else None
     choice = alloc.allocate(problem, fitness)
     return head_bits_of(problem, choice), {"cost": problem.cost(choice), "budget": problem.budget,
                                            "history": list(getattr(alloc, "history", []))}

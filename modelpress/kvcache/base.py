@@ -35,8 +35,17 @@ class RowStore:
         self.layer = layer
         self.n_heads = n_heads
         self.head_dim = head_dim
-        self.dtype = dtype
+        self.dtype = dtype  # what attention computes in
+        self.store_dtype = method.storage_dtype(dtype)  # what uncompressed entries are kept in
         self.seen = 0  # tokens appended so far
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        """An uncompressed tensor as the cache holds it."""
+        return x.to(self.store_dtype)
+
+    def give(self, x: torch.Tensor) -> torch.Tensor:
+        """A held tensor as attention consumes it."""
+        return x.to(self.dtype)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         raise NotImplementedError
@@ -57,12 +66,27 @@ class RowStore:
         raise NotImplementedError
 
 
+@dataclasses.dataclass
 class KVMethod:
-    """A registered dataclass: the settings of one cache method and its RowStore."""
+    """A registered dataclass: the settings of one cache method and its RowStore.
+
+    `storage` is the dtype of the entries a method keeps uncompressed (recent windows, kept tokens,
+    projections): None = the model's dtype (exact); "float16" / "bfloat16" hold a float32 model's
+    cache at half width, as a 16-bit deployment would."""
+
+    storage: str | None = None
 
     registered_name: ClassVar[str]
     store: ClassVar[type[RowStore]]
     scores: ClassVar[bool] = False  # needs attention probabilities
+
+    def storage_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if self.storage is None:
+            return dtype
+        dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(self.storage)
+        if dt is None:
+            raise ConfigError(f"storage must be float16, bfloat16 or float32, got {self.storage!r}")
+        return dt
 
     def label(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
@@ -152,6 +176,7 @@ class KVCache(Cache):
     """A compressed KV cache. Use it inside `use_kv_cache(model, cache)` (or via `kv_session`)."""
 
     def __init__(self, method: KVMethod, n_layers: int):
+        method.storage_dtype(torch.float32)  # a bad `storage` fails here, not mid-generation
         self.method = method
         super().__init__(layers=[KVLayer(self, i) for i in range(n_layers)])
         self.pad_mask: torch.Tensor | None = None  # (B, tokens so far) True = real token
@@ -166,11 +191,11 @@ class KVCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
     def full_nbytes(self) -> int:
-        """Bytes an uncompressed cache of the same tokens would hold (model dtype)."""
+        """Bytes an uncompressed cache of the same tokens would hold (in the storage dtype)."""
         total = 0
         for layer in self.layers:
             for r in layer.rows:
-                total += 2 * r.n_heads * r.head_dim * r.tokens * torch.empty(0, dtype=r.dtype).element_size()
+                total += 2 * r.n_heads * r.head_dim * r.tokens * torch.empty(0, dtype=r.store_dtype).element_size()
         return total
 
     def tokens(self) -> int:

@@ -53,7 +53,7 @@ class ChannelStore(RowStore):
         out = []
         for name, x, ranks in (("k", k, rk), ("v", v, rv)):
             mean, vec = self._proj(name)
-            proj = [((x[h] - mean[h]) @ vec[h][:, : ranks[h]]) for h in range(x.shape[0])]
+            proj = [self.keep((x[h] - mean[h]) @ vec[h][:, : ranks[h]]) for h in range(x.shape[0])]
             out.append(proj)
         if self.kp is None:
             self.kp, self.vp, self.pos = out[0], out[1], pos
@@ -67,7 +67,8 @@ class ChannelStore(RowStore):
         res = []
         for name, parts, ranks in (("k", self.kp, rk), ("v", self.vp, rv)):
             mean, vec = self._proj(name)
-            res.append(torch.stack([mean[h] + parts[h] @ vec[h][:, : ranks[h]].t() for h in range(len(parts))]))
+            res.append(torch.stack([mean[h] + self.give(parts[h]) @ vec[h][:, : ranks[h]].t()
+                                    for h in range(len(parts))]))
         return res[0], res[1], self.pos.expand(len(self.kp), -1)
 
     def nbytes(self):

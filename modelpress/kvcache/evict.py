@@ -28,6 +28,7 @@ class EvictStore(RowStore):
         self.count = 0
 
     def append(self, k, v, pos):
+        k, v = self.keep(k), self.keep(v)
         h, n = k.shape[0], k.shape[1]
         p = pos.expand(h, -1)
         o = torch.arange(self.count, self.count + n, device=k.device).expand(h, -1)
@@ -43,7 +44,7 @@ class EvictStore(RowStore):
             self.order = torch.cat([self.order, o], 1)
 
     def materialize(self):
-        return self.k, self.v, self.pos
+        return self.give(self.k), self.give(self.v), self.pos
 
     def budget(self) -> int:
         return self.method.budget_of(self.layer)

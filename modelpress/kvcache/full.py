@@ -14,12 +14,12 @@ class FullStore(RowStore):
         self.k, self.v, self.pos = Buffer(1), Buffer(1), Buffer(0)
 
     def append(self, k, v, pos):
-        self.k.append(k)
-        self.v.append(v)
+        self.k.append(self.keep(k))
+        self.v.append(self.keep(v))
         self.pos.append(pos)
 
     def materialize(self):
-        return self.k.view(), self.v.view(), self.pos.view().expand(self.n_heads, -1)
+        return self.give(self.k.view()), self.give(self.v.view()), self.pos.view().expand(self.n_heads, -1)
 
     def nbytes(self):
         return 0 if self.k.data is None else 2 * self.k.view().numel() * self.k.data.element_size()

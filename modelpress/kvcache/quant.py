@@ -51,6 +51,7 @@ class GroupedStore(RowStore):
         self.qpos = None  # (T,) positions of the encoded tokens
 
     def append(self, k, v, pos):
+        k, v = self.keep(k), self.keep(v)
         if self.rk is None:
             self.rk, self.rv, self.rpos = k, v, pos
         else:
@@ -78,8 +79,8 @@ class GroupedStore(RowStore):
             vs.append(v.to(self.dtype))
             ps.append(self.qpos)
         if self.rk is not None:
-            ks.append(self.rk)
-            vs.append(self.rv)
+            ks.append(self.give(self.rk))
+            vs.append(self.give(self.rv))
             ps.append(self.rpos)
         return torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(ps).expand(self.n_heads, -1)
 

@@ -76,3 +76,17 @@ def test_corrupt_checkpoint_cli(model_dir, tmp_path):
     w.write_bytes(w.read_bytes()[:-10])
     r = runner.invoke(app, ["eval", str(out), "--data", str(model_dir / "text.txt"), "--seq-len", "64"])
     assert r.exit_code == 2 and "corrupt" in r.output and "Traceback" not in r.output
+
+
+def test_kv_eval_and_generate(model_dir):
+    args = ["--data", str(model_dir / "text.txt"), "--seq-len", "96", "--n-eval", "2", "--prefill", "32", "--step", "8"]
+    r = runner.invoke(app, ["kv", "eval", str(model_dir / "tiny"), "--method", "kivi", "--bits", "2", "--group", "8",
+                            "--window", "8", "--storage", "float16", *args])
+    assert r.exit_code == 0, r.output
+    assert "full cache" in r.output and "storage=float16" in r.output
+    r = runner.invoke(app, ["kv", "eval", str(model_dir / "tiny"), "--method", "kivi", "--storage", "int3", *args])
+    assert r.exit_code == 2 and "storage must be" in r.output
+    r = runner.invoke(app, ["kv", "generate", str(model_dir / "tiny"), "--method", "snapkv", "--budget", "16",
+                            "--window", "4", "--prompt", "The quick brown fox", "--max-new", "5"])
+    assert r.exit_code == 0, r.output
+    assert "cache" in r.output

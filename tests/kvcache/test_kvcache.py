@@ -87,11 +87,36 @@ def test_bytes_match_the_formulas(model, bases):
     k = math.ceil(rho * G * D)
     gear = kivi + L * 2 * H * (q // G) * (4 * k + 2 * r * (G + D))
     assert _run(model, "gear", dict(bits=b, group=G, window=W, rank=r, outliers=rho)).nbytes() == gear
+    # ZipCache: per token its own bit-width (round(salient * G) high-precision tokens per chunk),
+    # per-token scale/zero for keys and values, per-channel mean/range per chunk, 1 bit per token
+    hi, lo, s = 4, 2, 0.25
+    n_hi = round(s * G) * (q // G)
+    codes = 2 * H * (n_hi * D * hi // 8 + (q - n_hi) * D * lo // 8)
+    zc = codes + 2 * 4 * H * q + 2 * 2 * H * (q // G) * D + (q + 7) // 8 + 2 * H * (T - q) * D * e
+    assert _run(model, "zipcache", dict(hi_bits=hi, lo_bits=lo, salient=s, group=G, window=W)).nbytes() == L * zc
     # eviction: exactly `budget` tokens per head
     for name in ("streamingllm", "h2o", "snapkv", "ems"):
         assert _run(model, name, dict(budget=16, window=4)).nbytes() == L * 2 * H * 16 * D * e
     # channel shrinking: `rank` dimensions per head for keys and values
     assert _run(model, "channel", dict(rank=6, bases=bases)).nbytes() == L * 2 * H * T * 6 * e
+
+
+def test_float16_storage_halves_the_kept_entries(model):
+    full = _run(model, "full", {})
+    half = _run(model, "full", dict(storage="float16"))
+    assert half.nbytes() * 2 == full.nbytes()
+    ev = _run(model, "streamingllm", dict(budget=16, window=4, storage="float16"))
+    assert ev.nbytes() == 2 * 2 * 2 * 16 * 16 * 2  # layers x (K, V) x heads x budget x head dim x 2 bytes
+    ids = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        cache = make_cache(model, "full", storage="float16")
+        with use_kv_cache(model, cache):
+            model(ids[:, :20], use_cache=True, **{cache_kwarg(model): cache})
+            got = model(ids[:, 20:], use_cache=True, **{cache_kwarg(model): cache}).logits
+    assert torch.allclose(got, ref[:, 20:], atol=1e-2) and not torch.equal(got, ref[:, 20:])
+    with pytest.raises(ConfigError):
+        make_cache(model, "kivi", storage="int8")
 
 
 @pytest.mark.parametrize("name,kw", LOSSY)
