@@ -23,6 +23,18 @@ class OneBitAdam(torch.optim.Optimizer):
         self.bytes_sent = 0
         self.sign = Sign()
 
+    def state_dict(self) -> dict:
+        d = super().state_dict()
+        d["onebit"] = {"steps": self.steps, "bytes_sent": self.bytes_sent}  # resuming must not redo the warm-up
+        return d
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("onebit", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.steps, self.bytes_sent = int(extra["steps"]), int(extra["bytes_sent"])
+
     def _world(self) -> int:
         return dist.get_world_size(self.pg) if dist.is_available() and dist.is_initialized() else 1
 

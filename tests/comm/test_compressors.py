@@ -109,3 +109,34 @@ def test_econtrol_error_identity_and_eta_zero_is_ef21():
     _, _, h0, _ = _run_ef("econtrol", eta=0.0)
     _, _, h21, _ = _run_ef("ef21")
     assert torch.allclose(h0, h21, atol=1e-6)
+
+
+def test_onebit_adam_resumes_after_its_warmup():
+    from modelpress.comm import OneBitAdam
+
+    def make():
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(8, 4)
+        return lin, OneBitAdam(lin.parameters(), lr=1e-2, warmup=3)
+
+    def step(lin, opt, i):
+        g = torch.Generator().manual_seed(i)
+        loss = lin(torch.randn(16, 8, generator=g)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    a, oa = make()
+    for i in range(5):
+        step(a, oa, i)
+    import copy
+
+    saved_model, saved_opt = copy.deepcopy(a.state_dict()), copy.deepcopy(oa.state_dict())
+    step(a, oa, 5)
+    b, ob = make()
+    b.load_state_dict(saved_model)
+    ob.load_state_dict(saved_opt)
+    assert ob.steps == 5 and 0 < ob.bytes_sent < oa.bytes_sent
+    step(b, ob, 5)  # compressed phase, as in the uninterrupted run
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert ob.bytes_sent == oa.bytes_sent
