@@ -43,14 +43,16 @@ COLUMNS = [("budget", "budget"), ("allocator", "allocator"), ("ppl", "ppl"), ("p
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=None)
-    ap.add_argument("--generations", type=int, default=30)
-    ap.add_argument("--offspring", type=int, default=16)
+    ap.add_argument("--generations", type=int, default=20)
+    ap.add_argument("--offspring", type=int, default=12)
+    ap.add_argument("--tokens", default="512,1536", help="fitness tokens per selection stage")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
     cache = RowCache("search", force=args.force)
     model, tok = mp.load_model("smollm2-135m", device="cpu")
     windows = mp.get_windows(tok, mp.DataConfig(n_samples=128, seq_len=512, n_eval=N_EVAL))
-    evo = dict(generations=args.generations, offspring=args.offspring, tokens=(512, 2048), survivors=(2, 1))
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    evo = dict(generations=args.generations, offspring=args.offspring, tokens=tokens, survivors=(2, 1))
     ref = None
     todo = [s for s in SECTIONS if not args.only or args.only == s]
     for sec in todo:
@@ -84,6 +86,7 @@ def main() -> None:
                 row = {"section": sec, "budget": b.label(), "allocator": a, "ppl": r.ppl, "kl": r.kl,
                        "size_mb": size, "search_s": res.seconds.get("search"), "reference_s": res.seconds.get("reference"),
                        "generations": len(res.history) or None, "fitness": res.fitness_stats,
+                       "evo": evo if a == "evolutionary" else None,
                        "cost": res.plan.info["cost"], "budget_cost": res.plan.info["budget_cost"],
                        "levels": res.plan.levels}
                 cache.put(key, row)
@@ -129,8 +132,8 @@ def render(cache: RowCache) -> None:
              "group 64, asymmetric, act-order, each level's database built sequentially. Sparsity levels: SparseGPT "
              "in equal absolute steps. Depth: 60 sub-blocks (30 attention + 30 MLP). `uniform` at a non-integer "
              "bit target mixes the two neighbouring levels evenly. Evolutionary: fitness = KL to dense on "
-             "calibration tokens (top-512 + tail), 16 offspring, survivors 2/1 on 512/2048 tokens, initialised "
-             "from the better of uniform and dp. "
+             "calibration tokens (top-512 + tail), 20 generations x 12 offspring, survivors 2/1 on 512/1536 tokens, "
+             "initialised from the better of uniform and dp (a short run: the CPU budget of this machine). "
              f"Dense perplexity: {dense.get('ppl', float('nan')):.3f}. Machine: {machine()}.\n"]
     for sec in SECTIONS:
         rows = [dict(r, ppl_ratio=r["ppl"] / dense["ppl"]) for k, r in cache.rows.items()
