@@ -4,6 +4,10 @@ For every layer and candidate level (Top-K ratio, QSGD bits, PowerSGD rank), the
 ‖x − C(x)‖² is measured on the tensor error feedback is about to compress; the tables are summed
 over workers (so all pick the same levels). Dynamic programming then minimises the total bytes
 subject to total error ≤ the error of the uniform (default) level.
+
+`relative=True` measures each layer's error relative to its own norm, ‖x − C(x)‖² / ‖x‖², instead
+of in absolute terms: with adaptive optimizers (Adam) a layer's update does not scale with its
+gradient's size, so an absolutely small error can still move that layer a lot.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ class LGreCo:
     levels: tuple  # candidate values of the compressor's level field
     every: int = 50
     bins: int = 2000  # resolution of the error budget in the dynamic program
+    relative: bool = False  # per-layer errors divided by the layer's squared norm
 
     def __post_init__(self):
         self.levels = tuple(self.levels)
@@ -44,6 +49,8 @@ class LGreCo:
                     payload = c.compress(x, {"key": i, "step": 0})
                     err[i, j] = float(((x - c.decompress(payload, x, {"key": i, "step": 0})) ** 2).sum())
                     size[i, j] = c.nbytes(payload)
+            if self.relative:
+                err[i] /= max(float((x.float() ** 2).sum()), 1e-30)
         return names, err, size
 
     def solve(self, err: np.ndarray, size: np.ndarray, base: int) -> list[int]:

@@ -51,6 +51,7 @@ def parse(argv=None):
     ap.add_argument("--eta", type=float, default=0.03, help="econtrol strength (of the order of the compressor's k/d)")
     ap.add_argument("--lgreco", default=None, help="comma-separated levels for L-GreCo, e.g. 0.005,0.01,0.02,0.05")
     ap.add_argument("--lgreco-every", type=int, default=50)
+    ap.add_argument("--lgreco-relative", action="store_true", help="L-GreCo: per-layer errors relative to the layer's norm")
     ap.add_argument("--optimizer", default="adam", help="adam, sgd, onebit-adam")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=30, help="1-bit Adam full-precision steps")
@@ -101,7 +102,8 @@ def main(argv=None) -> dict:
             lg = None
             if args.lgreco:
                 cast = int if args.compressor in ("qsgd", "powersgd") else float
-                lg = LGreCo(tuple(cast(x) for x in args.lgreco.split(",")), every=args.lgreco_every)
+                lg = LGreCo(tuple(cast(x) for x in args.lgreco.split(",")), every=args.lgreco_every,
+                            relative=args.lgreco_relative)
             state, hook = compression_hook(net, args.compressor, ef=args.ef, eta=args.eta if args.ef == "econtrol" else None,
                                            lgreco=lg, scope=args.scope, **kw)
             net.register_comm_hook(state, hook)

@@ -140,3 +140,35 @@ def test_onebit_adam_resumes_after_its_warmup():
     step(b, ob, 5)  # compressed phase, as in the uninterrupted run
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert ob.bytes_sent == oa.bytes_sent
+
+
+def test_lgreco_dp_is_optimal_and_keeps_the_error_bound():
+    import itertools
+
+    import numpy as np
+
+    from modelpress.comm import LGreCo
+
+    rng = np.random.default_rng(0)
+    lg = LGreCo((0.005, 0.01, 0.02, 0.05), bins=4000)
+    for _ in range(20):
+        size = np.sort(rng.uniform(1, 100, (4, 4)), axis=1)
+        err = np.sort(rng.uniform(0.1, 10, (4, 4)), axis=1)[:, ::-1].copy()  # more bytes, less error
+        choice = lg.solve(err, size, base=1)
+        bound = err[:, 1].sum()
+        assert sum(err[i, j] for i, j in enumerate(choice)) <= bound + 1e-9
+        best = min(sum(size[i, j] for i, j in enumerate(c)) for c in itertools.product(range(4), repeat=4)
+                   if sum(err[i, j] for i, j in enumerate(c)) <= bound)
+        got = sum(size[i, j] for i, j in enumerate(choice))
+        assert got <= best * 1.02  # the error grid rounds up, so at worst slightly conservative
+
+
+def test_lgreco_relative_errors_ignore_the_layer_scale():
+    from modelpress.comm import LGreCo
+
+    c = COMPRESSORS.build("topk", ratio=0.1)
+    xs = {"big": x(400, 1) * 100, "small": x(400, 1)}
+    _, absolute, _ = LGreCo((0.05, 0.1)).table(c, xs)
+    _, rel, _ = LGreCo((0.05, 0.1), relative=True).table(c, xs)
+    assert absolute[0, 0] > 1000 * absolute[1, 0]
+    assert abs(rel[0, 0] - rel[1, 0]) < 1e-6 * rel[1, 0] and 0 < rel[1, 0] < 1
