@@ -36,6 +36,9 @@ GRIDS = {
     "channel": [dict(rank=r) for r in (4, 6, 8, 12, 16)],
 }
 TARGETS = (4, 8)
+# keys are the sensitive half of the cache: 4-bit keys with 2-bit values cost what 3-bit both do
+EXTRA = [("kivi-k4v2|4x", "kivi ~4x, keys 4 / values 2 bits (bits=4, value_bits=2, group=64)",
+          dict(bits=4, value_bits=2, group=64))]
 COLUMNS = [("label", "cache"), ("ratio", "bytes ratio"), ("cache_mb", "cache MB"), ("ppl", "ppl"),
            ("ppl_ratio", "× full"), ("kl", "KL to full"), ("needle", "needle exact"), ("tok_s", "tokens/s")]
 
@@ -154,6 +157,8 @@ def main() -> None:
             run(key, f"{method} ~{target}x ({desc})", method, kw)
 
     compressed(TARGETS[0])
+    for key, label, kw in EXTRA:
+        run(key, label, "kivi", kw)
     head_budgets(model, calib, w.calib[:1], run, cache)
     for target in TARGETS[1:]:
         compressed(target)
@@ -192,7 +197,7 @@ def render(cache: RowCache) -> None:
             continue
         rows.append(dict(r, ppl_ratio=r["ppl"] / full["ppl"] if full else None))
     md = print_table(rows, COLUMNS)
-    expected = ["full"] + [f"{m}|{t}x" for t in TARGETS for m in GRIDS] + [
+    expected = ["full"] + [f"{m}|{t}x" for t in TARGETS for m in GRIDS] + [k for k, _, _ in EXTRA] + [
         f"headbits|{b}|{a}" for b in HEAD_BITS for a, _ in HEAD_ALLOC if a != "evolutionary" or b in EVO_BITS]
     missing = [k.replace("|", " ") for k in expected if not cache.get(k)]
     body = (

@@ -366,11 +366,11 @@ app.add_typer(kv_app, name="kv")
 
 
 def _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits, storage,
-                 model, tok, data, n_samples, seq_len, seed):
+                 value_bits, model, tok, data, n_samples, seq_len, seed):
     from ..kvcache import KV_METHODS, fit_bases
 
     given = dict(bits=bits, group=group, window=window, budget=budget, sinks=sinks, rank=rank, outliers=outliers,
-                 salient=salient, hi_bits=hi_bits, lo_bits=lo_bits, storage=storage)
+                 salient=salient, hi_bits=hi_bits, lo_bits=lo_bits, storage=storage, value_bits=value_bits)
     kw = {k: v for k, v in given.items() if v is not None}
     if method == "channel":
         from ..data import get_windows
@@ -388,6 +388,7 @@ def _kv_opts():
         sinks=typer.Option(None, "--sinks"), rank=typer.Option(None, "--rank", help="gear residual rank / channel rank"),
         outliers=typer.Option(None, "--outliers"), salient=typer.Option(None, "--salient"),
         hi_bits=typer.Option(None, "--hi-bits"), lo_bits=typer.Option(None, "--lo-bits"),
+        value_bits=typer.Option(None, "--value-bits", help="kivi/gear: values at their own bit-width"),
         storage=typer.Option(None, "--storage", help="dtype of entries kept uncompressed (float16, bfloat16; "
                              "default: the model's)"))
 
@@ -404,7 +405,7 @@ def kv_eval_cmd(
     budget: Optional[int] = _O["budget"], sinks: Optional[int] = _O["sinks"], rank: Optional[int] = _O["rank"],
     outliers: Optional[float] = _O["outliers"], salient: Optional[float] = _O["salient"],
     hi_bits: Optional[int] = _O["hi_bits"], lo_bits: Optional[int] = _O["lo_bits"],
-    storage: Optional[str] = _O["storage"],
+    storage: Optional[str] = _O["storage"], value_bits: Optional[int] = _O["value_bits"],
     prefill: int = typer.Option(256, "--prefill", help="tokens processed at once (the prompt)"),
     step: int = typer.Option(1, "--step", help="tokens per decoding step (1 = exactly as in generation)"),
     data: str = DataOpt, seq_len: int = typer.Option(1024, "--seq-len"), n_eval: Optional[int] = typer.Option(4, "--n-eval"),
@@ -419,7 +420,7 @@ def kv_eval_cmd(
 
     m, tok = load_model(model, device=device)
     meth = _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits,
-                        storage, m, tok, data, n_samples, seq_len, seed)
+                        storage, value_bits, m, tok, data, n_samples, seq_len, seed)
     ids = get_windows(tok, _data_config(data, 1, seq_len, seed, n_eval)).eval
     if prefill >= seq_len:
         raise ConfigError("--prefill must be shorter than --seq-len")
@@ -444,7 +445,7 @@ def kv_generate_cmd(
     budget: Optional[int] = _O["budget"], sinks: Optional[int] = _O["sinks"], rank: Optional[int] = _O["rank"],
     outliers: Optional[float] = _O["outliers"], salient: Optional[float] = _O["salient"],
     hi_bits: Optional[int] = _O["hi_bits"], lo_bits: Optional[int] = _O["lo_bits"],
-    storage: Optional[str] = _O["storage"],
+    storage: Optional[str] = _O["storage"], value_bits: Optional[int] = _O["value_bits"],
     data: str = DataOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
 ):
     """Greedy generation with a compressed cache, for a quick look."""
@@ -454,7 +455,7 @@ def kv_generate_cmd(
 
     m, tok = load_model(model, device=device)
     meth = _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits,
-                        storage, m, tok, data, 8, 512, seed)
+                        storage, value_bits, m, tok, data, 8, 512, seed)
     enc = tok(prompt, return_tensors="pt")
     out, cache = kv_generate(m, enc["input_ids"].to(m.device), meth, attention_mask=enc["attention_mask"].to(m.device),
                              max_new_tokens=max_new)

@@ -70,7 +70,7 @@ class GEARStore(QuantStore):
                 deq = codes.float() * scale.float() + zero.float()
                 parts["k"] = (codes.reshape(h, take, d), scale.reshape(h, c, d), zero.reshape(h, c, d))
             else:
-                codes, scale, zero = quant_values(xs.reshape(h, take, d), bits, g)
+                codes, scale, zero = quant_values(xs.reshape(h, take, d), self.value_bits(xs.device), g)
                 gv = min(g, d)
                 deq = (codes.reshape(h, take, d // gv, gv).float() * scale.float()[..., None]
                        + zero.float()[..., None]).reshape(h, c, g, d)
@@ -119,11 +119,12 @@ class GEAR(KVMethod):
     window: int = 32
     rank: int = 2  # rank of the residual approximation per head and chunk
     outliers: float = 0.01  # fraction of entries kept exactly
+    value_bits: int | None = None  # values at their own bit-width (default: `bits`)
 
     store = GEARStore
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4, 8):
-            raise ConfigError("GEAR bits must be 2, 3, 4 or 8")
+        if self.bits not in (2, 3, 4, 8) or self.value_bits not in (None, 2, 3, 4, 8):
+            raise ConfigError("GEAR bits (and value_bits) must be 2, 3, 4 or 8")
         if not 0 <= self.outliers < 0.5 or self.rank < 0:
             raise ConfigError("GEAR needs 0 <= outliers < 0.5 and rank >= 0")

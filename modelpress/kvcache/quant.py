@@ -99,6 +99,11 @@ class QuantStore(GroupedStore):
             self.bits = torch.tensor(self.method.bits_of(self.layer)[: self.n_heads], device=device)
         return self.bits
 
+    def value_bits(self, device) -> torch.Tensor:
+        """Bits of the values: the method's `value_bits` if set, else the keys' bits."""
+        vb = getattr(self.method, "value_bits", None)
+        return self.head_bits(device) if vb is None else torch.full((self.n_heads,), vb, device=device)
+
     def _push(self, name, *ts):
         cur = [getattr(self, n) for n in name]
         new = [t if c is None else torch.cat([c, t], 1) for c, t in zip(cur, ts)]
@@ -118,7 +123,7 @@ class QuantStore(GroupedStore):
         kc = kc.reshape(n_chunks, h, g, d).permute(1, 0, 2, 3).reshape(h, take, d)
         ks = ks.reshape(n_chunks, h, 1, d).permute(1, 0, 2, 3).reshape(h, n_chunks, d)
         kz = kz.reshape(n_chunks, h, 1, d).permute(1, 0, 2, 3).reshape(h, n_chunks, d)
-        vc, vs, vz = quant_values(v, bits, self.method.group)
+        vc, vs, vz = quant_values(v, self.value_bits(v.device), self.method.group)
         self._push(("kc", "ks", "kz", "vc", "vs", "vz"), kc, ks, kz, vc, vs, vz)
         self.retire(take)
 
@@ -135,7 +140,9 @@ class QuantStore(GroupedStore):
         if self.kc is None:
             return 0
         t, d = self.kc.shape[1], self.kc.shape[2]
-        return sum(2 * (-(-t * d * int(b) // 8)) for b in self.bits.tolist())  # keys + values, packed
+        vbits = self.value_bits(self.kc.device).tolist()
+        return sum(-(-t * d * int(kb) // 8) + -(-t * d * int(vb) // 8)  # keys + values, packed
+                   for kb, vb in zip(self.bits.tolist(), vbits))
 
     def nbytes(self):
         n = self.code_bytes()
@@ -184,6 +191,7 @@ class KIVI(KVMethod):
     group: int = 32
     window: int = 32
     head_bits: list | None = None  # [layer][kv head] bit-widths (overrides `bits`)
+    value_bits: int | None = None  # values at their own bit-width (keys are the more sensitive half)
 
     store = KIVIStore
 
@@ -191,6 +199,10 @@ class KIVI(KVMethod):
         for b in [self.bits] + [x for row in (self.head_bits or []) for x in row]:
             if b not in (2, 3, 4, 8, 16):
                 raise ConfigError(f"KV bits must be 2, 3, 4, 8 or 16, got {b}")
+        if self.value_bits is not None and self.value_bits not in (2, 3, 4, 8):
+            raise ConfigError(f"KV value bits must be 2, 3, 4 or 8, got {self.value_bits}")
+        if self.value_bits is not None and 16 in [self.bits] + [x for row in (self.head_bits or []) for x in row]:
+            raise ConfigError("value_bits needs quantized keys (bits 2, 3, 4 or 8)")
         if self.group < 1 or self.window < 0:
             raise ConfigError("group >= 1 and window >= 0")
 

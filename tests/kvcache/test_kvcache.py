@@ -82,6 +82,9 @@ def test_bytes_match_the_formulas(model, bases):
     kivi = L * (2 * H * (q * D * b // 8) + 2 * 2 * H * (q // G) * D + 2 * 2 * H * q * (D // G)
                 + 2 * H * (T - q) * D * e)
     assert _run(model, "kivi", dict(bits=b, group=G, window=W)).nbytes() == kivi
+    # keys at 4 bits, values at 2: codes shrink by the value half's 2 bits, scales are unchanged
+    k4v2 = kivi - L * H * (q * D * 2 // 8)
+    assert _run(model, "kivi", dict(bits=b, value_bits=2, group=G, window=W)).nbytes() == k4v2
     # GEAR: KIVI + outliers (value + index, 2 bytes each) + rank-r factors per chunk, head, K and V
     r, rho = 2, 0.05
     k = math.ceil(rho * G * D)
