@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from common import ROOT, RowCache, machine, print_table, write_section
+from common import ROOT, RowCache, machine, not_run_note, print_table, write_section
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget, make_problem
@@ -143,6 +143,10 @@ def render(cache: RowCache) -> None:
         db = cache.get(f"{sec}|db") or {}
         parts.append(f"### {sec} (database built in {db.get('build_s', 0):.0f} s)\n")
         parts.append(print_table(rows, COLUMNS) + "\n")
+    missing = [f"{sec} {b.label()} {a}" for sec, spec in SECTIONS.items() for b in spec["budgets"]
+               for a in spec["allocators"] if not cache.get(f"{sec}|{b.label()}|{a}")]
+    parts.append(not_run_note(missing, "search.py") + "Database build time counts the run that finished it "
+                 "(a build interrupted and resumed only reports the resumed part).\n")
     sp = cache.get("speed")
     if sp:
         parts.append(f"Fitness fast path (prefix reuse): {1000 * sp['with reuse']:.0f} ms per candidate vs "
