@@ -36,9 +36,11 @@ GRIDS = {
     "channel": [dict(rank=r) for r in (4, 6, 8, 12, 16)],
 }
 TARGETS = (4, 8)
-# keys are the sensitive half of the cache: 4-bit keys with 2-bit values cost what 3-bit both do
+# keys and values at their own bit-widths, at the bytes of 3-bit both
 EXTRA = [("kivi-k4v2|4x", "kivi ~4x, keys 4 / values 2 bits (bits=4, value_bits=2, group=64)",
-          dict(bits=4, value_bits=2, group=64))]
+          dict(bits=4, value_bits=2, group=64)),
+         ("kivi-k2v4|4x", "kivi ~4x, keys 2 / values 4 bits (bits=2, value_bits=4, group=64)",
+          dict(bits=2, value_bits=4, group=64))]
 COLUMNS = [("label", "cache"), ("ratio", "bytes ratio"), ("cache_mb", "cache MB"), ("ppl", "ppl"),
            ("ppl_ratio", "× full"), ("kl", "KL to full"), ("needle", "needle exact"), ("tok_s", "tokens/s")]
 
