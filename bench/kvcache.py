@@ -58,12 +58,6 @@ def shape_twin(model):
     return tf.LlamaForCausalLM(cfg).eval()
 
 
-def fp16_ratio(r: dict, model) -> float:
-    """Full-cache bytes over compressed bytes, both with uncompressed entries in float16 (STORAGE;
-    the CPU run computes in float32)."""
-    return r["full_bytes"] / max(r["cache_bytes"], 1)
-
-
 def pick(twin, method: str, target: float, twin_bases, cache: RowCache) -> dict:
     """The grid setting whose fp16 byte ratio on the shape twin is closest to `target` (ratios cached)."""
     ids = torch.randint(0, 256, (1, SEQ), generator=torch.Generator().manual_seed(0))
@@ -74,7 +68,7 @@ def pick(twin, method: str, target: float, twin_bases, cache: RowCache) -> dict:
             extra = dict(bases=twin_bases) if method == "channel" else {}
             r = kv_evaluate(twin, ids, method, prefill=PREFILL, step=STEP, batch_size=1, desc="bytes", storage=STORAGE,
                             **kw, **extra)
-            cache.put(key, {"ratio": fp16_ratio(r, twin)})
+            cache.put(key, {"ratio": r["ratio"]})
         ratio = cache.get(key)["ratio"]
         if best is None or abs(ratio - target) < best[0]:
             best = (abs(ratio - target), kw)
@@ -133,7 +127,7 @@ def main() -> None:
         t = time.time()
         needle = needle_score(model, tok, prompts, answers, method, dict(kw, **extra))
         row = {"label": label, "method": method, "settings": {k: v for k, v in kw.items() if k != "head_bits"},
-               "ratio": fp16_ratio(r, model), "cache_mb": r["cache_bytes"] / 1e6,
+               "ratio": r["ratio"], "cache_mb": r["cache_bytes"] / 1e6,
                "ppl": r["ppl"], "kl": r["kl"],
                "tok_s": r["tokens_per_s"], "needle": needle, "needle_s": time.time() - t, "n_tokens": r["n_tokens"]}
         cache.put(key, row)

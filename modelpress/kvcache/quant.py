@@ -71,12 +71,16 @@ class GroupedStore(RowStore):
     def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def residual_bytes(self) -> int:
+        """Bytes of the not-yet-encoded tokens, held in the storage dtype."""
+        return 0 if self.rk is None else (self.rk.numel() + self.rv.numel()) * self.rk.element_size()
+
     def materialize(self):
         ks, vs, ps = [], [], []
         if self.qpos is not None:
             k, v = self.decode()
-            ks.append(k.to(self.dtype))
-            vs.append(v.to(self.dtype))
+            ks.append(self.give(k))
+            vs.append(self.give(v))
             ps.append(self.qpos)
         if self.rk is not None:
             ks.append(self.give(self.rk))
@@ -101,7 +105,7 @@ class QuantStore(GroupedStore):
 
     def value_bits(self, device) -> torch.Tensor:
         """Bits of the values: the method's `value_bits` if set, else the keys' bits."""
-        vb = getattr(self.method, "value_bits", None)
+        vb = self.method.value_bits
         return self.head_bits(device) if vb is None else torch.full((self.n_heads,), vb, device=device)
 
     def _push(self, name, *ts):
@@ -148,9 +152,7 @@ class QuantStore(GroupedStore):
         n = self.code_bytes()
         if self.kc is not None:
             n += 2 * (self.ks.numel() + self.kz.numel() + self.vs.numel() + self.vz.numel())
-        if self.rk is not None:
-            n += (self.rk.numel() + self.rv.numel()) * self.rk.element_size()
-        return n
+        return n + self.residual_bytes()
 
 
 class HalfStore(QuantStore):
@@ -168,9 +170,7 @@ class HalfStore(QuantStore):
 
     def nbytes(self):
         n = 0 if self.kc is None else 2 * (self.kc.numel() + self.vc.numel())
-        if self.rk is not None:
-            n += (self.rk.numel() + self.rv.numel()) * self.rk.element_size()
-        return n
+        return n + self.residual_bytes()
 
 
 class KIVIStore(RowStore):
@@ -196,12 +196,13 @@ class KIVI(KVMethod):
     store = KIVIStore
 
     def __post_init__(self):
-        for b in [self.bits] + [x for row in (self.head_bits or []) for x in row]:
+        all_bits = [self.bits] + [x for row in (self.head_bits or []) for x in row]
+        for b in all_bits:
             if b not in (2, 3, 4, 8, 16):
                 raise ConfigError(f"KV bits must be 2, 3, 4, 8 or 16, got {b}")
         if self.value_bits is not None and self.value_bits not in (2, 3, 4, 8):
             raise ConfigError(f"KV value bits must be 2, 3, 4 or 8, got {self.value_bits}")
-        if self.value_bits is not None and 16 in [self.bits] + [x for row in (self.head_bits or []) for x in row]:
+        if self.value_bits is not None and 16 in all_bits:
             raise ConfigError("value_bits needs quantized keys (bits 2, 3, 4 or 8)")
         if self.group < 1 or self.window < 0:
             raise ConfigError("group >= 1 and window >= 0")

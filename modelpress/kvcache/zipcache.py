@@ -99,9 +99,7 @@ class ZipStore(GroupedStore):
             n += 2 * h * sum(-(-d * int(b) // 8) for b in self.qbits.tolist())  # codes, keys and values
             n += 2 * sum(self.q[x].numel() for x in ("ks", "kz", "vs", "vz", "norm", "mean"))
             n += (t + 7) // 8  # one bit per token: high or low precision
-        if self.rk is not None:
-            n += (self.rk.numel() + self.rv.numel()) * self.rk.element_size()
-        return n
+        return n + self.residual_bytes()
 
 
 @KV_METHODS.register("zipcache")
