@@ -40,9 +40,15 @@ def main() -> None:
     ap.add_argument("--only", default=None)
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--generations", type=int, default=30)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the machine line names the GPU)")
+    ap.add_argument("--render", action="store_true", help="only re-render the table and plot from the row cache")
     args = ap.parse_args()
     cache = RowCache("lowrank", force=args.force)
-    base, tok = mp.load_model("smollm2-135m", device="cpu")
+    if args.render:
+        render(cache, cache.get("gptq w3 g64")["size_mb"])
+        return
+    base, tok = mp.load_model("smollm2-135m", device=args.device)
+    cache.put("machine", {"text": machine()})  # where the rows were measured (a later --render may run elsewhere)
     windows = mp.get_windows(tok, mp.DataConfig(n_samples=128, seq_len=512, n_eval=N_EVAL))
     state = {"ref": None}
 
@@ -61,7 +67,7 @@ def main() -> None:
         print("==", label, flush=True)
         model = copy.deepcopy(base)
         t = time.time()
-        c = mp.compress(model, tok, method, data=windows, compensate=comp, rank=rank, **kw)
+        c = mp.compress(model, tok, method, data=windows, compensate=comp, rank=rank if comp else None, **kw)
         with tempfile.TemporaryDirectory() as tmp:
             c.save(Path(tmp) / "ck")
             size = mp.info(Path(tmp) / "ck")["weights_mb"]
@@ -96,7 +102,7 @@ def main() -> None:
             if cache.get(key):
                 continue
             print("==", key, flush=True)
-            m, _, info = load_bitstack(bs_dir, mb)
+            m, _, info = load_bitstack(bs_dir, mb, device=args.device)
             r = evaluate(m, windows.eval, reference=ref())
             cache.put(key, {"label": f"BitStack @ {mb:.1f} MB", "ppl": r.ppl, "kl": r.kl, "size_mb": info["size_mb"],
                             "blocks": info["blocks"], "at_target": abs(mb - target) < 1e-9})
@@ -166,7 +172,7 @@ def render(cache: RowCache, target: float) -> None:
         "factors (float16) on top, so they are larger than the operator alone. BitStack is one checkpoint "
         "loaded at the target size. Joint search: evolutionary over GPTQ {2,3,4} bits x SparseGPT {0,50%} x "
         "EoRA rank {0,16}, Pareto-pruned per layer, under the same total MB. "
-        f"Machine: {machine()}.\n\n" + md + "\n\n![size vs perplexity](size_ppl.png)\n"
+        f"Machine: {(cache.get('machine') or {}).get('text') or machine()}.\n\n" + md + "\n\n![size vs perplexity](size_ppl.png)\n"
     )
     write_section("lowrank", body)
 

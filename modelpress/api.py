@@ -80,18 +80,21 @@ def choose_drops(model, calib_ids: torch.Tensor, n: int, batch_size: int = 8) ->
 def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq", *,
              data: DataConfig | Windows | None = None, drop: int | list[str] = 0, sequential: bool = True,
              batch_size: int = 8, device: str | torch.device | None = None, skip: tuple[str, ...] = (),
-             compensate: str | None = None, rank: int = 16, **method_kwargs) -> Compressed:
+             compensate: str | None = None, rank: int | None = None, **method_kwargs) -> Compressed:
     """Compress `model` in place with one operator for every Linear in its decoder blocks.
 
     `method` names a registered operator ("gptq", "rtn", "sparsegpt", "wanda", "magnitude") with
     its settings as keyword arguments (`bits=4, group_size=64`, `sparsity=0.5`, `pattern="2:4"`).
     `drop` removes that many attention/MLP sub-blocks (lowest block influence) or the named ones.
-    `compensate="eora"` adds a rank-`rank` error correction on top of every compressed layer.
+    `compensate="eora"` adds a rank-`rank` (default 16) error correction on top of every compressed
+    layer; without compensation, `rank` goes to the operator (`method="svd", rank=8`).
     Calibration windows come from `data` (default: 128 x 512 tokens of `pydoc`).
     """
     t0 = time.time()
+    if rank is not None and not compensate:
+        method_kwargs["rank"] = rank  # the low-rank operators' own rank
     op = make_operator(method, **method_kwargs)
-    comp = COMPENSATORS.build(compensate, rank=rank) if compensate else None
+    comp = COMPENSATORS.build(compensate, rank=16 if rank is None else rank) if compensate else None
     if comp is not None and op is None:
         raise ConfigError("compensation needs a method to compensate")
     need = "xtx" if comp is not None else (op.stats if op is not None else "none")

@@ -158,7 +158,7 @@ def compress_cmd(
         rows.append({"label": "dense", "ppl": r.ppl, "kl": 0.0,
                      "size_mb": sum(p.numel() for p in m.parameters()) * 2 / 1e6, "bits_per_param": 16.0})
     c = api.compress(m, tok, op, data=windows, drop=drop, sequential=sequential, device=device,
-                     compensate=compensate, rank=rank)
+                     compensate=compensate, rank=rank if compensate else None)
     c.save(out, export_hf_dir=(out.with_name(out.name + "-hf") if export == "hf" else None))
     info = api.info(out)
     row = {"label": label, "size_mb": info["size_mb"], "bits_per_weight": info["bits_per_weight"],

@@ -68,7 +68,10 @@ class CommState:
         names, err, size = lg.table(self.compressor, self._pending)
         t = torch.tensor(err)
         if dist.is_available() and dist.is_initialized():
+            if dist.get_backend(self.group) == "nccl":  # nccl reduces GPU tensors only
+                t = t.to(torch.device("cuda", torch.cuda.current_device()))
             dist.all_reduce(t, group=self.group)  # every worker decides on the same numbers
+            t = t.cpu()
         base = lg.levels.index(getattr(self.compressor, self.compressor.level_field))
         choice = lg.solve(t.numpy(), size, base)
         self.levels = {n: lg.levels[j] for n, j in zip(names, choice)}

@@ -57,7 +57,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
         h.update(k.encode())
-        h.update(tensors[k].contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+        h.update(tensors[k].detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -31,7 +31,7 @@ class QSGD(Compressor):
         flat = x.reshape(-1).float()
         norm = flat.norm()
         if norm == 0:
-            return {"norm": norm.reshape(1), "codes": pack_bits(torch.zeros(flat.numel(), dtype=torch.uint8), self.bits)}
+            return {"norm": norm.reshape(1), "codes": pack_bits(torch.zeros(flat.numel(), dtype=torch.uint8, device=flat.device), self.bits)}
         g = ctx.setdefault("rng", torch.Generator(device="cpu").manual_seed(self.seed + 31 * ctx.get("key", 0)))
         level = flat.abs() / norm * self.s
         low = level.floor()
