@@ -40,7 +40,8 @@ def machine() -> str:
     import torch
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    return f"{platform.machine()} {dev}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    return (f"{platform.machine()} {dev}, torch {torch.__version__}, Python {platform.python_version()}, "
+            f"{time.strftime('%Y-%m-%d')}")
 
 
 def write_section(key: str, body: str) -> None:

@@ -5,7 +5,12 @@ Everything is compared at the total size of uniform GPTQ 3-bit g64. Same calibra
 tokens of pydoc) and evaluation windows (first 40 held-out windows) as bench/search.py, whose rows
 (uniform / evolutionary plans at 2.5, 3, 4 bits) become points on the curve.
 
-    python bench/lowrank.py [--only eora|bitstack|joint|plot] [--force]
+    python bench/lowrank.py [--only eora|bitstack|joint] [--methods gptq] [--cache NAME] [--device cuda] [--force]
+    python bench/lowrank.py --render     # tables and plot from the row caches only
+
+Rows are cached per machine (`--cache`): the default text is CPython's own manual, so a machine with
+another Python version evaluates on other text and its rows are only comparable with each other.
+The section shows one table per cache ("lowrank" = this machine, "lowrank-h100" = a GPU run).
 """
 from __future__ import annotations
 
@@ -41,11 +46,15 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the machine line names the GPU)")
-    ap.add_argument("--render", action="store_true", help="only re-render the table and plot from the row cache")
+    ap.add_argument("--offspring", type=int, default=16)
+    ap.add_argument("--methods", default=None, help="EoRA section: only these operators, e.g. gptq,rtn")
+    ap.add_argument("--eora-ranks", default="16,32", help="EoRA ranks added to GPTQ 3-bit (others get 16)")
+    ap.add_argument("--cache", default="lowrank", help="row cache name (one per machine, see above)")
+    ap.add_argument("--render", action="store_true", help="only re-render the tables and plot from the row caches")
     args = ap.parse_args()
-    cache = RowCache("lowrank", force=args.force)
+    cache = RowCache(args.cache, force=args.force)
     if args.render:
-        render(cache, cache.get("gptq w3 g64")["size_mb"])
+        render()
         return
     base, tok = mp.load_model("smollm2-135m", device=args.device)
     cache.put("machine", {"text": machine()})  # where the rows were measured (a later --render may run elsewhere)
@@ -79,9 +88,12 @@ def main() -> None:
 
     if args.only in (None, "eora"):
         for method, kw in EORA:
+            if args.methods and method not in args.methods.split(","):
+                continue
             name = f"{method} " + (f"w{kw['bits']} g64" if "bits" in kw else kw.get("pattern") or f"{int(100 * kw['sparsity'])}%")
             run_compress(name, method, kw)
-            for r in ((16, 32) if (method, kw.get("bits")) == ("gptq", 3) else (16,)):
+            ranks = [int(r) for r in args.eora_ranks.split(",")] if (method, kw.get("bits")) == ("gptq", 3) else [16]
+            for r in ranks:
                 run_compress(f"{name} + EoRA r{r}", method, kw, comp="eora", rank=r)
     target = (cache.get("gptq w3 g64") or {}).get("size_mb")
     if target is None:
@@ -116,7 +128,7 @@ def main() -> None:
         build = time.time() - t
         print("== joint search", flush=True)
         res = allocate(model, db, Budget("mb", target), "evolutionary", data=windows,
-                       settings=SearchSettings(fitness_windows=32), generations=args.generations, offspring=16,
+                       settings=SearchSettings(fitness_windows=32), generations=args.generations, offspring=args.offspring,
                        tokens=(512, 2048), survivors=(2, 1),
                        checkpoint=str(db.path / "searches" / f"bench-mb-{target:.3f}.json"))
         c = materialize(model, tok, db, res.plan)
@@ -129,50 +141,73 @@ def main() -> None:
             kinds[v] = kinds.get(v, 0) + 1
         cache.put("joint", {"label": "joint search (bits x sparsity x EoRA rank)", "ppl": r.ppl, "kl": r.kl,
                             "size_mb": size, "seconds": res.seconds["search"], "build_s": build,
-                            "levels_used": kinds, "generations": len(res.history)})
+                            "levels_used": kinds, "generations": len(res.history), "offspring": args.offspring})
         del model
         gc.collect()
-    render(cache, target)
+    render()
 
 
-def render(cache: RowCache, target: float) -> None:
-    from modelpress.plots import plot_curve
+CACHES = {"lowrank": "this machine", "lowrank-h100": "GPU run"}
 
+
+def table(cache: RowCache) -> str:
     dense = cache.get("dense")
     rows = []
     for key, r in cache.rows.items():
         if "label" not in r or (key.startswith("bitstack|") and not r.get("at_target")):
             continue
         rows.append(dict(r, ppl_ratio=r["ppl"] / dense["ppl"] if dense else None))
-    md = print_table(rows, COLUMNS)
-    bs = sorted((r for k, r in cache.rows.items() if k.startswith("bitstack|") and "ppl" in r), key=lambda r: r["size_mb"])
-    search = RowCache("search")
-    uniform = RowCache("uniform")
-    points = {}
-    for bits in (2, 3, 4):
-        u = uniform.get(f"gptq w{bits} g64")
-        if u:
-            points[f"uniform GPTQ {bits}-bit (88 windows)"] = (u["size_mb"], u["ppl"])
-    for b in ("2.5", "3", "4"):
-        for alloc in ("uniform", "evolutionary"):
-            r = search.get(f"quant|{b} bits/weight|{alloc}")
-            if r:
-                points[f"{alloc} {b} bits"] = (r["size_mb"], r["ppl"])
+    target = (cache.get("gptq w3 g64") or {}).get("size_mb")
+    head = f"Machine: {(cache.get('machine') or {}).get('text', '?')}. Target size (uniform GPTQ 3-bit g64): "
+    head += f"{target:.2f} MB." if target else "not measured."
     j = cache.get("joint")
     if j:
-        points["joint search"] = (j["size_mb"], j["ppl"])
-    if bs:
+        head += (f" Joint search: {j['generations']} generations x {j.get('offspring', 16)} offspring, database "
+                 f"{j['build_s']:.0f} s, search {j['seconds']:.0f} s; levels used: "
+                 + ", ".join(f"{k} x{n}" for k, n in sorted(j["levels_used"].items())) + ".")
+    if not j:
+        head += " Joint search: not run in this cache."
+    return head + "\n\n" + print_table(rows, COLUMNS)
+
+
+def render() -> None:
+    from modelpress.plots import plot_curve
+
+    caches = {name: RowCache(name) for name in CACHES if RowCache(name).rows}
+    parts = []
+    for name, cache in caches.items():
+        parts.append(f"### `{name}` ({CACHES[name]})\n\n" + table(cache))
+    # the plot: BitStack's curve with every single-size point measured on the same text
+    curve_cache = next((c for c in caches.values() if any(k.startswith("bitstack|") for k in c.rows)), None)
+    plot_note = ""
+    if curve_cache is not None:
+        bs = sorted((r for k, r in curve_cache.rows.items() if k.startswith("bitstack|") and "ppl" in r),
+                    key=lambda r: r["size_mb"])
+        points = {r["label"]: (r["size_mb"], r["ppl"]) for k, r in curve_cache.rows.items()
+                  if "label" in r and not k.startswith("bitstack|") and k != "dense"}
+        same_text = curve_cache is caches.get("lowrank")
+        if same_text:  # the search table ran on this machine's text: its plans go on the same axes
+            search = RowCache("search")
+            for b in ("2.5", "3", "4"):
+                for alloc in ("uniform", "evolutionary"):
+                    r = search.get(f"quant|{b} bits/weight|{alloc}")
+                    if r:
+                        points[f"{alloc} {b} bits"] = (r["size_mb"], r["ppl"])
         plot_curve(DOCS.parent / "size_ppl.png", {"BitStack (one checkpoint, any size)": (
             [r["size_mb"] for r in bs], [r["ppl"] for r in bs])}, "size on disk / in memory (MB)",
             "held-out pydoc perplexity", points=points, logy=True)
+        plot_note = ("\n\n![size vs perplexity](size_ppl.png)\n\nThe curve and its points come from the same run"
+                     + ("" if same_text else " (GPU run; the uniform and evolutionary plans of the search table were "
+                        "measured on this machine's text, so they are in that table, not on this plot)") + ".")
     body = (
         "## Low-rank, EoRA, BitStack and joint search (`bench/lowrank.py`)\n\n"
-        f"smollm2-135m; calibration 128 x 512 tokens, evaluation on the first {N_EVAL} held-out windows "
-        f"(as in the search table). Target size: uniform GPTQ 3-bit g64 = {target:.2f} MB. EoRA rows add their "
-        "factors (float16) on top, so they are larger than the operator alone. BitStack is one checkpoint "
-        "loaded at the target size. Joint search: evolutionary over GPTQ {2,3,4} bits x SparseGPT {0,50%} x "
-        "EoRA rank {0,16}, Pareto-pruned per layer, under the same total MB. "
-        f"Machine: {(cache.get('machine') or {}).get('text') or machine()}.\n\n" + md + "\n\n![size vs perplexity](size_ppl.png)\n"
+        f"smollm2-135m; calibration 128 x 512 tokens, evaluation on the first {N_EVAL} held-out windows of `pydoc`. "
+        "EoRA rows add their factors (float16) on top, so they are larger than the operator alone. BitStack is "
+        "one checkpoint (8 blocks of rank 4 per layer) loaded at the target size. Joint search: evolutionary over "
+        "GPTQ {2,3,4} bits x SparseGPT {0,50%} x EoRA rank {0,16}, Pareto-pruned per layer, under the target MB. "
+        "`pydoc` is the manual of the Python that runs the benchmark, so a machine with another Python version "
+        "evaluates on other text: compare rows within one table (each has its own dense row).\n\n"
+        + "\n\n".join(parts) + plot_note
     )
     write_section("lowrank", body)
 
