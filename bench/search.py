@@ -27,7 +27,7 @@ from modelpress.levels import PlanState
 from modelpress.search import SearchSettings, allocate, open_database
 
 SECTIONS = {
-    "quant": dict(kind="quant", settings=dict(levels=(2, 3, 4, 5, 6), group_size=64),
+    "quant": dict(kind="quant", settings=dict(levels=(2, 3, 4, 5, 6), group_size=64, mse=False),
                   budgets=[Budget("bits", b) for b in (2.5, 3.0, 4.0)], allocators=["uniform", "dp", "evolutionary"]),
     "sparsity": dict(kind="sparsity", settings=dict(max_sparsity=0.9, max_levels=24),
                      budgets=[Budget("sparsity", s) for s in (0.5, 0.6, 0.7)],

@@ -353,7 +353,7 @@ class LevelDB:
                         names_here = [kind.name(b, sp, r) for r in kind.ranks]
                         if not want.intersection(names_here):
                             continue
-                        op = (OPERATORS.build("gptq", bits=b, group_size=kind.group_size, damp=kind.damp) if not sp else
+                        op = (OPERATORS.build("gptq", bits=b, group_size=kind.group_size, damp=kind.damp, mse=kind.mse) if not sp else
                               OPERATORS.build("sparsegpt", sparsity=sp, bits=b, group_size=kind.group_size, damp=kind.damp))
                         base = op.compress(w, st)
                         for r, v in zip(kind.ranks, names_here):

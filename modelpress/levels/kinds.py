@@ -52,7 +52,7 @@ class QuantKind(Kind):
     sym: bool = False
     act_order: bool = True
     damp: float = 0.01
-    mse: bool = False
+    mse: bool = True
     sequential: bool = True  # each level's pass sees inputs from blocks compressed at that level
 
     budgets = ("bits", "mb")
@@ -126,6 +126,7 @@ class JointKind(Kind):
     group_size: int | None = 64
     allow_drop: bool = False
     damp: float = 0.01
+    mse: bool = True  # GPTQ's clipping search (the dense-sparsity levels)
 
     budgets = ("mb",)
 

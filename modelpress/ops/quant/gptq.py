@@ -21,7 +21,7 @@ class GPTQ(WeightOperator):
     sym: bool = False
     act_order: bool = True  # columns with large activations first (groups follow that order)
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
-    mse: bool = False  # clipping search for each group's range
+    mse: bool = True  # clipping search for each group's range (3-bit smollm2: 1.69x -> 1.33x of dense ppl)
     block_size: int = 128
 
     stats: ClassVar[str] = "xtx"
@@ -36,4 +36,4 @@ class GPTQ(WeightOperator):
         return to_packed(res, self.bits, self.group_size, self.sym)
 
     def label(self) -> str:
-        return f"gptq w{self.bits}" + (f" g{self.group_size}" if self.group_size else "")
+        return f"gptq w{self.bits}" + (f" g{self.group_size}" if self.group_size else "") + ("" if self.mse else " no-mse")
