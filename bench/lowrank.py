@@ -3,7 +3,7 @@ across kinds). Writes a table and a size–perplexity plot (docs/size_ppl.png) i
 
 Everything is compared at the total size of uniform GPTQ 3-bit g64. Same calibration (128 x 512
 tokens of pydoc) and evaluation windows (first 40 held-out windows) as bench/search.py, whose rows
-(uniform / evolutionary plans at 2.5, 3, 4 bits) become points on the curve.
+(uniform / evolutionary plans at 2.5, 3, 4 bits) become points on the curve when measured on the same text.
 
     python bench/lowrank.py [--only eora|bitstack|joint] [--methods gptq] [--cache NAME] [--device cuda] [--force]
     python bench/lowrank.py --render     # tables and plot from the row caches only
@@ -98,7 +98,7 @@ def main() -> None:
                 run_compress(f"{name} + EoRA r{r}", method, kw, comp="eora", rank=r)
     target = (cache.get("gptq w3 g64") or {}).get("size_mb")
     if target is None:
-        run_compress("gptq w3 g64", "gptq", dict(bits=3, group_size=64, mse=False))
+        run_compress("gptq w3 g64", *EORA[0])  # the target size
         target = cache.get("gptq w3 g64")["size_mb"]
 
     bs_dir = ROOT / ".bench_cache" / "bitstack-smollm2"
@@ -166,7 +166,7 @@ def table(cache: RowCache) -> str:
         head += (f" Joint search: {j['generations']} generations x {j.get('offspring', 16)} offspring, database "
                  f"{j['build_s']:.0f} s, search {j['seconds']:.0f} s; levels used: "
                  + ", ".join(f"{k} x{n}" for k, n in sorted(j["levels_used"].items())) + ".")
-    if not j:
+    else:
         head += " Joint search: not run in this cache."
     return head + "\n\n" + print_table(rows, COLUMNS)
 
@@ -174,7 +174,7 @@ def table(cache: RowCache) -> str:
 def render() -> None:
     from modelpress.plots import plot_curve
 
-    caches = {name: RowCache(name) for name in CACHES if RowCache(name).rows}
+    caches = {name: c for name, c in ((n, RowCache(n)) for n in CACHES) if c.rows}
     parts = []
     for name, cache in caches.items():
         parts.append(f"### `{name}` ({CACHES[name]})\n\n" + table(cache))
