@@ -366,11 +366,12 @@ app.add_typer(kv_app, name="kv")
 
 
 def _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits, storage,
-                 value_bits, model, tok, data, n_samples, seq_len, seed):
+                 value_bits, value_group, model, tok, data, n_samples, seq_len, seed):
     from ..kvcache import KV_METHODS, fit_bases
 
     given = dict(bits=bits, group=group, window=window, budget=budget, sinks=sinks, rank=rank, outliers=outliers,
-                 salient=salient, hi_bits=hi_bits, lo_bits=lo_bits, storage=storage, value_bits=value_bits)
+                 salient=salient, hi_bits=hi_bits, lo_bits=lo_bits, storage=storage, value_bits=value_bits,
+                 value_group=value_group)
     kw = {k: v for k, v in given.items() if v is not None}
     if method == "channel":
         from ..data import get_windows
@@ -389,6 +390,7 @@ def _kv_opts():
         outliers=typer.Option(None, "--outliers"), salient=typer.Option(None, "--salient"),
         hi_bits=typer.Option(None, "--hi-bits"), lo_bits=typer.Option(None, "--lo-bits"),
         value_bits=typer.Option(None, "--value-bits", help="kivi/gear: values at their own bit-width"),
+        value_group=typer.Option(None, "--value-group", help="kivi/gear: channels per value scale (default: --group)"),
         storage=typer.Option(None, "--storage", help="dtype of entries kept uncompressed (float16, bfloat16; "
                              "default: the model's)"))
 
@@ -406,6 +408,7 @@ def kv_eval_cmd(
     outliers: Optional[float] = _O["outliers"], salient: Optional[float] = _O["salient"],
     hi_bits: Optional[int] = _O["hi_bits"], lo_bits: Optional[int] = _O["lo_bits"],
     storage: Optional[str] = _O["storage"], value_bits: Optional[int] = _O["value_bits"],
+    value_group: Optional[int] = _O["value_group"],
     prefill: int = typer.Option(256, "--prefill", help="tokens processed at once (the prompt)"),
     step: int = typer.Option(1, "--step", help="tokens per decoding step (1 = exactly as in generation)"),
     data: str = DataOpt, seq_len: int = typer.Option(1024, "--seq-len"), n_eval: Optional[int] = typer.Option(4, "--n-eval"),
@@ -420,7 +423,7 @@ def kv_eval_cmd(
 
     m, tok = load_model(model, device=device)
     meth = _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits,
-                        storage, value_bits, m, tok, data, n_samples, seq_len, seed)
+                        storage, value_bits, value_group, m, tok, data, n_samples, seq_len, seed)
     ids = get_windows(tok, _data_config(data, 1, seq_len, seed, n_eval)).eval
     if prefill >= seq_len:
         raise ConfigError("--prefill must be shorter than --seq-len")
@@ -446,6 +449,7 @@ def kv_generate_cmd(
     outliers: Optional[float] = _O["outliers"], salient: Optional[float] = _O["salient"],
     hi_bits: Optional[int] = _O["hi_bits"], lo_bits: Optional[int] = _O["lo_bits"],
     storage: Optional[str] = _O["storage"], value_bits: Optional[int] = _O["value_bits"],
+    value_group: Optional[int] = _O["value_group"],
     data: str = DataOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
 ):
     """Greedy generation with a compressed cache, for a quick look."""
@@ -455,7 +459,7 @@ def kv_generate_cmd(
 
     m, tok = load_model(model, device=device)
     meth = _kv_settings(method, bits, group, window, budget, sinks, rank, outliers, salient, hi_bits, lo_bits,
-                        storage, value_bits, m, tok, data, 8, 512, seed)
+                        storage, value_bits, value_group, m, tok, data, 8, 512, seed)
     enc = tok(prompt, return_tensors="pt")
     out, cache = kv_generate(m, enc["input_ids"].to(m.device), meth, attention_mask=enc["attention_mask"].to(m.device),
                              max_new_tokens=max_new)

@@ -29,16 +29,25 @@ class GEARStore(QuantStore):
             self.bits = torch.full((self.n_heads,), self.method.bits, device=device)
         return self.bits
 
-    def _outliers(self, x: torch.Tensor):
-        """x (H, C, G, D) -> (idx (H, C, k) int16, vals fp16, x without them)."""
+    def _outliers(self, x: torch.Tensor, per_channel: bool):
+        """x (H, C, G, D) -> (idx (H, C, k) int16, vals fp16, x without them). The k entries kept
+        exactly are those farthest from their own quantization group, in units of its spread: per
+        channel over the chunk's tokens for keys, per token over its channels for values."""
         h, c, g, d = x.shape
         k = int(math.ceil(self.method.outliers * g * d)) if self.method.outliers > 0 else 0
-        flat = x.reshape(h, c, g * d).float()
+        x = x.float()
         if not k:
-            return None, None, x.float()
-        idx = torch.topk(flat.abs(), k, dim=-1).indices
+            return None, None, x
+        dim = 2 if per_channel else 3
+        mean = x.mean(dim, keepdim=True)
+        z = (x - mean).abs() / x.std(dim, keepdim=True).clamp_min(1e-6)
+        idx = torch.topk(z.reshape(h, c, g * d), k, dim=-1).indices
+        flat = x.reshape(h, c, g * d)
         vals = flat.gather(-1, idx)
-        flat = flat.scatter(-1, idx, 0.0)
+        # the removed entries take their group's mean, which stays inside the group's range (a zero
+        # could widen it); decoding overwrites them with the exact values anyway
+        fill = mean.expand_as(x).reshape(h, c, g * d).gather(-1, idx)
+        flat = flat.scatter(-1, idx, fill)
         return idx.to(torch.int16), vals.half(), flat.reshape(h, c, g, d)
 
     def _lowrank(self, r: torch.Tensor):
@@ -61,7 +70,7 @@ class GEARStore(QuantStore):
         bits = self.head_bits(self.rk.device)
         parts = {}
         for name, x in (("k", self.rk[:, :take]), ("v", self.rv[:, :take])):
-            idx, vals, xs = self._outliers(_split(x, c, g))
+            idx, vals, xs = self._outliers(_split(x, c, g), per_channel=name == "k")
             if name == "k":
                 codes, scale, zero = quant_keys(xs.permute(1, 0, 2, 3).reshape(c * h, g, d), bits.repeat(c))
                 codes = codes.reshape(c, h, g, d).permute(1, 0, 2, 3)
@@ -70,8 +79,8 @@ class GEARStore(QuantStore):
                 deq = codes.float() * scale.float() + zero.float()
                 parts["k"] = (codes.reshape(h, take, d), scale.reshape(h, c, d), zero.reshape(h, c, d))
             else:
-                codes, scale, zero = quant_values(xs.reshape(h, take, d), self.value_bits(xs.device), g)
-                gv = min(g, d)
+                gv = self.value_group()
+                codes, scale, zero = quant_values(xs.reshape(h, take, d), self.value_bits(xs.device), gv)
                 deq = (codes.reshape(h, take, d // gv, gv).float() * scale.float()[..., None]
                        + zero.float()[..., None]).reshape(h, c, g, d)
                 parts["v"] = (codes, scale, zero)
@@ -120,6 +129,7 @@ class GEAR(KVMethod):
     rank: int = 2  # rank of the residual approximation per head and chunk
     outliers: float = 0.01  # fraction of entries kept exactly
     value_bits: int | None = None  # values at their own bit-width (default: `bits`)
+    value_group: int | None = None  # channels per value scale (default: `group`); divides head_dim
 
     store = GEARStore
 

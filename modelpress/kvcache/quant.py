@@ -30,7 +30,8 @@ def quant_values(v: torch.Tensor, bits: torch.Tensor, group: int):
     """v (H, G, D): one (scale, zero) per head, token and group of `group` channels."""
     h, g, d = v.shape
     gv = min(group, d)
-    assert d % gv == 0, "head_dim must be a multiple of the value group size"
+    if d % gv:
+        raise ConfigError(f"the value group ({gv}) must divide head_dim={d}")
     x = v.float().reshape(h, g, d // gv, gv)
     mq = _mq(bits)[:, None, None, None]
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
@@ -97,6 +98,9 @@ class QuantStore(GroupedStore):
         self.kc = self.ks = self.kz = None  # (H, T, D) uint8, (H, C, D) fp16 x2
         self.vc = self.vs = self.vz = None  # (H, T, D) uint8, (H, T, D/gv) fp16 x2
         self.bits = None
+        if head_dim % self.value_group():
+            raise ConfigError(f"values are quantized in groups of channels: the value group "
+                              f"({self.value_group()}) must divide head_dim={head_dim}; set value_group")
 
     def head_bits(self, device) -> torch.Tensor:
         if self.bits is None:
@@ -107,6 +111,10 @@ class QuantStore(GroupedStore):
         """Bits of the values: the method's `value_bits` if set, else the keys' bits."""
         vb = self.method.value_bits
         return self.head_bits(device) if vb is None else torch.full((self.n_heads,), vb, device=device)
+
+    def value_group(self) -> int:
+        """Channels per value scale: the method's `value_group` if set, else `group`, at most head_dim."""
+        return min(self.method.value_group or self.method.group, self.head_dim)
 
     def _push(self, name, *ts):
         cur = [getattr(self, n) for n in name]
@@ -127,7 +135,7 @@ class QuantStore(GroupedStore):
         kc = kc.reshape(n_chunks, h, g, d).permute(1, 0, 2, 3).reshape(h, take, d)
         ks = ks.reshape(n_chunks, h, 1, d).permute(1, 0, 2, 3).reshape(h, n_chunks, d)
         kz = kz.reshape(n_chunks, h, 1, d).permute(1, 0, 2, 3).reshape(h, n_chunks, d)
-        vc, vs, vz = quant_values(v, self.value_bits(v.device), self.method.group)
+        vc, vs, vz = quant_values(v, self.value_bits(v.device), self.value_group())
         self._push(("kc", "ks", "kz", "vc", "vs", "vz"), kc, ks, kz, vc, vs, vz)
         self.retire(take)
 
@@ -136,7 +144,7 @@ class QuantStore(GroupedStore):
         g = self.method.group
         c = t // g
         k = self.kc.reshape(h, c, g, d).float() * self.ks.float()[:, :, None] + self.kz.float()[:, :, None]
-        gv = min(g, d)
+        gv = self.value_group()
         v = self.vc.reshape(h, t, d // gv, gv).float() * self.vs.float()[..., None] + self.vz.float()[..., None]
         return k.reshape(h, t, d), v.reshape(h, t, d)
 
@@ -192,6 +200,7 @@ class KIVI(KVMethod):
     window: int = 32
     head_bits: list | None = None  # [layer][kv head] bit-widths (overrides `bits`)
     value_bits: int | None = None  # values at their own bit-width (keys are the more sensitive half)
+    value_group: int | None = None  # channels per value scale (default: `group`); divides head_dim
 
     store = KIVIStore
 
@@ -204,8 +213,8 @@ class KIVI(KVMethod):
             raise ConfigError(f"KV value bits must be 2, 3, 4 or 8, got {self.value_bits}")
         if self.value_bits is not None and 16 in all_bits:
             raise ConfigError("value_bits needs quantized keys (bits 2, 3, 4 or 8)")
-        if self.group < 1 or self.window < 0:
-            raise ConfigError("group >= 1 and window >= 0")
+        if self.group < 1 or self.window < 0 or (self.value_group is not None and self.value_group < 1):
+            raise ConfigError("group >= 1, value_group >= 1 and window >= 0")
 
     def bits_of(self, layer: int) -> list[int]:
         if self.head_bits is not None:

@@ -81,9 +81,10 @@ def test_corrupt_checkpoint_cli(model_dir, tmp_path):
 def test_kv_eval_and_generate(model_dir):
     args = ["--data", str(model_dir / "text.txt"), "--seq-len", "96", "--n-eval", "2", "--prefill", "32", "--step", "8"]
     r = runner.invoke(app, ["kv", "eval", str(model_dir / "tiny"), "--method", "kivi", "--bits", "2", "--group", "8",
-                            "--window", "8", "--value-bits", "3", "--storage", "float16", *args])
+                            "--window", "8", "--value-bits", "3", "--value-group", "16", "--storage", "float16", *args])
     assert r.exit_code == 0, r.output
     assert "full cache" in r.output and "storage=float16" in r.output and "value_bits=3" in r.output
+    assert "value_group=16" in r.output
     r = runner.invoke(app, ["kv", "eval", str(model_dir / "tiny"), "--method", "kivi", "--storage", "int3", *args])
     assert r.exit_code == 2 and "storage must be" in r.output
     r = runner.invoke(app, ["kv", "generate", str(model_dir / "tiny"), "--method", "snapkv", "--budget", "16",

@@ -85,6 +85,9 @@ def test_bytes_match_the_formulas(model, bases):
     # keys at 4 bits, values at 2: codes shrink by the value half's 2 bits, scales are unchanged
     k4v2 = kivi - L * H * (q * D * 2 // 8)
     assert _run(model, "kivi", dict(bits=b, value_bits=2, group=G, window=W)).nbytes() == k4v2
+    # values grouped over all 16 channels instead of 8: one value scale/zero per token instead of two
+    vg = kivi - L * 2 * 2 * H * q * (D // G - 1)
+    assert _run(model, "kivi", dict(bits=b, value_group=D, group=G, window=W)).nbytes() == vg
     # GEAR: KIVI + outliers (value + index, 2 bytes each) + rank-r factors per chunk, head, K and V
     r, rho = 2, 0.05
     k = math.ceil(rho * G * D)
@@ -102,6 +105,26 @@ def test_bytes_match_the_formulas(model, bases):
         assert _run(model, name, dict(budget=16, window=4)).nbytes() == L * 2 * H * 16 * D * e
     # channel shrinking: `rank` dimensions per head for keys and values
     assert _run(model, "channel", dict(rank=6, bases=bases)).nbytes() == L * 2 * H * T * 6 * e
+
+
+def test_value_group_must_divide_head_dim(model):
+    with pytest.raises(ConfigError, match="head_dim=16"):
+        _run(model, "kivi", dict(bits=4, group=8, value_group=6, window=8))
+    with pytest.raises(ConfigError):
+        KV_METHODS.get("kivi")(value_group=0)
+
+
+def test_wider_value_groups_cost_accuracy_not_correctness(model):
+    """Coarser value scales: fewer bytes, logits still close to the full cache's, and no closer
+    than the finer grouping's (a mixed-up scale layout would be far off)."""
+    ids = torch.randint(3, 256, (1, 48), generator=torch.Generator().manual_seed(3))
+    full = kv_evaluate(model, ids, "full", prefill=16, step=4, batch_size=1)
+    fine = kv_evaluate(model, ids, "kivi", prefill=16, step=4, batch_size=1, bits=4, group=8, window=4,
+                       reference=full["logprobs"])
+    coarse = kv_evaluate(model, ids, "kivi", prefill=16, step=4, batch_size=1, bits=4, group=8, window=4,
+                         value_group=16, reference=full["logprobs"])
+    assert coarse["cache_bytes"] < fine["cache_bytes"]
+    assert 0 < coarse["kl"] < 0.05 and fine["kl"] <= coarse["kl"] * 1.5
 
 
 def test_float16_storage_halves_the_kept_entries(model):
@@ -179,3 +202,28 @@ def test_4bit_cache_within_2_percent_on_default_model():
     q4 = kv_evaluate(model, ids, "kivi", bits=4, prefill=256, step=1)
     assert q4["ppl"] < 1.02 * full["ppl"], (q4["ppl"], full["ppl"])
     assert q4["ratio"] > 2.5
+
+
+def _store_roundtrip(name, k, v, **kw):
+    """Encode (H, T, D) keys/values with one method's row store, return the decoded pair."""
+    method = KV_METHODS.build(name, **kw)
+    store = method.store(method, 0, k.shape[0], k.shape[2], torch.float32)
+    store.append(k, v, torch.arange(k.shape[1]))
+    store.compact()
+    return store.decode(), store.nbytes()
+
+
+def test_gear_outliers_are_the_entries_that_stretch_their_group():
+    """Spikes planted in keys (per channel) and values (per token): GEAR keeps them exactly, so the
+    rest quantizes on tight ranges; its error is far below KIVI's at the same bits and group."""
+    g = torch.Generator().manual_seed(0)
+    h, t, d = 2, 64, 16
+    k = torch.randn(h, t, d, generator=g) + 4.0 * torch.arange(d)  # channel offsets, as real keys have
+    v = torch.randn(h, t, d, generator=g)
+    spikes = torch.randint(0, h * t * d, (20,), generator=g)
+    k.view(-1)[spikes] += 40.0
+    v.view(-1)[spikes] -= 40.0
+    (kg, vg), _ = _store_roundtrip("gear", k, v, bits=2, group=32, window=0, rank=0, outliers=0.02)
+    (kk, vk), _ = _store_roundtrip("kivi", k, v, bits=2, group=32, window=0)
+    err = lambda a, b: float(((a - b) ** 2).sum())
+    assert err(kg, k) < 0.2 * err(kk, k) and err(vg, v) < 0.2 * err(vk, v)
