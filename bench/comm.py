@@ -46,7 +46,28 @@ ROWS = [
     ("L-GreCo Top-K {0.5,1,2,5}% + EF (base 1%), relative errors", [
         "--compressor", "topk", "--ratio", "0.01", "--ef", "ef", "--lgreco", "0.005,0.01,0.02,0.05",
         "--lgreco-every", "50", "--lgreco-relative"]),
+    ("L-GreCo Top-K {0.5,1,2,5,10}% + EF (base 2%)", ["--compressor", "topk", "--ratio", "0.02", "--ef", "ef",
+                                                     "--lgreco", "0.005,0.01,0.02,0.05,0.1", "--lgreco-every", "50"]),
+    ("L-GreCo PowerSGD r∈{1,2,4,8} (base r2)", ["--compressor", "powersgd", "--psgd-rank", "2", "--ef", "ef",
+                                                "--lgreco", "1,2,4,8", "--lgreco-every", "50"]),
 ]
+
+
+def dominated(cache: RowCache) -> str:
+    """Each L-GreCo row against the uniform rows of its compressor: which it beats on both loss and bytes."""
+    out = []
+    for label, extra in ROWS:
+        r = cache.get(label)
+        if r is None or "--lgreco" not in extra:
+            continue
+        comp = extra[extra.index("--compressor") + 1]
+        uni = [(lab, cache.get(lab)) for lab, ex in ROWS if "--lgreco" not in ex and cache.get(lab)
+               and "--compressor" in ex and ex[ex.index("--compressor") + 1] == comp and "--ef" in ex
+               and ex[ex.index("--ef") + 1] == "ef"]
+        beats = [lab for lab, u in uni if u["total_bytes"] > r["total_bytes"] and u["final_loss"] >= r["final_loss"]]
+        out.append(f"- {label}: {r['final_loss']:.3f} at {r['total_bytes'] / 1e6:.2f} MB; fewer bytes at equal "
+                   f"or lower loss than: {', '.join(beats) if beats else 'none of the uniform rows'}.")
+    return "L-GreCo against the uniform settings of the same compressor (+ EF):\n" + "\n".join(out) + "\n" if out else ""
 COLUMNS = [("label", "method"), ("final_loss", "final loss"), ("loss_ratio", "× uncompressed"),
            ("total_mb", "MB sent / worker"), ("ratio", "compression"), ("wall_s", "wall s")]
 
@@ -120,7 +141,7 @@ def render(cache: RowCache, common: list[str]) -> None:
         "start-up; the two `relative errors` rows ran at low priority beside another benchmark, so their wall "
         "times are inflated. L-GreCo rows re-plan every 50 steps under the error of their base level; "
         "`relative errors` measures each layer's error relative to its norm (`LGreCo(relative=True)`). "
-        f"Machine: {machine()}.\n\n" + md + "\n\n![loss vs bytes](comm_loss_bytes.png)\n"
+        f"Machine: {machine()}.\n\n" + md + "\n\n" + dominated(cache) + "\n![loss vs bytes](comm_loss_bytes.png)\n"
     )
     write_section("comm", body)
 

@@ -32,7 +32,12 @@ class RowCache:
         return self.rows.get(key)
 
     def put(self, key: str, row: dict) -> None:
+        """Store one row, merged into what is on disk now: two runs of one benchmark (say, two
+        sections of bench/search.py) may share the cache without dropping each other's rows."""
         self.rows[key] = row
+        disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        disk[key] = row
+        self.rows = {**disk, **self.rows}
         write_json(self.path, self.rows)
 
 
