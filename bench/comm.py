@@ -138,8 +138,8 @@ def render(cache: RowCache, common: list[str]) -> None:
         "for every row. final loss = mean training loss of the last 10 steps (both workers). MB sent = bytes one "
         "worker puts on the wire (values, indices, scales, PowerSGD factors; the uncompressed row counts the "
         "float32 gradient once per step). compression = uncompressed bytes / sent bytes. wall s includes process "
-        "start-up; the two `relative errors` rows ran at low priority beside another benchmark, so their wall "
-        "times are inflated. L-GreCo rows re-plan every 50 steps under the error of their base level; "
+        "start-up; the two `relative errors` rows and the base-2% / base-r2 L-GreCo rows ran beside other "
+        "benchmarks, so their wall times are inflated. L-GreCo rows re-plan every 50 steps under the error of their base level; "
         "`relative errors` measures each layer's error relative to its norm (`LGreCo(relative=True)`). "
         f"Machine: {machine()}.\n\n" + md + "\n\n" + dominated(cache) + "\n![loss vs bytes](comm_loss_bytes.png)\n"
     )
