@@ -146,7 +146,10 @@ def render(cache: RowCache) -> None:
     missing = [f"{sec} {b.label()} {a}" for sec, spec in SECTIONS.items() for b in spec["budgets"]
                for a in spec["allocators"] if not cache.get(f"{sec}|{b.label()}|{a}")]
     parts.append(not_run_note(missing, "search.py") + "Database build time counts the run that finished it "
-                 "(a build interrupted and resumed only reports the resumed part).\n")
+                 "(a build interrupted and resumed only reports the resumed part); an evolutionary search "
+                 "resumed from its checkpoint likewise reports only the resumed generations (depth, 4 dropped: "
+                 "generations 14-20). The depth and sparsity rows ran beside other benchmarks on the same 2 cores, "
+                 "so their times are inflated; compare quality, not time, across sections.\n")
     sp = cache.get("speed")
     if sp:
         parts.append(f"Fitness fast path (prefix reuse): {1000 * sp['with reuse']:.0f} ms per candidate vs "
