@@ -130,10 +130,16 @@ def render(cache: RowCache) -> None:
              "smollm2-135m, calibration 128 x 512 tokens of `pydoc` (databases and fitness), evaluation on the "
              f"first {N_EVAL} of the 88 held-out 512-token windows of the uniform table (to keep the CPU run short). Quantization levels: GPTQ 2-6 bits, "
              "group 64, asymmetric, act-order, each level's database built sequentially. Sparsity levels: SparseGPT "
-             "in equal absolute steps. Depth: 60 sub-blocks (30 attention + 30 MLP). `uniform` at a non-integer "
+             "in equal absolute steps (24 levels up to 90% on the largest layers, fewer on smaller ones), every "
+             "level computed from the dense model's inputs (not sequentially), so the sparsity section's `uniform` "
+             "row is worse than the uniform table's sequential SparseGPT at the same sparsity; its rows compare "
+             "allocators over one database. Depth: 60 sub-blocks (30 attention + 30 MLP). `uniform` at a non-integer "
              "bit target mixes the two neighbouring levels evenly. Evolutionary: fitness = KL to dense on "
              "calibration tokens (top-512 + tail), 20 generations x 12 offspring, survivors 2/1 on 512/1536 tokens, "
-             "initialised from the better of uniform and dp (a short run: the CPU budget of this machine). "
+             "initialised from the best (by fitness) of the model-free allocators the database supports: uniform, dp, "
+             "and owl or block-influence in their sections (the quant and depth rows were searched before owl / "
+             "block-influence joined that choice: they started from the better of uniform and dp). "
+             "A short run: the CPU budget of this machine. "
              f"Dense perplexity: {dense.get('ppl', float('nan')):.3f}. Machine: {machine()}.\n"]
     for sec in SECTIONS:
         rows = [dict(r, ppl_ratio=r["ppl"] / dense["ppl"]) for k, r in cache.rows.items()

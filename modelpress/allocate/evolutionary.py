@@ -82,7 +82,9 @@ class Evolutionary(Allocator):
     survivors: tuple[int, ...] = (2, 1)  # kept after each selection stage; the last must be 1
     tokens: tuple[int, ...] = (512, 4096)  # fresh calibration tokens scored in each stage
     seed: int = 0
-    init: str = "best"  # "uniform", "dp", or "best" (the better of the two on the last stage's sample)
+    # "uniform", "dp", or "best": the best on the last stage's sample of uniform, dp and every other
+    # model-free allocator the database supports (owl for sparsity, block-influence for depth)
+    init: str = "best"
     checkpoint: str | None = None  # JSON written every generation; an existing one is resumed
 
     needs_fitness = True
@@ -132,18 +134,12 @@ class Evolutionary(Allocator):
                 log.warning("search checkpoint %s belongs to another problem; starting over", ck)
         if parent is None:
             self.history = []
-            uni = Uniform().allocate(problem)
             if self.init == "uniform":
-                parent = uni
+                parent = Uniform().allocate(problem)
+            elif self.init == "dp":
+                parent = DP().allocate(problem)
             else:
-                dp = DP().allocate(problem)
-                if self.init == "dp" or dp == uni:
-                    parent = dp
-                else:
-                    sample = fitness.new_sample(self.tokens[-1], rng)
-                    f_uni, f_dp = fitness(uni, sample), fitness(dp, sample)
-                    parent = uni if f_uni <= f_dp else dp
-                    log.info("init: uniform %.5f, dp %.5f -> %s", f_uni, f_dp, "uniform" if f_uni <= f_dp else "dp")
+                parent = self._best_start(problem, fitness, rng)
             self._save(ck, key, 0, parent, None, rng)
 
         with Bar(total=self.generations, desc="evolutionary search", initial=start) as bar:
@@ -179,6 +175,28 @@ class Evolutionary(Allocator):
                 bar.set_postfix(kl=f"{best_fit:.5f}")
                 log.info("generation %d: fitness %.6f%s", gen + 1, best_fit, " (new parent)" if improved else "")
         return fill(problem, parent)  # no-op with equal-cost partners; uses slack left by compensating ones
+
+    def _best_start(self, problem: Problem, fitness, rng) -> list[int]:
+        """The model-free allocators' plans, scored on one sample; the best one starts the search.
+        An allocator the database does not support (it raises ConfigError) is skipped."""
+        plans: dict[str, list[int]] = {}
+        for name in ["uniform", "dp"] + [n for n in ALLOCATORS.names() if n not in ("uniform", "dp")]:
+            cls = ALLOCATORS.get(name)
+            if cls.needs_fitness:
+                continue
+            try:
+                plan = cls().allocate(problem)
+            except ConfigError:
+                continue
+            if plan not in plans.values():
+                plans[name] = plan
+        if len(plans) == 1:
+            return next(iter(plans.values()))
+        sample = fitness.new_sample(self.tokens[-1], rng)
+        scores = {name: fitness(plan, sample) for name, plan in plans.items()}
+        best = min(scores, key=scores.get)
+        log.info("init: %s -> %s", ", ".join(f"{n} {f:.5f}" for n, f in scores.items()), best)
+        return plans[best]
 
     def _save(self, ck: Path | None, key: str, gen: int, parent, fit, rng) -> None:
         if ck is None:

@@ -169,3 +169,35 @@ def test_evolutionary_settings_validated():
         ALLOCATORS.build("evolutionary", survivors=(2, 2), tokens=(1, 2))
     with pytest.raises(ConfigError, match="needs a fitness"):
         ALLOCATORS.build("evolutionary").allocate(pair_problem())
+
+
+class DroppedInfluence:
+    """Depth fitness: the summed true influence of the dropped sub-blocks."""
+
+    def __init__(self, infl):
+        self.infl = infl
+
+    def new_sample(self, n_tokens, rng):
+        return None
+
+    def __call__(self, choice, sample, parent=None):
+        return sum(x for x, c in zip(self.infl, choice) if c == 0)
+
+
+def test_evolutionary_starts_from_the_best_model_free_plan():
+    """init="best" scores every model-free allocator the problem supports (here block-influence,
+    whose data the depth problem carries; owl raises ConfigError and is skipped) and starts there:
+    with no generations the search returns block-influence's plan, which dp (misled by errors that
+    say the opposite) and uniform miss."""
+    n, drop = 12, 4
+    infl = [0.5, 0.1, 0.9, 0.05, 0.7, 0.2, 0.8, 0.02, 0.6, 0.3, 0.4, 0.15]
+    p = Problem([f"b{i}" for i in range(n)], [[0, 1]] * n, [[1.0 - x, 0.0] for x in infl], budget=n - drop,
+                extra={"influence": infl})
+    f = DroppedInfluence(infl)
+    bi, dp, uni = (_alloc(a, p) for a in ("block-influence", "dp", "uniform"))
+    assert f(bi, None) < min(f(dp, None), f(uni, None))
+    evo = ALLOCATORS.build("evolutionary", generations=0, offspring=2, tokens=(1,), survivors=(1,))
+    assert evo.allocate(p, f) == bi
+    only_uniform = ALLOCATORS.build("evolutionary", generations=0, offspring=2, tokens=(1,), survivors=(1,),
+                                    init="uniform").allocate(p, f)
+    assert f(only_uniform, None) > f(bi, None)
