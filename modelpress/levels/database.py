@@ -41,11 +41,15 @@ VERSION = 1
 
 
 def model_fingerprint(model) -> str:
+    """Config, names, shapes, the first bytes of every tensor and an exact checksum of all its bits.
+    The checksum adds the float32 bit patterns as integers: unlike a float sum it does not depend on
+    the order of additions, so the thread count or the device cannot change it."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:4096])
-        h.update(str(float(t.detach().float().sum())).encode())
+        x = t.detach().float().contiguous()
+        h.update(f"{name}{tuple(x.shape)}".encode())
+        h.update(x.reshape(-1)[:1024].cpu().numpy().tobytes())
+        h.update(str(int(x.view(torch.int32).to(torch.int64).sum())).encode())
     return h.hexdigest()
 
 
@@ -122,6 +126,8 @@ class LevelDB:
                 raise CheckpointError(f"{path} is not a modelpress level database")
             if meta["fingerprint"] != fp:
                 raise ConfigError(f"level database {path} was built for another model; use another --db folder")
+            if isinstance(kind, SparsityKind) and kind.step is None:  # the stored settings hold the resolved step
+                kind.resolve_step(discover_units(model, kind))
             if meta["kind"]["name"] != kind.registered_name or meta["kind"]["settings"] != json.loads(json.dumps(kind.settings())):
                 raise ConfigError(f"level database {path} was built with other settings "
                                   f"({meta['kind']}); use another --db folder")

@@ -113,6 +113,31 @@ def test_sparsity_levels_use_equal_absolute_steps(tmp_path, w):
         assert 0 <= info.extra["outlier_ratio"] <= 1
 
 
+def test_finished_sparsity_database_reopens(tmp_path, w):
+    """The step is resolved from the model when the database is made; reopening with the default
+    (unresolved) settings finds the same database instead of calling it 'built with other settings'."""
+    m = tiny_model("llama")
+    a = open_database(m, None, "sparsity", data=w, db=tmp_path / "db", max_levels=6)
+    b = open_database(m, None, "sparsity", data=w, db=tmp_path / "db", max_levels=6)
+    assert b.kind.step == a.kind.step and not b.missing()
+
+
+def test_fingerprint_ignores_thread_count_and_sees_every_weight():
+    m = tiny_model("llama")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dbmod.model_fingerprint(m)
+        torch.set_num_threads(max(2, threads))
+        assert dbmod.model_fingerprint(m) == one
+    finally:
+        torch.set_num_threads(threads)
+    w = m.model.layers[-1].mlp.down_proj.weight
+    with torch.no_grad():
+        w.view(-1)[-1] = torch.nextafter(w.view(-1)[-1], torch.tensor(1e9))  # one ulp, past the first bytes
+    assert dbmod.model_fingerprint(m) != one
+
+
 def test_depth_database_has_influence(tmp_path, w):
     db = open_database(tiny_model("llama"), None, "depth", data=w, db=tmp_path / "db")
     assert len(db.units) == 6 and not db.missing()
