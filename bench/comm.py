@@ -48,6 +48,8 @@ ROWS = [
         "--lgreco-every", "50", "--lgreco-relative"]),
     ("L-GreCo Top-K {0.5,1,2,5,10}% + EF (base 2%)", ["--compressor", "topk", "--ratio", "0.02", "--ef", "ef",
                                                      "--lgreco", "0.005,0.01,0.02,0.05,0.1", "--lgreco-every", "50"]),
+    ("L-GreCo Top-K {1,2,4,8,16}% + EF (base 4%)", ["--compressor", "topk", "--ratio", "0.04", "--ef", "ef",
+                                                   "--lgreco", "0.01,0.02,0.04,0.08,0.16", "--lgreco-every", "50"]),
     ("L-GreCo PowerSGD r∈{1,2,4,8} (base r2)", ["--compressor", "powersgd", "--psgd-rank", "2", "--ef", "ef",
                                                 "--lgreco", "1,2,4,8", "--lgreco-every", "50"]),
 ]
@@ -138,7 +140,7 @@ def render(cache: RowCache, common: list[str]) -> None:
         "for every row. final loss = mean training loss of the last 10 steps (both workers). MB sent = bytes one "
         "worker puts on the wire (values, indices, scales, PowerSGD factors; the uncompressed row counts the "
         "float32 gradient once per step). compression = uncompressed bytes / sent bytes. wall s includes process "
-        "start-up; the two `relative errors` rows and the base-2% / base-r2 L-GreCo rows ran beside other "
+        "start-up; the two `relative errors` rows and the base-2% / base-4% / base-r2 L-GreCo rows ran beside other "
         "benchmarks, so their wall times are inflated. L-GreCo rows re-plan every 50 steps under the error of their base level; "
         "`relative errors` measures each layer's error relative to its norm (`LGreCo(relative=True)`). "
         f"Machine: {machine()}.\n\n" + md + "\n\n" + dominated(cache) + "\n![loss vs bytes](comm_loss_bytes.png)\n"
