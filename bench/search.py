@@ -142,8 +142,10 @@ def render(cache: RowCache) -> None:
              "A short run: the CPU budget of this machine. "
              f"Dense perplexity: {dense.get('ppl', float('nan')):.3f}. Machine: {machine()}.\n"]
     for sec in SECTIONS:
-        rows = [dict(r, ppl_ratio=r["ppl"] / dense["ppl"]) for k, r in cache.rows.items()
-                if k.startswith(sec + "|") and "allocator" in r and dense]
+        spec = SECTIONS[sec]
+        keys = [f"{sec}|{b.label()}|{a}" for b in spec["budgets"] for a in spec["allocators"]]  # table order
+        rows = [dict(cache.get(k), ppl_ratio=cache.get(k)["ppl"] / dense["ppl"]) for k in keys
+                if cache.get(k) and dense]
         if not rows:
             continue
         db = cache.get(f"{sec}|db") or {}
