@@ -55,6 +55,11 @@ ROWS = [
 ]
 
 
+def _flag(args: list[str], flag: str) -> str | None:
+    """The value after `flag` in a row's arguments, or None."""
+    return args[args.index(flag) + 1] if flag in args else None
+
+
 def dominated(cache: RowCache) -> str:
     """Each L-GreCo row against the uniform rows of its compressor: which it beats on both loss and bytes."""
     out = []
@@ -62,10 +67,9 @@ def dominated(cache: RowCache) -> str:
         r = cache.get(label)
         if r is None or "--lgreco" not in extra:
             continue
-        comp = extra[extra.index("--compressor") + 1]
+        comp = _flag(extra, "--compressor")
         uni = [(lab, cache.get(lab)) for lab, ex in ROWS if "--lgreco" not in ex and cache.get(lab)
-               and "--compressor" in ex and ex[ex.index("--compressor") + 1] == comp and "--ef" in ex
-               and ex[ex.index("--ef") + 1] == "ef"]
+               and _flag(ex, "--compressor") == comp and _flag(ex, "--ef") == "ef"]
         beats = [lab for lab, u in uni if u["total_bytes"] > r["total_bytes"] and u["final_loss"] >= r["final_loss"]]
         out.append(f"- {label}: {r['final_loss']:.3f} at {r['total_bytes'] / 1e6:.2f} MB; fewer bytes at equal "
                    f"or lower loss than: {', '.join(beats) if beats else 'none of the uniform rows'}.")

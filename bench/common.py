@@ -36,7 +36,6 @@ class RowCache:
         sections of bench/search.py) may share the cache without dropping each other's rows."""
         self.rows[key] = row
         disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        disk[key] = row
         self.rows = {**disk, **self.rows}
         write_json(self.path, self.rows)
 

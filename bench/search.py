@@ -144,8 +144,7 @@ def render(cache: RowCache) -> None:
     for sec in SECTIONS:
         spec = SECTIONS[sec]
         keys = [f"{sec}|{b.label()}|{a}" for b in spec["budgets"] for a in spec["allocators"]]  # table order
-        rows = [dict(cache.get(k), ppl_ratio=cache.get(k)["ppl"] / dense["ppl"]) for k in keys
-                if cache.get(k) and dense]
+        rows = [dict(r, ppl_ratio=r["ppl"] / dense["ppl"]) for r in map(cache.get, keys) if r and dense]
         if not rows:
             continue
         db = cache.get(f"{sec}|db") or {}

@@ -31,7 +31,8 @@ def quant_values(v: torch.Tensor, bits: torch.Tensor, group: int):
     h, g, d = v.shape
     gv = min(group, d)
     if d % gv:
-        raise ConfigError(f"the value group ({gv}) must divide head_dim={d}")
+        raise ConfigError(f"values are quantized in groups of channels: the value group ({gv}) must divide "
+                          f"head_dim={d}; set value_group")
     x = v.float().reshape(h, g, d // gv, gv)
     mq = _mq(bits)[:, None, None, None]
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
@@ -98,9 +99,6 @@ class QuantStore(GroupedStore):
         self.kc = self.ks = self.kz = None  # (H, T, D) uint8, (H, C, D) fp16 x2
         self.vc = self.vs = self.vz = None  # (H, T, D) uint8, (H, T, D/gv) fp16 x2
         self.bits = None
-        if head_dim % self.value_group():
-            raise ConfigError(f"values are quantized in groups of channels: the value group "
-                              f"({self.value_group()}) must divide head_dim={head_dim}; set value_group")
 
     def head_bits(self, device) -> torch.Tensor:
         if self.bits is None:
