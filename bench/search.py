@@ -29,7 +29,7 @@ from modelpress.search import SearchSettings, allocate, open_database
 SECTIONS = {
     "quant": dict(kind="quant", settings=dict(levels=(2, 3, 4, 5, 6), group_size=64, mse=False),
                   budgets=[Budget("bits", b) for b in (2.5, 3.0, 4.0)], allocators=["uniform", "dp", "evolutionary"]),
-    "sparsity": dict(kind="sparsity", settings=dict(max_sparsity=0.9, max_levels=24),
+    "sparsity": dict(kind="sparsity", settings=dict(max_sparsity=0.9, max_levels=24, refit_iters=0),
                      budgets=[Budget("sparsity", s) for s in (0.5, 0.6, 0.7)],
                      allocators=["uniform", "owl", "evolutionary"]),
     "depth": dict(kind="depth", settings={}, budgets=[Budget("drop", n) for n in (4, 8)],

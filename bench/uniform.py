@@ -34,6 +34,8 @@ for m in ("magnitude", "wanda", "sparsegpt"):
 ROWS += [(f"drop {n} sub-blocks", None, {}, n) for n in (2, 4, 8)]
 # the clipping search (`--mse`) on top of GPTQ at 3 bits: does it close the gap to the 1.6x target?
 ROWS += [("gptq w3 g64 mse", "gptq", dict(bits=3, group_size=64, mse=True), 0)]
+# SparseGPT as it ran before the refit of the kept weights (now the default, 30 steps)
+ROWS += [("sparsegpt 50% no refit", "sparsegpt", dict(sparsity=0.5, refit_iters=0), 0)]
 
 COLUMNS = [("label", "method"), ("ppl", "ppl"), ("ppl_ratio", "× dense"), ("kl", "KL to dense"),
            ("size_mb", "size MB"), ("bits_per_weight", "bits/weight (layers)"), ("bits_per_param", "bits/param (file)"),

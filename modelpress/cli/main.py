@@ -100,6 +100,8 @@ def compress_cmd(
     mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="clipping search for quantization ranges"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured sparsity 0..0.95"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M sparsity, e.g. 2:4"),
+    refit_iters: Optional[int] = typer.Option(None, "--refit-iters",
+                                              help="sparsegpt: refit steps for the kept weights (default 30, 0 = off)"),
     drop: int = typer.Option(0, "--drop", help="remove this many attention/MLP sub-blocks (lowest influence)"),
     compensate: Optional[str] = typer.Option(None, "--compensate", help="low-rank error correction: eora"),
     rank: int = typer.Option(16, "--rank", help="rank of the --compensate correction, or of --method svd/asvd"),
@@ -134,7 +136,7 @@ def compress_cmd(
     if export not in (None, "hf"):
         raise ConfigError(f"unknown export format {export!r}; use --export hf (GGUF: `modelpress export gguf`)")
     kw = {k: v for k, v in dict(bits=bits, sym=sym, act_order=act_order, mse=mse, sparsity=sparsity,
-                                pattern=pattern).items() if v is not None}
+                                pattern=pattern, refit_iters=refit_iters).items() if v is not None}
     if method in ("svd", "asvd"):
         kw["rank"] = rank
     if group_size is not None:

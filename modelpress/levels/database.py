@@ -98,7 +98,7 @@ class LevelDB:
     def __init__(self, path: Path, meta: dict):
         self.path = Path(path)
         self.meta = meta
-        self.kind: Kind = KINDS.build(meta["kind"]["name"], **meta["kind"]["settings"])
+        self.kind: Kind = KINDS.get(meta["kind"]["name"]).from_settings(meta["kind"]["settings"])
         self.units: dict[str, UnitInfo] = {
             n: UnitInfo(n, tuple(u["shape"]) if u["shape"] else None, u["numel"], u["block"], u["group"], u.get("extra", {}))
             for n, u in meta["units"].items()}

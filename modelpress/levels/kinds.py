@@ -31,13 +31,22 @@ class UnitInfo:
 class Kind:
     registered_name: ClassVar[str]
     budgets: ClassVar[tuple[str, ...]] = ("mb",)
+    # settings added after databases of this kind were first written, with the value that
+    # reproduces the older behaviour: left out of stored settings and database keys at that value,
+    # filled in when an older database is opened, so older databases keep opening as what they are
+    legacy: ClassVar[dict] = {}
 
     def values(self, unit: UnitInfo) -> list:
         """Level values of a unit, cheapest first."""
         raise NotImplementedError
 
     def settings(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if not (k in self.legacy and v == self.legacy[k])}
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "Kind":
+        return cls(**{**cls.legacy, **settings})
 
     def order(self, unit: UnitInfo, built: dict[str, dict]) -> list:
         """The unit's usable levels, cheapest first (default: all of them)."""
@@ -80,8 +89,10 @@ class SparsityKind(Kind):
     max_levels: int = 24
     damp: float = 0.01
     outlier_m: float = 5.0  # OWL: a weight is an outlier when its Wanda score > M x the layer mean
+    refit_iters: int = 30  # SparseGPT's refit of the kept weights (0: the plain sweep)
 
     budgets = ("sparsity", "mb")
+    legacy = {"refit_iters": 0}
 
     def __post_init__(self) -> None:
         if not 0 < self.max_sparsity <= 0.95:
@@ -101,7 +112,7 @@ class SparsityKind(Kind):
     def operator(self, n_prune: int):
         from ..ops import OPERATORS
 
-        return OPERATORS.build("sparsegpt", n_prune=n_prune, damp=self.damp)
+        return OPERATORS.build("sparsegpt", n_prune=n_prune, damp=self.damp, refit_iters=self.refit_iters)
 
 
 @KINDS.register("depth")

@@ -142,3 +142,24 @@ def test_depth_database_has_influence(tmp_path, w):
     db = open_database(tiny_model("llama"), None, "depth", data=w, db=tmp_path / "db")
     assert len(db.units) == 6 and not db.missing()
     assert all(info.extra["influence"] > 0 for info in db.units.values())
+
+
+def test_database_from_before_a_setting_existed_opens_as_what_it_is(tmp_path, w, monkeypatch):
+    """Sparsity databases written before SparseGPT's refit have no `refit_iters` in their settings:
+    they open as refit_iters=0 (how they were built), under the same default folder as before, and the
+    new default (refit on) gets a folder of its own instead of mixing levels of both."""
+    import json
+
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path))
+    m = tiny_model("llama")
+    old = open_database(m, None, "sparsity", data=w, max_levels=4, refit_iters=0)
+    meta = json.loads((old.path / "db.json").read_text())
+    assert "refit_iters" not in meta["kind"]["settings"]  # as written before the setting existed
+    again = open_database(m, None, "sparsity", data=w, max_levels=4, refit_iters=0)
+    assert again.path == old.path and again.kind.refit_iters == 0 and not again.missing()
+    assert LevelDB(old.path, meta).kind.refit_iters == 0
+    new = open_database(m, None, "sparsity", data=w, max_levels=4)
+    assert new.kind.refit_iters == 30 and new.path != old.path
+    u = next(iter(new.units))
+    v = new.values(u)[0]  # the most pruned level
+    assert not torch.equal(new.load(u, v).dequantize(), old.load(u, v).dequantize())
