@@ -27,7 +27,7 @@ from modelpress.levels import PlanState
 from modelpress.search import SearchSettings, allocate, open_database
 
 SECTIONS = {
-    "quant": dict(kind="quant", settings=dict(levels=(2, 3, 4, 5, 6), group_size=64, mse=False),
+    "quant": dict(kind="quant", settings=dict(levels=(2, 3, 4, 5, 6), group_size=64, mse=True),
                   budgets=[Budget("bits", b) for b in (2.5, 3.0, 4.0)], allocators=["uniform", "dp", "evolutionary"]),
     "sparsity": dict(kind="sparsity", settings=dict(max_sparsity=0.9, max_levels=24, refit_iters=0),
                      budgets=[Budget("sparsity", s) for s in (0.5, 0.6, 0.7)],
@@ -129,8 +129,9 @@ def render(cache: RowCache) -> None:
     parts = ["## Budget-optimal search (`bench/search.py`)\n",
              "smollm2-135m, calibration 128 x 512 tokens of `pydoc` (databases and fitness), evaluation on the "
              f"first {N_EVAL} of the 88 held-out 512-token windows of the uniform table (to keep the CPU run short). Quantization levels: GPTQ 2-6 bits, "
-             "group 64, asymmetric, act-order, each level's database built sequentially. Sparsity levels: SparseGPT "
-             "in equal absolute steps (24 levels up to 90% on the largest layers, fewer on smaller ones), every "
+             "group 64, asymmetric, act-order, clipping search (`mse`, GPTQ's default), each level's database built "
+             "sequentially. Sparsity levels: SparseGPT without the refit of the kept weights (`refit_iters=0`: the "
+             "database predates the refit, now SparseGPT's default) in equal absolute steps (24 levels up to 90% on the largest layers, fewer on smaller ones), every "
              "level computed from the dense model's inputs (not sequentially), so the sparsity section's `uniform` "
              "row is worse than the uniform table's sequential SparseGPT at the same sparsity; its rows compare "
              "allocators over one database. Depth: 60 sub-blocks (30 attention + 30 MLP). `uniform` at a non-integer "
