@@ -121,10 +121,13 @@ def render(cache: RowCache) -> None:
         "Size = weights file on disk (embeddings and norms in float16). bits/weight counts codes, scales, zeros, "
         "masks and permutations of the compressed Linear layers; bits/param divides the whole weights file by all "
         "134.5M parameters. compress s = calibrate + compress + save on the machine below (eval excluded); the "
-        "2026-11-27 rows ran while other benchmarks shared the 2 cores, so their times are inflated (up to ~3x "
-        "for the SparseGPT row) and only the quality columns are comparable. "
+        "2026-11-27 rows and the SparseGPT rows ran while other benchmarks shared the 2 cores (the SparseGPT rows "
+        "at 1 thread), so their times are inflated (up to ~3x for `sparsegpt 50% no refit`) and only the "
+        "quality columns are comparable. "
         "The `gptq w* g64` rows ran without GPTQ's clipping search (the default until 2026-11-28); "
         "`gptq w3 g64 mse` is GPTQ as it now runs by default (`--mse`, a per-group range search). "
+        "The `sparsegpt` rows refit the kept weights on the final mask (30 conjugate-gradient steps, the default "
+        "since 2026-11-28); `sparsegpt 50% no refit` is the plain OBS sweep (`--refit-iters 0`). "
         + timing_note(cache.get("cli gptq w4 timing"))
         + not_run_note(missing, "uniform.py")
         + f"Machine: {machine()}.\n\n" + md
