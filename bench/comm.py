@@ -117,7 +117,7 @@ def main() -> None:
             xs.append(cum)
         cache.put(label, {"label": label, "final_loss": log["final_loss"], "total_bytes": log["total_bytes"],
                           "dense_bytes": log["dense_bytes"], "wall_s": log["wall_s"], "cum_bytes": xs, "loss": log["loss"]})
-    render(cache, common)
+    render(cache.everything(), common)
 
 
 def render(cache: RowCache, common: list[str]) -> None:

@@ -20,24 +20,31 @@ CACHE = ROOT / ".bench_cache"
 
 
 class RowCache:
-    """Finished rows survive an interrupted benchmark: re-running skips them (unless --force)."""
+    """Finished rows survive an interrupted benchmark: re-running skips them. With `force`, the rows
+    already on disk count as missing (`get` returns None) until this run recomputes them; they stay
+    on disk meanwhile, so `--force --only X` redoes X and keeps every other section's rows."""
 
     def __init__(self, name: str, force: bool = False):
         self.path = CACHE / f"{name}.json"
-        self.rows: dict[str, dict] = {}
-        if self.path.is_file() and not force:
-            self.rows = json.loads(self.path.read_text())
+        self.rows: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.stale: set[str] = set(self.rows) if force else set()
 
     def get(self, key: str) -> dict | None:
-        return self.rows.get(key)
+        return None if key in self.stale else self.rows.get(key)
 
     def put(self, key: str, row: dict) -> None:
         """Store one row, merged into what is on disk now: two runs of one benchmark (say, two
         sections of bench/search.py) may share the cache without dropping each other's rows."""
-        self.rows[key] = row
+        self.stale.discard(key)
         disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.rows = {**disk, **self.rows}
+        self.rows = {**disk, **self.rows, key: row}
         write_json(self.path, self.rows)
+
+    def everything(self) -> "RowCache":
+        """The same rows with none treated as missing: what a rendered table shows."""
+        view = object.__new__(RowCache)
+        view.path, view.rows, view.stale = self.path, self.rows, set()
+        return view
 
 
 def machine() -> str:

@@ -171,7 +171,7 @@ def main() -> None:
     head_budgets(model, calib, w.calib[:1], run, cache)
     for target in TARGETS[1:]:
         compressed(target)
-    render(cache)
+    render(cache.everything())
 
 
 HEAD_BITS = (2.5, 3.0)

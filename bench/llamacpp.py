@@ -96,7 +96,7 @@ def main() -> None:
         del model
         gc.collect()
     speed_pass(cache)
-    render(cache, args.generations, args.offspring)
+    render(cache.everything(), args.generations, args.offspring)
 
 
 def speed_pass(cache: RowCache, rounds: int = 3) -> None:

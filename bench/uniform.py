@@ -52,7 +52,8 @@ def main() -> None:
     cache = RowCache("uniform", force=args.force)
     if args.time_cli:
         cache.put("cli gptq w4 timing", time_cli())
-        render(cache)
+        cache.put("cli gptq w4 no-mse timing", time_cli(["--no-mse"]))
+        render(cache.everything())
         return
     base, tok = mp.load_model("smollm2-135m", device="cpu")
     windows = mp.get_windows(tok, mp.DataConfig(n_samples=128, seq_len=512))
@@ -84,15 +85,15 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         del model
         gc.collect()
-    render(cache)
+    render(cache.everything())
 
 
-def time_cli() -> dict:
+def time_cli(extra: list[str] = ()) -> dict:
     """Wall time of the whole CLI job a user runs: load, calibrate (128 x 512), GPTQ 4-bit g64, save."""
     import subprocess
 
     cmd = [str(Path(sys.executable).with_name("modelpress")), "compress", "smollm2-135m", "--method", "gptq",
-           "--bits", "4", "--group-size", "64", "--no-eval"]
+           "--bits", "4", "--group-size", "64", "--no-eval", *extra]
     with tempfile.TemporaryDirectory() as tmp:
         t = time.time()
         subprocess.run(cmd + ["--out", str(Path(tmp) / "ck")], check=True, capture_output=True)
@@ -128,18 +129,21 @@ def render(cache: RowCache) -> None:
         "`gptq w3 g64 mse` is GPTQ as it now runs by default (`--mse`, a per-group range search). "
         "The `sparsegpt` rows refit the kept weights on the final mask (30 conjugate-gradient steps, the default "
         "since 2026-11-28); `sparsegpt 50% no refit` is the plain OBS sweep (`--refit-iters 0`). "
-        + timing_note(cache.get("cli gptq w4 timing"))
+        + timing_note(cache.get("cli gptq w4 timing"), cache.get("cli gptq w4 no-mse timing"))
         + not_run_note(missing, "uniform.py")
         + f"Machine: {machine()}.\n\n" + md
     )
     write_section("uniform", body)
 
 
-def timing_note(t: dict | None) -> str:
+def timing_note(t: dict | None, no_mse: dict | None = None) -> str:
     if not t:
         return "The end-to-end CLI timing has not been measured (`python bench/uniform.py --time-cli`). "
-    return (f"End to end, `modelpress {t['command']}` (load, calibrate, quantize, save) took "
-            f"**{t['wall_s']:.0f} s** with nothing else running. ")
+    out = (f"End to end, `modelpress {t['command']}` (load, calibrate, quantize, save; GPTQ's default clipping "
+           f"search on) took **{t['wall_s']:.0f} s** with nothing else running")
+    if no_mse:
+        out += f"; with `--no-mse`, **{no_mse['wall_s']:.0f} s** ({no_mse.get('date', 'same machine')})"
+    return out + ". "
 
 
 if __name__ == "__main__":
