@@ -138,8 +138,8 @@ def render(cache: RowCache) -> None:
              "bit target mixes the two neighbouring levels evenly. Evolutionary: fitness = KL to dense on "
              "calibration tokens (top-512 + tail), 20 generations x 12 offspring, survivors 2/1 on 512/1536 tokens, "
              "initialised from the best (by fitness) of the model-free allocators the database supports: uniform, dp, "
-             "and owl or block-influence in their sections (the quant and depth rows were searched before owl / "
-             "block-influence joined that choice: they started from the better of uniform and dp). "
+             "and owl or block-influence in their sections (the depth rows were searched before block-influence "
+             "joined that choice: they started from the better of uniform and dp). "
              "A short run: the CPU budget of this machine. "
              f"Dense perplexity: {dense.get('ppl', float('nan')):.3f}. Machine: {machine()}.\n"]
     for sec in SECTIONS:
@@ -156,7 +156,7 @@ def render(cache: RowCache) -> None:
     parts.append(not_run_note(missing, "search.py") + "Database build time counts the run that finished it "
                  "(a build interrupted and resumed only reports the resumed part); an evolutionary search "
                  "resumed from its checkpoint likewise reports only the resumed generations (depth, 4 dropped: "
-                 "generations 14-20). The depth and sparsity rows ran beside other benchmarks on the same 2 cores, "
+                 "generations 14-20). The depth and sparsity rows and the quantization database (built at 1 thread) ran beside other work on the same 2 cores, "
                  "so their times are inflated; compare quality, not time, across sections.\n")
     sp = cache.get("speed")
     if sp:
