@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: resumable row cache, table printing, docs/benchmarks.md sections."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -42,8 +43,8 @@ class RowCache:
 
     def everything(self) -> "RowCache":
         """The same rows with none treated as missing: what a rendered table shows."""
-        view = object.__new__(RowCache)
-        view.path, view.rows, view.stale = self.path, self.rows, set()
+        view = copy.copy(self)
+        view.stale = set()
         return view
 
 

@@ -36,6 +36,15 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise RuntimeError("layer Hessian could not be made positive definite")
 
 
+def live_hessian(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 copy of H whose dead inputs (columns no calibration token activates, H_jj = 0) get
+    a unit diagonal, so H can be damped and factored; also the dead-column mask."""
+    h = h.float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    return h, dead
+
+
 @dataclasses.dataclass
 class SweepResult:
     weight: torch.Tensor  # reconstructed weight, sweep (permuted) column order
@@ -51,10 +60,8 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
               act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> SweepResult:
     """Compress `w` (out, in) given H = XᵀX/n (in, in). Returns the result in sweep order."""
     w = w.float().clone()
-    h = h.float().clone()
+    h, dead = live_hessian(h)
     out_f, in_f = w.shape
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
     perm = None
@@ -181,11 +188,9 @@ def refit_masked(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, start: to
     least-squares problem on its own support; all rows are solved at once by masked conjugate
     gradients with a Jacobi preconditioner, started from the sweep's result (`start`), one
     (out × in × in) matmul per iteration. Returns X (zeros off the mask)."""
-    h = h.float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    h, _ = live_hessian(h)
     h.diagonal().add_(damp * torch.diagonal(h).mean().clamp_min(1e-12))
-    m = mask.to(w.dtype)
+    m = mask.float()
     x = start.float() * m
     pinv = 1.0 / torch.diagonal(h)
     r = m * ((w.float() - x) @ h)  # minus the gradient, on the support
