@@ -33,7 +33,7 @@ for m in ("magnitude", "wanda", "sparsegpt"):
     ROWS += [(f"{m} 2:4", m, dict(pattern="2:4"), 0)]
 ROWS += [(f"drop {n} sub-blocks", None, {}, n) for n in (2, 4, 8)]
 # the clipping search (`--mse`) on top of GPTQ at 3 bits: does it close the gap to the 1.6x target?
-ROWS += [("gptq w3 g64 mse", "gptq", dict(bits=3, group_size=64, mse=True), 0)]
+ROWS += [(f"gptq w{b} g64 mse", "gptq", dict(bits=b, group_size=64, mse=True), 0) for b in (4, 3, 2)]
 # SparseGPT as it ran before the refit of the kept weights (now the default, 30 steps)
 ROWS += [("sparsegpt 50% no refit", "sparsegpt", dict(sparsity=0.5, refit_iters=0), 0)]
 

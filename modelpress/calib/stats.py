@@ -8,30 +8,31 @@ from torch import nn
 KINDS = ("none", "norms", "xtx")
 
 
-def _blocks(d: int, target: int = 384) -> list[tuple[int, int]]:
-    k = max(1, round(d / target))
-    edges = [d * i // k for i in range(k + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+def _tri_(acc: torch.Tensor, x: torch.Tensor, a: int, b: int, leaf: int) -> None:
+    if b - a <= leaf:
+        acc[a:b, a:b].addmm_(x[:, a:b].t(), x[:, a:b])
+        return
+    m = (a + b) // 2
+    acc[a:m, m:b].addmm_(x[:, a:m].t(), x[:, m:b])
+    _tri_(acc, x, a, m, leaf)
+    _tri_(acc, x, m, b, leaf)
 
 
-def syrk_upper_(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """acc += xᵀx on the upper block triangle only (the lower is filled by `symmetrize_`).
+def syrk_upper_(acc: torch.Tensor, x: torch.Tensor, leaf: int = 200) -> None:
+    """acc += xᵀx on the upper triangle (the lower is filled by `symmetrize_`).
 
-    XᵀX is symmetric: computing only blocks (i <= j) saves about a third of the work at
-    SmolLM2's widths, and accumulating XᵀX is as costly as the forward pass itself.
+    XᵀX is symmetric and accumulating it is as costly as the forward pass itself, so only the
+    upper triangle is computed: recursively, the off-diagonal half as one large matmul and the two
+    diagonal halves the same way, down to full `leaf`-wide diagonal blocks. At SmolLM2's widths that
+    is ~20% faster than the full product (a quarter to a third fewer flops, in few large matmuls).
     """
-    blocks = _blocks(x.shape[1])
-    for bi, (a0, a1) in enumerate(blocks):
-        xa = x[:, a0:a1]
-        for b0, b1 in blocks[bi:]:
-            acc[a0:a1, b0:b1].addmm_(xa.t(), x[:, b0:b1])
+    _tri_(acc, x, 0, x.shape[1], leaf)
 
 
 def symmetrize_(acc: torch.Tensor) -> torch.Tensor:
-    for bi, (a0, a1) in enumerate(_blocks(acc.shape[0])):
-        for b0, b1 in _blocks(acc.shape[0])[bi + 1:]:
-            acc[b0:b1, a0:a1] = acc[a0:a1, b0:b1].t()
-    return acc
+    """Copy the upper triangle onto the lower one (in place), making acc exactly symmetric."""
+    upper = torch.triu(acc, 1)
+    return acc.triu_().add_(upper.t())
 
 
 @dataclasses.dataclass

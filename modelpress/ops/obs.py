@@ -18,6 +18,8 @@ from .quant.grid import find_params, n_groups
 
 log = logging.getLogger(__name__)
 
+_INNER = 16  # sub-block width inside a lazy-update block (see obs_sweep)
+
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H); damping grows if H is singular."""
@@ -99,51 +101,62 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
     for bi, i1 in enumerate(starts):
         i2 = min(i1 + block_size, in_f)
         cnt = i2 - i1
-        w1 = w[:, i1:i2].clone()
+        # the block is held transposed (columns x rows), so each column is contiguous in memory
+        w1 = w[:, i1:i2].t().contiguous()
         q1 = torch.zeros_like(w1)
         codes1 = torch.zeros_like(w1) if quant else None
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         d = torch.diagonal(u1)
+        dl = d.tolist()
         m1 = None
         if mask is not None:
-            m1 = torch.ones(out_f, cnt, dtype=torch.bool, device=w.device)
+            m1 = torch.ones(cnt, out_f, dtype=torch.bool, device=w.device)
             if block_counts is not None and block_counts[bi]:
-                score = w1 * w1 / (d * d).unsqueeze(0)
+                score = w1 * w1 / (d * d).unsqueeze(1)
                 m1.view(-1)[torch.topk(score.reshape(-1), block_counts[bi], largest=False).indices] = False
-        for i in range(cnt):
-            col = i1 + i
-            wc = w1[:, i]
-            if nm is not None and i % nm[1] == 0 and i + nm[1] <= cnt:
-                n_keep, m = nm
-                score = w1[:, i:i + m] ** 2 / (d[i:i + m] ** 2).unsqueeze(0)
-                drop = torch.topk(score, m - n_keep, dim=1, largest=False).indices
-                m1[:, i:i + m].scatter_(1, drop, False)
-            if quant and group_size and col % gs == 0:
-                grp = w1[:, i:i + gs]
-                if m1 is not None:
-                    grp = grp * m1[:, i:i + gs]
-                scale, zero = find_params(grp, bits, sym, mse=mse)
-                scales[:, col // gs:col // gs + 1], zeros[:, col // gs:col // gs + 1] = scale, zero
-                scale1, zero1 = scale.squeeze(1), zero.squeeze(1)
-            qc = wc if m1 is None else wc * m1[:, i]
-            if quant:
-                c = torch.clamp(torch.round(qc / scale1) + zero1, 0, mq)
-                codes1[:, i] = c
-                qc = (c - zero1) * scale1
-                if m1 is not None:
-                    qc = qc * m1[:, i]
-            q1[:, i] = qc
-            e = (wc - qc) / d[i]
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
-            err1[:, i] = e
-        q_all[:, i1:i2] = q1
+        # Within the block, errors are pushed eagerly only up to the end of a short sub-block
+        # (rank-1 updates over <= _INNER columns) and to the rest of the block by one matmul per
+        # sub-block. Sub-blocks end before every quantization group and N:M group, whose decisions
+        # need the columns fully updated.
+        bounds = [j for j in range(cnt) if j % _INNER == 0 or (quant and group_size and (i1 + j) % gs == 0)
+                  or (nm is not None and j % nm[1] == 0)] + [cnt]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            for i in range(a, b):
+                col = i1 + i
+                wc = w1[i]
+                if nm is not None and i % nm[1] == 0 and i + nm[1] <= cnt:
+                    n_keep, m = nm
+                    score = w1[i:i + m] ** 2 / (d[i:i + m] ** 2).unsqueeze(1)
+                    drop = torch.topk(score, m - n_keep, dim=0, largest=False).indices
+                    m1[i:i + m].scatter_(0, drop, False)
+                if quant and group_size and col % gs == 0:
+                    grp = w1[i:i + gs]
+                    if m1 is not None:
+                        grp = grp * m1[i:i + gs]
+                    scale, zero = find_params(grp.t().contiguous(), bits, sym, mse=mse)
+                    scales[:, col // gs:col // gs + 1], zeros[:, col // gs:col // gs + 1] = scale, zero
+                    scale1, zero1 = scale.squeeze(1), zero.squeeze(1)
+                qc = wc if m1 is None else wc * m1[i]
+                if quant:
+                    c = codes1[i]
+                    torch.div(qc, scale1, out=c).round_().add_(zero1).clamp_(0, mq)
+                    qc = torch.sub(c, zero1, out=q1[i]).mul_(scale1)
+                    if m1 is not None:
+                        qc.mul_(m1[i])
+                else:
+                    q1[i] = qc
+                e = torch.sub(wc, qc, out=err1[i]).div_(dl[i])
+                w1[i:b].addr_(u1[i, i:b], e, alpha=-1.0)
+            if b < cnt:
+                w1[b:].addmm_(u1[a:b, b:].t(), err1[a:b], alpha=-1.0)
+        q_all[:, i1:i2] = q1.t()
         if quant:
-            codes[:, i1:i2] = codes1.to(torch.uint8)
+            codes[:, i1:i2] = codes1.t().to(torch.uint8)
         if m1 is not None:
-            mask[:, i1:i2] = m1
+            mask[:, i1:i2] = m1.t()
         if i2 < in_f:
-            w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
+            w[:, i2:].addmm_(err1.t(), u[i1:i2, i2:], alpha=-1.0)
 
     return SweepResult(
         weight=q_all, mask=mask, codes=codes,

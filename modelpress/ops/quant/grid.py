@@ -48,24 +48,24 @@ def find_params(w: torch.Tensor, bits: int, sym: bool, *, mse: bool = False,
     scale, zero = _params_from_range(xmin, xmax, bits, sym)
     if not mse:
         return scale, zero
-    cw = None if col_weight is None else col_weight.float().reshape(1, -1)
-
-    def err(s, z):
-        d = dequantize(quantize(w, s, z, bits), s, z) - w
-        d = d * d
-        return (d * cw if cw is not None else d).sum(dim=1, keepdim=True)
-
-    best = err(scale, zero)
-    for k in range(1, int(maxshrink * grid) + 1):
-        p = 1 - k / grid
-        s2, z2 = _params_from_range(xmin * p, xmax * p, bits, sym)
-        e = err(s2, z2)
-        better = e < best
-        if better.any():
-            best = torch.where(better, e, best)
-            scale = torch.where(better, s2, scale)
-            zero = torch.where(better, z2, zero)
-    return scale, zero
+    # every candidate range at once (small tensors), then one pass over w per candidate
+    shrink = torch.tensor([1 - k / grid for k in range(int(maxshrink * grid) + 1)],
+                          dtype=torch.float32, device=w.device).view(-1, 1, 1)
+    s_all, z_all = _params_from_range(xmin * shrink, xmax * shrink, bits, sym)  # (G, rows, 1)
+    lo_all, hi_all = -z_all, maxq(bits) - z_all  # code - zero must stay in [-z, maxq - z]
+    cw = None if col_weight is None else col_weight.float().reshape(-1)
+    errs = torch.empty(len(shrink), w.shape[0], dtype=torch.float32, device=w.device)
+    for k in range(len(shrink)):
+        t = torch.div(w, s_all[k])
+        d = torch.round(t)
+        torch.maximum(d, lo_all[k], out=d)  # clamp_ with tensor bounds is several times slower
+        torch.minimum(d, hi_all[k], out=d)
+        d.sub_(t)  # (dequantized - w) / scale
+        errs[k] = torch.linalg.vecdot(d, d) if cw is None else torch.mv(d.square_(), cw)
+    errs.mul_(s_all.squeeze(-1).square())
+    best = errs.argmin(dim=0)  # the first minimum: ties keep the widest range
+    rows = torch.arange(w.shape[0], device=w.device)
+    return s_all[best, rows], z_all[best, rows]
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
