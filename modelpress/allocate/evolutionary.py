@@ -102,9 +102,13 @@ class Evolutionary(Allocator):
             raise ConfigError("generations >= 0 and offspring >= 1")
         self.history: list[dict] = []
 
-    def _key(self, p: Problem) -> str:
-        h = hashlib.sha256(json.dumps([p.units, p.costs, p.budget, dataclasses.asdict(self) | {"checkpoint": None}],
-                                      default=str).encode())
+    def _key(self, p: Problem, with_generations: bool = False) -> str:
+        """What a checkpoint must match to be resumed. The number of generations is not part of it,
+        so a finished search can be extended (checkpoints written before 2026-11-28 included it)."""
+        cfg = dataclasses.asdict(self) | {"checkpoint": None}
+        if not with_generations:
+            cfg.pop("generations")
+        h = hashlib.sha256(json.dumps([p.units, p.costs, p.budget, cfg], default=str).encode())
         return h.hexdigest()[:16]
 
     def allocate(self, problem: Problem, fitness=None) -> list[int]:
@@ -125,10 +129,18 @@ class Evolutionary(Allocator):
             except json.JSONDecodeError:
                 state = None
                 log.warning("search checkpoint %s is unreadable; starting over", ck)
-            if state and state.get("key") == key:
+            if state and state.get("key") in (key, self._key(problem, with_generations=True)):
                 start, parent, best_fit = state["generation"], state["parent"], state["fitness"]
-                rng.bit_generator.state = state["rng"]
                 self.history = state["history"]
+                if start > self.generations:  # a longer search of this problem: its plan at that point
+                    kept = self.history[self.generations - 1].get("parent") if self.generations else None
+                    if kept is None:
+                        raise ConfigError(f"checkpoint {ck} ran {start} generations and does not keep the plan "
+                                          f"after {self.generations}; ask for >= {start} or use another checkpoint")
+                    log.info("checkpoint ran %d generations; taking its plan after %d", start, self.generations)
+                    self.history = self.history[:self.generations]
+                    return fill(problem, kept)
+                rng.bit_generator.state = state["rng"]
                 log.info("resuming evolutionary search at generation %d", start)
             elif state:
                 log.warning("search checkpoint %s belongs to another problem; starting over", ck)
@@ -169,7 +181,8 @@ class Evolutionary(Allocator):
                     scores = [scores[j] for j in order[:keep]]
                 improved = cands[0] != parent
                 parent, best_fit = cands[0], scores[0]
-                self.history.append({"generation": gen + 1, "fitness": best_fit, "improved": improved})
+                self.history.append({"generation": gen + 1, "fitness": best_fit, "improved": improved,
+                                     "parent": list(parent)})
                 self._save(ck, key, gen + 1, parent, best_fit, rng)
                 bar.update(1)
                 bar.set_postfix(kl=f"{best_fit:.5f}")

@@ -201,3 +201,22 @@ def test_evolutionary_starts_from_the_best_model_free_plan():
     only_uniform = ALLOCATORS.build("evolutionary", generations=0, offspring=2, tokens=(1,), survivors=(1,),
                                     init="uniform").allocate(p, f)
     assert f(only_uniform, None) > f(bi, None)
+
+
+def test_finished_search_extends_and_truncates(tmp_path):
+    p = pair_problem()
+    kw = dict(offspring=6, tokens=(1, 2), survivors=(2, 1), seed=5, init="uniform")
+    straight = ALLOCATORS.build("evolutionary", generations=30, **kw).allocate(p, SumFitness(p))
+    short = ALLOCATORS.build("evolutionary", generations=12, **kw).allocate(p, SumFitness(p))
+    ck = str(tmp_path / "search.json")
+    assert ALLOCATORS.build("evolutionary", generations=12, checkpoint=ck, **kw).allocate(p, SumFitness(p)) == short
+    f = SumFitness(p)
+    longer = ALLOCATORS.build("evolutionary", generations=30, checkpoint=ck, **kw)
+    assert longer.allocate(p, f) == straight  # extended from generation 12, as if run straight through
+    assert f.calls <= 18 * 9  # 18 generations x (6 offspring + 2 survivors + the parent)
+    again = ALLOCATORS.build("evolutionary", generations=12, checkpoint=ck, **kw)
+    f = SumFitness(p)
+    assert again.allocate(p, f) == short and f.calls == 0  # read back from the longer checkpoint
+    assert len(again.history) == 12
+    with pytest.raises(ConfigError, match="ask for"):
+        ALLOCATORS.build("evolutionary", generations=0, checkpoint=ck, **kw).allocate(p, SumFitness(p))
