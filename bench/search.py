@@ -4,7 +4,7 @@ Same calibration (128 x 512 tokens of pydoc) for the databases and the fitness, 
 evaluation (88 x 512 tokens) as bench/uniform.py. Rows are cached (.bench_cache/search.json),
 so an interrupted run resumes; level databases live in the modelpress cache and resume too.
 
-    python bench/search.py [--only quant|sparsity|depth|speed] [--generations 30] [--force]
+    python bench/search.py [--only quant|sparsity|depth|speed] [--generations 30] [--force] [--extend quant:3:60]
 """
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--offspring", type=int, default=12)
     ap.add_argument("--tokens", default="512,1536", help="fitness tokens per selection stage")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--extend", default=None, metavar="SECTION:BUDGET:GENERATIONS",
+                    help="continue one finished evolutionary search to more generations, e.g. quant:3:60 "
+                         "(an extra row; the original row stays)")
     args = ap.parse_args()
     cache = RowCache("search", force=args.force)
     model, tok = mp.load_model("smollm2-135m", device="cpu")
@@ -54,11 +57,20 @@ def main() -> None:
     tokens = tuple(int(t) for t in args.tokens.split(","))
     evo = dict(generations=args.generations, offspring=args.offspring, tokens=tokens, survivors=(2, 1))
     ref = None
+    extend = None
+    if args.extend:
+        sec, value, gens = args.extend.split(":")
+        extend = (sec, float(value), int(gens))
+        args.only = sec
     todo = [s for s in SECTIONS if not args.only or args.only == s]
     for sec in todo:
         spec = SECTIONS[sec]
-        keys = [f"{sec}|{b.label()}|{a}" for b in spec["budgets"] for a in spec["allocators"]]
-        if all(cache.get(k) for k in keys) and cache.get(f"{sec}|db"):
+        jobs = [(b, a, f"{sec}|{b.label()}|{a}", evo) for b in spec["budgets"] for a in spec["allocators"]]
+        if extend:
+            b = next(b for b in spec["budgets"] if b.value == extend[1])
+            jobs = [(b, "evolutionary", f"{sec}|{b.label()}|evolutionary, {extend[2]} generations",
+                     dict(evo, generations=extend[2]))]
+        if all(cache.get(k) for _, _, k, _ in jobs) and cache.get(f"{sec}|db"):
             continue
         t = time.time()
         db = open_database(model, tok, spec["kind"], data=windows, **spec["settings"])
@@ -70,27 +82,25 @@ def main() -> None:
             cache.put("dense", {"ppl": d.ppl, "kl": 0.0})
         settings = SearchSettings(fitness_windows=32)
         state = PlanState(model, db)
-        for b in spec["budgets"]:
-            for a in spec["allocators"]:
-                key = f"{sec}|{b.label()}|{a}"
-                if cache.get(key):
-                    continue
-                print(f"== {key}", flush=True)
-                kw = dict(evo, checkpoint=str(db.path / "searches" / f"bench-{b.kind}-{b.value:g}.json")) \
-                    if a == "evolutionary" else {}
-                res = allocate(model, db, b, a, data=windows, settings=settings, state=state, **kw)
-                state.apply(res.plan.levels)
-                r = evaluate(model, windows.eval, reference=ref)
-                size = (db.meta["fixed_bytes"] + sum(int(db.level_meta(u, v)["nbytes"])
-                                                     for u, v in res.plan.levels.items())) / 1e6
-                row = {"section": sec, "budget": b.label(), "allocator": a, "ppl": r.ppl, "kl": r.kl,
-                       "size_mb": size, "search_s": res.seconds.get("search"), "reference_s": res.seconds.get("reference"),
-                       "generations": len(res.history) or None, "fitness": res.fitness_stats,
-                       "evo": evo if a == "evolutionary" else None,
-                       "cost": res.plan.info["cost"], "budget_cost": res.plan.info["budget_cost"],
-                       "levels": res.plan.levels}
-                cache.put(key, row)
-                print(json.dumps({k: v for k, v in row.items() if k != "levels"}), flush=True)
+        for b, a, key, evo_kw in jobs:
+            if cache.get(key):
+                continue
+            print(f"== {key}", flush=True)
+            kw = dict(evo_kw, checkpoint=str(db.path / "searches" / f"bench-{b.kind}-{b.value:g}.json")) \
+                if a == "evolutionary" else {}
+            res = allocate(model, db, b, a, data=windows, settings=settings, state=state, **kw)
+            state.apply(res.plan.levels)
+            r = evaluate(model, windows.eval, reference=ref)
+            size = (db.meta["fixed_bytes"] + sum(int(db.level_meta(u, v)["nbytes"])
+                                                 for u, v in res.plan.levels.items())) / 1e6
+            row = {"section": sec, "budget": b.label(), "allocator": key.split("|")[2], "ppl": r.ppl, "kl": r.kl,
+                   "size_mb": size, "search_s": res.seconds.get("search"), "reference_s": res.seconds.get("reference"),
+                   "generations": len(res.history) or None, "fitness": res.fitness_stats,
+                   "evo": evo_kw if a == "evolutionary" else None,
+                   "cost": res.plan.info["cost"], "budget_cost": res.plan.info["budget_cost"],
+                   "levels": res.plan.levels}
+            cache.put(key, row)
+            print(json.dumps({k: v for k, v in row.items() if k != "levels"}), flush=True)
         state.restore()
         del state
         gc.collect()
@@ -144,7 +154,9 @@ def render(cache: RowCache) -> None:
              f"Dense perplexity: {dense.get('ppl', float('nan')):.3f}. Machine: {machine()}.\n"]
     for sec in SECTIONS:
         spec = SECTIONS[sec]
-        keys = [f"{sec}|{b.label()}|{a}" for b in spec["budgets"] for a in spec["allocators"]]  # table order
+        keys = [k for b in spec["budgets"] for k in  # table order; extended searches after their budget's rows
+                [f"{sec}|{b.label()}|{a}" for a in spec["allocators"]]
+                + sorted(k for k in cache.rows if k.startswith(f"{sec}|{b.label()}|evolutionary, "))]
         rows = [dict(r, ppl_ratio=r["ppl"] / dense["ppl"]) for r in map(cache.get, keys) if r and dense]
         if not rows:
             continue
@@ -156,7 +168,8 @@ def render(cache: RowCache) -> None:
     parts.append(not_run_note(missing, "search.py") + "Database build time counts the run that finished it "
                  "(a build interrupted and resumed only reports the resumed part); an evolutionary search "
                  "resumed from its checkpoint likewise reports only the resumed generations (depth, 4 dropped: "
-                 "generations 14-20). The depth and sparsity rows and the quantization database (built at 1 thread) ran beside other work on the same 2 cores, "
+                 "generations 14-20), and a row `evolutionary, N generations` continues its budget's 20-generation "
+                 "search from the checkpoint (`--extend quant:3:N`), so its search s covers generations 21-N. The depth and sparsity rows and the quantization database (built at 1 thread) ran beside other work on the same 2 cores, "
                  "so their times are inflated; compare quality, not time, across sections.\n")
     sp = cache.get("speed")
     if sp:

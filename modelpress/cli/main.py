@@ -227,7 +227,7 @@ def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size,
         "levels": (2, 3, 4, 5, 6) if gpu else (2, 3, 4),
         "group_size": 64 if group_size is None else (group_size or None)}
     alloc = ({"generations": 150, "offspring": 32, "tokens": (1024, 8192), "survivors": (4, 1)} if gpu else
-             {"generations": 16, "offspring": 8, "tokens": (512, 2048), "survivors": (2, 1)})
+             {"generations": 12, "offspring": 8, "tokens": (512, 1024), "survivors": (2, 1)})
     _run_search(model, kind=kind, kind_settings=kind_settings, budget=budget, allocator="evolutionary",
                 allocator_settings=alloc, compare=["uniform"],
                 data_cfg=_data_config(data, n_samples if n_samples is not None else (128 if gpu else 32), seq_len,
