@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 bench: $(STAMP)
 	$(PY) bench/uniform.py
 	$(PY) bench/search.py
+	$(PY) bench/demo.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
