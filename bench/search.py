@@ -168,8 +168,11 @@ def render(cache: RowCache) -> None:
     parts.append(not_run_note(missing, "search.py") + "Database build time counts the run that finished it "
                  "(a build interrupted and resumed only reports the resumed part); an evolutionary search "
                  "resumed from its checkpoint likewise reports only the resumed generations (depth, 4 dropped: "
-                 "generations 14-20), and a row `evolutionary, N generations` continues its budget's 20-generation "
-                 "search from the checkpoint (`--extend quant:3:N`), so its search s covers generations 21-N. The 4-bit "
+                 "generations 14-20)"
+                 + (", and a row `evolutionary, N generations` continues its budget's 20-generation search from the "
+                    "checkpoint (`--extend quant:3:N`), so its search s covers generations 21-N"
+                    if any(", " in k.split("|")[-1] for k in cache.rows if k.count("|") == 2) else "")
+                 + ". The 4-bit "
                  "evolutionary search finished in a run stopped before its evaluation; the next run read its plan "
                  "back, so its search time is not known (the 2.5- and 3-bit searches of the same size took 734 and 695 s). The depth and sparsity rows and the quantization database (built at 1 thread) ran beside other work on the same 2 cores, "
                  "so their times are inflated; compare quality, not time, across sections.\n")

@@ -142,8 +142,10 @@ class Evolutionary(Allocator):
                     return fill(problem, kept)
                 rng.bit_generator.state = state["rng"]
                 log.info("resuming evolutionary search at generation %d", start)
-            elif state:
-                log.warning("search checkpoint %s belongs to another problem; starting over", ck)
+            elif state:  # kept aside, not overwritten: it holds another search's work
+                aside = ck.with_name(f"{ck.stem}.{state.get('key', 'old')}{ck.suffix}")
+                ck.replace(aside)
+                log.warning("search checkpoint %s belongs to another problem (moved to %s); starting over", ck, aside)
         if parent is None:
             self.history = []
             if self.init == "uniform":

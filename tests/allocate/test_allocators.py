@@ -220,3 +220,15 @@ def test_finished_search_extends_and_truncates(tmp_path):
     assert len(again.history) == 12
     with pytest.raises(ConfigError, match="ask for"):
         ALLOCATORS.build("evolutionary", generations=0, checkpoint=ck, **kw).allocate(p, SumFitness(p))
+
+
+def test_checkpoint_of_another_problem_is_kept_aside(tmp_path):
+    p = pair_problem()
+    kw = dict(generations=3, offspring=4, tokens=(1,), survivors=(1,), init="uniform")
+    ck = tmp_path / "search.json"
+    ALLOCATORS.build("evolutionary", checkpoint=str(ck), seed=1, **kw).allocate(p, SumFitness(p))
+    first = json.loads(ck.read_text())
+    ALLOCATORS.build("evolutionary", checkpoint=str(ck), seed=2, **kw).allocate(p, SumFitness(p))
+    assert json.loads(ck.read_text())["key"] != first["key"]
+    aside = tmp_path / f"search.{first['key']}.json"
+    assert json.loads(aside.read_text()) == first  # the other search's work is not lost
