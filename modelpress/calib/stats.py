@@ -23,8 +23,8 @@ def syrk_upper_(acc: torch.Tensor, x: torch.Tensor, leaf: int = 200) -> None:
 
     XᵀX is symmetric and accumulating it is as costly as the forward pass itself, so only the
     upper triangle is computed: recursively, the off-diagonal half as one large matmul and the two
-    diagonal halves the same way, down to full `leaf`-wide diagonal blocks. At SmolLM2's widths that
-    is ~20% faster than the full product (a quarter to a third fewer flops, in few large matmuls).
+    diagonal halves the same way, down to full `leaf`-wide diagonal blocks. On 2 CPU cores at SmolLM2's
+    widths (576, 1536) that took 13 and ~75 ms per 4096 rows against 21 and 108 ms for the full product.
     """
     _tri_(acc, x, 0, x.shape[1], leaf)
 
