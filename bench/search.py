@@ -152,11 +152,12 @@ def render(cache: RowCache) -> None:
              "joined that choice: they started from the better of uniform and dp). "
              "A short run: the CPU budget of this machine. "
              f"Dense perplexity: {dense.get('ppl', float('nan')):.3f}. Machine: {machine()}.\n"]
+    extended = sorted(k for k in cache.rows if "|evolutionary, " in k)  # rows of `--extend`
     for sec in SECTIONS:
         spec = SECTIONS[sec]
         keys = [k for b in spec["budgets"] for k in  # table order; extended searches after their budget's rows
                 [f"{sec}|{b.label()}|{a}" for a in spec["allocators"]]
-                + sorted(k for k in cache.rows if k.startswith(f"{sec}|{b.label()}|evolutionary, "))]
+                + [e for e in extended if e.startswith(f"{sec}|{b.label()}|")]]
         rows = [dict(r, ppl_ratio=r["ppl"] / dense["ppl"]) for r in map(cache.get, keys) if r and dense]
         if not rows:
             continue
@@ -171,7 +172,7 @@ def render(cache: RowCache) -> None:
                  "generations 14-20)"
                  + (", and a row `evolutionary, N generations` continues its budget's 20-generation search from the "
                     "checkpoint (`--extend quant:3:N`), so its search s covers generations 21-N"
-                    if any(", " in k.split("|")[-1] for k in cache.rows if k.count("|") == 2) else "")
+                    if extended else "")
                  + ". The 4-bit "
                  "evolutionary search finished in a run stopped before its evaluation; the next run read its plan "
                  "back, so its search time is not known (the 2.5- and 3-bit searches of the same size took 734 and 695 s). The depth and sparsity rows and the quantization database (built at 1 thread) ran beside other work on the same 2 cores, "

@@ -73,10 +73,6 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq(bits))
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (q - zero) * scale
-
-
 def n_groups(in_features: int, group_size: int | None) -> int:
     gs = group_size or in_features
     return -(-in_features // gs)
