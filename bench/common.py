@@ -70,6 +70,25 @@ def write_section(key: str, body: str) -> None:
         f.write(text)
 
 
+def section_tables(key: str) -> list[dict[str, str]]:
+    """The rows of every table in a rendered section of docs/benchmarks.md, as {header: cell}.
+    What another benchmark published is readable here even where its row cache (ignored by git,
+    one per machine) is not."""
+    text = DOCS.read_text() if DOCS.is_file() else ""
+    m = re.search(re.escape(f"<!-- bench:{key} -->") + r"(.*?)" + re.escape(f"<!-- /bench:{key} -->"), text, flags=re.S)
+    rows, head = [], None
+    for line in (m.group(1) if m else "").splitlines():
+        if not line.startswith("|"):
+            head = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if head is None:
+            head = cells
+        elif not all(set(c) <= set("-: ") for c in cells):
+            rows.append(dict(zip(head, cells)))
+    return rows
+
+
 def not_run_note(missing: list[str], script: str) -> str:
     """The sentence a partial table carries: which rows are still to run, and how to resume."""
     return f"Not run yet: {', '.join(missing)} (`python bench/{script}` resumes). " if missing else ""

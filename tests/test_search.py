@@ -48,3 +48,17 @@ def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
         r = runner.invoke(app, ["search", str(model_dir / "tiny"), *args, "--levels", "2,3,4", "--no-eval",
                                 "--db", str(tmp_path / "db2"), *small(model_dir)])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+def test_lowrank_search_cli(model_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "lr"
+    r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--kind", "lowrank", "--ratios", "0.25,0.5,0.75",
+                            "--target-mb", "0.22", "--allocator", "dp", "--db", str(tmp_path / "db"), "--out", str(out),
+                            *small(model_dir)])
+    assert r.exit_code == 0, r.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["kind"] == "lowrank" and plan["info"]["cost"] <= plan["info"]["budget_cost"]
+    assert (out / "weights.safetensors").stat().st_size <= 0.22e6
+    r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--kind", "quant", "--ratios", "0.5", "--target-bits", "3",
+                            "--no-eval", *small(model_dir)])
+    assert r.exit_code == 2 and "--ratios applies to --kind lowrank" in r.output

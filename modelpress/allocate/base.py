@@ -13,7 +13,7 @@ ALLOCATORS: Registry = Registry("allocator")
 
 class Allocator:
     registered_name: ClassVar[str]
-    kinds: ClassVar[tuple[str, ...]] = ("quant", "sparsity", "depth", "gguf", "joint", "kv")
+    kinds: ClassVar[tuple[str, ...]] = ("quant", "sparsity", "depth", "gguf", "joint", "lowrank", "kv")
     needs_fitness: ClassVar[bool] = False
 
     def allocate(self, problem: Problem, fitness=None) -> list[int]:  # pragma: no cover

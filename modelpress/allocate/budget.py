@@ -41,11 +41,6 @@ def level_cost(budget: Budget, db, unit: str, value) -> int:
     return int(db.level_meta(unit, value)["nbytes"])
 
 
-def _tensors_per_unit(db) -> int:
-    k = db.kind.registered_name
-    return {"quant": 4, "sparsity": 2, "joint": 6}.get(k, 0)
-
-
 def make_problem(db, budget: Budget) -> Problem:
     """The allocation problem of `db` under `budget` (costs in the budget's unit)."""
     if budget.kind not in db.kind.budgets:
@@ -72,7 +67,7 @@ def make_problem(db, budget: Budget) -> Problem:
             raise BudgetError(f"can drop 0..{len(units)} sub-blocks, not {v:g}")
         total = len(units) - int(v)
     else:
-        overhead = db.meta["fixed_bytes"] + HEADER_BYTES_PER_TENSOR * (len(units) * _tensors_per_unit(db) + 8)
+        overhead = db.meta["fixed_bytes"] + HEADER_BYTES_PER_TENSOR * (len(units) * db.kind.tensors_per_unit + 8)
         total = int(v * 1e6) - overhead
         floor = (sum(c[0] for c in costs) + overhead) / 1e6
         if total < sum(c[0] for c in costs):

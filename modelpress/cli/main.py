@@ -239,12 +239,13 @@ def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size,
 @command
 def search_cmd(
     model: str = typer.Argument(..., help="alias (smollm2-135m), .gguf file, HF folder or hub id"),
-    kind: Optional[str] = typer.Option(None, "--kind", help="quant, sparsity, depth, joint or gguf (default: from the budget)"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="quant, sparsity, depth, joint, lowrank or gguf (default: from the budget)"),
     types: Optional[str] = typer.Option(None, "--types", help="gguf: GGML types to choose from, e.g. Q4_0,Q5_0,Q8_0"),
     levels: Optional[str] = typer.Option(None, "--levels", help="quant/joint: bit-widths, e.g. 2,3,4,5,6"),
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help="joint: sparsity levels, e.g. 0,0.5"),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="joint: EoRA ranks, e.g. 0,16"),
     allow_drop: Optional[bool] = typer.Option(None, "--allow-drop/--no-drop", help="joint: a layer may be removed"),
+    ratios: Optional[str] = typer.Option(None, "--ratios", help="lowrank: ranks as shares of the dense bytes, e.g. 0.2,0.4,0.6"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="quant: group size (0 = per row)"),
     max_sparsity: Optional[float] = typer.Option(None, "--max-sparsity", help="sparsity: highest level"),
     target_bits: Optional[float] = typer.Option(None, "--target-bits"),
@@ -279,6 +280,10 @@ def search_cmd(
                                          allow_drop=allow_drop).items() if v is not None})
     elif sparsities or ranks or allow_drop is not None:
         raise ConfigError("--sparsities/--ranks/--allow-drop apply to --kind joint")
+    if ratios is not None:
+        if kind != "lowrank":
+            raise ConfigError("--ratios applies to --kind lowrank")
+        ks["ratios"] = _parse_list(ratios, float)
     if types is not None:
         if kind != "gguf":
             raise ConfigError("--types applies to --kind gguf")

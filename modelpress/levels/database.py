@@ -32,7 +32,7 @@ from ..models.arch import Arch, get_weight, set_weight
 from ..ops.base import output_error
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.io import atomic_file, cache_root, write_json
-from .kinds import KINDS, DepthKind, GGUFKind, JointKind, Kind, QuantKind, SparsityKind, UnitInfo
+from .kinds import KINDS, DepthKind, GGUFKind, JointKind, Kind, LowRankKind, QuantKind, SparsityKind, UnitInfo
 
 log = logging.getLogger(__name__)
 
@@ -250,18 +250,10 @@ class LevelDB:
         """Fill every missing (unit, level). Resumable; a no-op when complete."""
         if not self.missing():
             return
-        if isinstance(self.kind, QuantKind):
-            self._build_quant(model, windows, batch_size, device)
-        elif isinstance(self.kind, SparsityKind):
-            self._build_sparsity(model, windows, batch_size, device)
-        elif isinstance(self.kind, DepthKind):
-            self._build_depth(model, windows, batch_size)
-        elif isinstance(self.kind, JointKind):
-            self._build_joint(model, windows, batch_size, device)
-        elif isinstance(self.kind, GGUFKind):
-            self._build_gguf(model, windows, batch_size, device)
-        else:  # pragma: no cover
+        builder = getattr(self, f"_build_{self.kind.registered_name}", None)
+        if builder is None:  # pragma: no cover
             raise ConfigError(f"no builder for kind {self.kind.registered_name}")
+        builder(model, windows, batch_size, device)
 
     def _build_quant(self, model, windows, batch_size, device) -> None:
         arch = Arch(model)
@@ -368,6 +360,33 @@ class LevelDB:
                 self.add_levels(n, new)
             step.advance(sequential=False)
 
+    def _build_lowrank(self, model, windows, batch_size, device) -> None:
+        from ..ops.lowrank.factor import activation_aware_ranks
+
+        kind: LowRankKind = self.kind  # type: ignore[assignment]
+        missing = self.missing()
+        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=False, device=device)
+        for step in runner.blocks(desc="database lowrank"):
+            names = [n for n in step.linears if n in missing]
+            if not names:
+                step.advance(sequential=False)
+                continue
+            stats = step.collect("xtx", names=names)
+            for n in names:
+                w = get_weight(step.linears[n]).float()
+                h = stats[n].hessian
+                factors = activation_aware_ranks(w, h, [int(v[1:]) for v in missing[n] if v != "dense"], kind.damp)
+                new = {}
+                for v in missing[n]:
+                    if v == "dense":
+                        pw = PackedWeight(shape=tuple(w.shape), values=w.to(torch.float16).reshape(-1))
+                    else:
+                        b, a = factors[int(v[1:])]
+                        pw = PackedWeight(shape=tuple(w.shape), lr_b=b.to(torch.float16), lr_a=a.to(torch.float16))
+                    new[v] = (pw, output_error(w, pw.dequantize(), h))
+                self.add_levels(n, new)
+            step.advance(sequential=False)
+
     def _build_gguf(self, model, windows, batch_size, device) -> None:
         from ..ops.ggmlweight import GGMLWeight
 
@@ -396,7 +415,7 @@ class LevelDB:
                 self.add_levels(n, new)
             step.advance(sequential=False)
 
-    def _build_depth(self, model, windows, batch_size) -> None:
+    def _build_depth(self, model, windows, batch_size, device=None) -> None:
         from ..ops.drop.influence import subblock_influence
 
         scores = subblock_influence(model, windows.calib, batch_size=batch_size)

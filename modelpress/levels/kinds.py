@@ -5,6 +5,9 @@
             number of weights per step for every layer, so moving one unit up and another down
             keeps the total exact)
 - depth:    units = attention / MLP sub-blocks; levels = dropped or kept
+- joint:    units = Linear layers; levels = GPTQ bits x SparseGPT sparsity x EoRA rank, in bytes
+- lowrank:  units = Linear layers; levels = ranks of an activation-aware SVD (and dense), in bytes
+- gguf:     units = Linear layers and the embedding; levels = llama.cpp tensor types
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class UnitInfo:
 class Kind:
     registered_name: ClassVar[str]
     budgets: ClassVar[tuple[str, ...]] = ("mb",)
+    tensors_per_unit: ClassVar[int] = 0  # most tensors a unit stores (file-header allowance of mb budgets)
     # settings added after databases of this kind were first written, with the value that
     # reproduces the older behaviour: left out of stored settings and database keys at that value,
     # filled in when an older database is opened, so older databases keep opening as what they are
@@ -65,6 +69,7 @@ class QuantKind(Kind):
     sequential: bool = True  # each level's pass sees inputs from blocks compressed at that level
 
     budgets = ("bits", "mb")
+    tensors_per_unit = 4
 
     def __post_init__(self) -> None:
         self.levels = tuple(sorted(set(int(b) for b in self.levels)))
@@ -92,6 +97,7 @@ class SparsityKind(Kind):
     refit_iters: int = 30  # SparseGPT's refit of the kept weights (0: the plain sweep)
 
     budgets = ("sparsity", "mb")
+    tensors_per_unit = 2
     legacy = {"refit_iters": 0}
 
     def __post_init__(self) -> None:
@@ -140,6 +146,7 @@ class JointKind(Kind):
     mse: bool = True  # GPTQ's clipping search (the dense-sparsity levels)
 
     budgets = ("mb",)
+    tensors_per_unit = 6
 
     def __post_init__(self) -> None:
         self.bits = tuple(int(b) for b in self.bits)
@@ -171,6 +178,38 @@ def pareto(built: dict[str, dict]) -> list:
         if not out or err < built[out[-1]]["error"]:
             out.append(v)
     return out
+
+
+@KINDS.register("lowrank")
+@dataclasses.dataclass
+class LowRankKind(Kind):
+    """Levels are ranks of an activation-aware SVD (W ≈ B·A, both float16), named "r<rank>", plus
+    "dense" (the float16 weight). Each rank keeps a share (`ratios`) of the dense layer's bytes:
+    rank = ratio · out·in / (out + in). Built from dense-input statistics; one eigendecomposition
+    of XᵀX and one SVD per layer give every rank. Levels are Pareto-pruned like joint ones."""
+
+    ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    dense: bool = True
+    damp: float = 0.01
+
+    budgets = ("mb",)
+    tensors_per_unit = 2
+
+    def __post_init__(self) -> None:
+        self.ratios = tuple(sorted(set(float(r) for r in self.ratios)))
+        if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
+            raise ConfigError(f"low-rank ratios are shares of the dense bytes in (0, 1), got {self.ratios}")
+
+    def ranks(self, unit: UnitInfo) -> list[int]:
+        out_f, in_f = unit.shape
+        full = out_f * in_f / (out_f + in_f)
+        return sorted({max(1, min(int(r * full), min(out_f, in_f))) for r in self.ratios})
+
+    def values(self, unit: UnitInfo) -> list:
+        return [f"r{r}" for r in self.ranks(unit)] + (["dense"] if self.dense else [])
+
+    def order(self, unit: UnitInfo, built: dict[str, dict]) -> list:
+        return pareto(built)
 
 
 @KINDS.register("gguf")

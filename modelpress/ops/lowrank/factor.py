@@ -31,3 +31,10 @@ def activation_aware(m: torch.Tensor, h: torch.Tensor, rank: int, damp: float = 
     root, inv = roots if roots is not None else eigen_root(h, damp)
     b, a = truncated(m.float() @ root, rank)
     return b, a @ inv
+
+
+def activation_aware_ranks(m: torch.Tensor, h: torch.Tensor, ranks, damp: float = 0.01) -> dict[int, tuple]:
+    """`activation_aware` at several ranks from one eigendecomposition and one SVD: {rank: (B, A)}."""
+    root, inv = eigen_root(h, damp)
+    u, s, vh = torch.linalg.svd(m.float() @ root, full_matrices=False)
+    return {r: (u[:, :r] * s[:r], vh[:r] @ inv) for r in ranks}
