@@ -38,7 +38,7 @@ EORA = [("gptq", dict(bits=3, group_size=64)), ("sparsegpt", dict(sparsity=0.5))
         ("rtn", dict(bits=3, group_size=64))]
 COLUMNS = [("label", "method"), ("ppl", "ppl"), ("ppl_ratio", "× dense"), ("kl", "KL to dense"),
            ("size_mb", "size MB"), ("seconds", "time s")]
-JOINT = dict(bits=(2, 3, 4), sparsity=(0.0, 0.5), ranks=(0, 16, 32), group_size=64)
+JOINT = dict(bits=(2, 3, 4), sparsity=(0.0, 0.5), ranks=(0, 16, 32), group_size=64, sequential_level="w3")
 
 
 def main() -> None:

@@ -330,35 +330,60 @@ class LevelDB:
 
         kind: JointKind = self.kind  # type: ignore[assignment]
         missing = self.missing()
-        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=False, device=device)
-        for step in runner.blocks(desc="database joint"):
-            names = [n for n in step.linears if n in missing]
-            if not names:
+        ref = kind.sequential_level
+        linears = Arch(model).all_linears()
+        dense = {n: get_weight(linears[n]).detach().clone() for n in self.units} if ref else {}
+        start = min(self.units[u].block for u in missing) if ref else 0
+        for n in dense:  # resuming a sequential build: earlier blocks hold the reference level
+            if self.units[n].block < start:
+                set_weight(linears[n], self.load(n, ref).dequantize())
+
+        def levels_of_layer(n, lin, st: LinearStats) -> None:
+            if n not in missing:  # built before an interruption: only its reference level goes in
+                if ref:
+                    set_weight(lin, self.load(n, ref).dequantize())
+                return
+            w = get_weight(lin).float()
+            h = st.hessian
+            roots = eigen_root(h, kind.damp) if any(kind.ranks) else None
+            new = {}
+            want = set(missing[n]) | ({ref} if ref else set())
+            if "drop" in want:
+                new["drop"] = (PackedWeight(shape=tuple(w.shape)), 1.0)
+            for b in kind.bits:
+                for sp in kind.sparsity:
+                    names_here = [kind.name(b, sp, r) for r in kind.ranks]
+                    if not want.intersection(names_here):
+                        continue
+                    op = (OPERATORS.build("gptq", bits=b, group_size=kind.group_size, damp=kind.damp, mse=kind.mse)
+                          if not sp else
+                          OPERATORS.build("sparsegpt", sparsity=sp, bits=b, group_size=kind.group_size, damp=kind.damp))
+                    base = op.compress(w, st)
+                    for r, v in zip(kind.ranks, names_here):
+                        pw = base if r == 0 else COMPENSATORS.build("eora", rank=r, damp=kind.damp).apply(
+                            w, base, st, roots=roots)
+                        new[v] = (pw, output_error(w, pw.dequantize(), h))
+            self.add_levels(n, new)
+            if ref:
+                set_weight(lin, new[ref][0].dequantize())
+
+        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=bool(ref), device=device)
+        try:
+            for step in runner.blocks(desc="database joint", start=start):
+                names = [n for n in step.linears if n in self.units]
+                if ref:
+                    step.compress_streaming("xtx", lambda n, st, step=step: levels_of_layer(n, step.linears[n], st),
+                                            names=names)
+                    continue
+                names = [n for n in names if n in missing]
+                if names:
+                    stats = step.collect("xtx", names=names)
+                    for n in names:
+                        levels_of_layer(n, step.linears[n], stats[n])
                 step.advance(sequential=False)
-                continue
-            stats = step.collect("xtx", names=names)
-            for n in names:
-                w = get_weight(step.linears[n]).float()
-                st = stats[n]
-                h = st.hessian
-                roots = eigen_root(h, kind.damp) if any(kind.ranks) else None
-                new = {}
-                want = set(missing[n])
-                if "drop" in want:
-                    new["drop"] = (PackedWeight(shape=tuple(w.shape)), 1.0)
-                for b in kind.bits:
-                    for sp in kind.sparsity:
-                        names_here = [kind.name(b, sp, r) for r in kind.ranks]
-                        if not want.intersection(names_here):
-                            continue
-                        op = (OPERATORS.build("gptq", bits=b, group_size=kind.group_size, damp=kind.damp, mse=kind.mse) if not sp else
-                              OPERATORS.build("sparsegpt", sparsity=sp, bits=b, group_size=kind.group_size, damp=kind.damp))
-                        base = op.compress(w, st)
-                        for r, v in zip(kind.ranks, names_here):
-                            pw = base if r == 0 else COMPENSATORS.build("eora", rank=r, damp=kind.damp).apply(w, base, st, roots=roots)
-                            new[v] = (pw, output_error(w, pw.dequantize(), h))
-                self.add_levels(n, new)
-            step.advance(sequential=False)
+        finally:
+            for n, w in dense.items():
+                set_weight(linears[n], w)
 
     def _build_lowrank(self, model, windows, batch_size, device) -> None:
         from ..ops.lowrank.factor import activation_aware_ranks

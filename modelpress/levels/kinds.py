@@ -135,7 +135,12 @@ class DepthKind(Kind):
 class JointKind(Kind):
     """Levels are combinations: GPTQ bits x SparseGPT sparsity x EoRA rank (and optionally "drop",
     the layer removed). All are costed in bytes; a unit keeps only its Pareto-optimal levels
-    (no other level is both smaller and more accurate). Built from dense-input statistics."""
+    (no other level is both smaller and more accurate).
+
+    Every level of a layer is computed from one set of input statistics: the dense model's
+    (`sequential_level=None`), or, like GPTQ's sequential calibration, the inputs the layer sees
+    when everything before it is compressed at `sequential_level` (say "w3", the level closest to
+    the budget), in one true-sequential pass."""
 
     bits: tuple[int, ...] = (2, 3, 4)
     sparsity: tuple[float, ...] = (0.0, 0.5)
@@ -144,9 +149,11 @@ class JointKind(Kind):
     allow_drop: bool = False
     damp: float = 0.01
     mse: bool = True  # GPTQ's clipping search (the dense-sparsity levels)
+    sequential_level: str | None = None
 
     budgets = ("mb",)
     tensors_per_unit = 6
+    legacy = {"sequential_level": None}
 
     def __post_init__(self) -> None:
         self.bits = tuple(int(b) for b in self.bits)
@@ -154,6 +161,10 @@ class JointKind(Kind):
         self.ranks = tuple(int(r) for r in self.ranks)
         if any(not 2 <= b <= 8 for b in self.bits) or any(not 0 <= s <= 0.95 for s in self.sparsity):
             raise ConfigError("joint levels: bits in 2..8, sparsity in 0..0.95")
+        combos = [self.name(b, s, r) for b in self.bits for s in self.sparsity for r in self.ranks]
+        if self.sequential_level is not None and self.sequential_level not in combos:
+            raise ConfigError(f"sequential_level {self.sequential_level!r} is not one of the levels "
+                              f"({', '.join(combos)})")
 
     @staticmethod
     def name(bits: int, sparsity: float, rank: int) -> str:

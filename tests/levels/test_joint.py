@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget, make_problem
+from modelpress.errors import ConfigError
 from modelpress.search import allocate, materialize, open_database
 from tests.conftest import tiny_model
 from tests.export.test_checkpoint import windows
@@ -33,3 +35,52 @@ def test_joint_database_is_pareto_and_search_meets_byte_budget(tmp_path):
     with torch.no_grad():
         assert torch.equal(m(w.eval).logits, mp.load_compressed(tmp_path / "ck")(w.eval).logits)
     assert mp.evaluate(m, w.eval, reference=ref).kl < 1.0
+
+
+SEQ = dict(bits=(2, 3), sparsity=(0.0,), ranks=(0, 4), group_size=16)
+
+
+def test_sequential_joint_levels_see_compressed_inputs(tmp_path):
+    """With sequential_level="w3", level w3 of every layer is what uniform sequential 3-bit GPTQ
+    makes (the layer saw inputs of the 3-bit model before it); with dense inputs it is not."""
+    w = windows()
+    seq = open_database(tiny_model("llama"), None, "joint", data=w, db=tmp_path / "seq", sequential_level="w3", **SEQ)
+    flat = open_database(tiny_model("llama"), None, "joint", data=w, db=tmp_path / "flat", **SEQ)
+    c = mp.compress(tiny_model("llama"), None, "gptq", data=w, bits=3, group_size=16)
+    same_as_flat = 0
+    for u, pw in c.units.items():
+        assert torch.equal(seq.load(u, "w3").dequantize(), pw.dequantize())
+        same_as_flat += torch.equal(flat.load(u, "w3").dequantize(), pw.dequantize())
+    assert same_as_flat <= 3  # only the first block's q/k/v see the same inputs either way
+    m = tiny_model("llama")
+    ref = tiny_model("llama")
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+
+
+def test_sequential_joint_build_resumes(tmp_path, monkeypatch):
+    from modelpress.levels import database as dbmod
+    from tests.levels.test_database import Boom
+
+    w = windows()
+    full = open_database(tiny_model("llama"), None, "joint", data=w, db=tmp_path / "full", sequential_level="w3", **SEQ)
+    real, calls = dbmod.LevelDB.add_levels, {"n": 0}
+
+    def dying(self, unit, new):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise Boom
+        return real(self, unit, new)
+
+    monkeypatch.setattr(dbmod.LevelDB, "add_levels", dying)
+    with pytest.raises(Boom):
+        open_database(tiny_model("llama"), None, "joint", data=w, db=tmp_path / "db", sequential_level="w3", **SEQ)
+    monkeypatch.setattr(dbmod.LevelDB, "add_levels", real)
+    db = open_database(tiny_model("llama"), None, "joint", data=w, db=tmp_path / "db", sequential_level="w3", **SEQ)
+    for u in db.units:
+        for v in db.values(u):
+            assert torch.equal(db.load(u, v).dequantize(), full.load(u, v).dequantize()), (u, v)
+
+
+def test_sequential_level_must_be_a_level():
+    with pytest.raises(ConfigError, match="not one of the levels"):
+        open_database(tiny_model("llama"), None, "joint", data=windows(), sequential_level="w5", **SEQ)
