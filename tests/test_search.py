@@ -44,7 +44,8 @@ def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
     for args, msg in [(["--target-bits", "9"], "outside the database levels"),
                       (["--target-bits", "3", "--target-mb", "1"], "exactly one budget"),
                       (["--drop", "2", "--kind", "quant"], "does not apply"),
-                      (["--target-bits", "3", "--allocator", "owl"], "does not apply to kind")]:
+                      (["--target-bits", "3", "--allocator", "owl"], "does not apply to kind"),
+                      (["--target-bits", "3", "--sequential-level", "w3"], "apply to --kind joint")]:
         r = runner.invoke(app, ["search", str(model_dir / "tiny"), *args, "--levels", "2,3,4", "--no-eval",
                                 "--db", str(tmp_path / "db2"), *small(model_dir)])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)

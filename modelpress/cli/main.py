@@ -245,6 +245,9 @@ def search_cmd(
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help="joint: sparsity levels, e.g. 0,0.5"),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="joint: EoRA ranks, e.g. 0,16"),
     allow_drop: Optional[bool] = typer.Option(None, "--allow-drop/--no-drop", help="joint: a layer may be removed"),
+    sequential_level: Optional[str] = typer.Option(None, "--sequential-level",
+                                                   help="joint: build every level from the inputs of the model "
+                                                        "compressed at this level (e.g. w3), as GPTQ does"),
     ratios: Optional[str] = typer.Option(None, "--ratios", help="lowrank: ranks as shares of the dense bytes, e.g. 0.2,0.4,0.6"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="quant: group size (0 = per row)"),
     max_sparsity: Optional[float] = typer.Option(None, "--max-sparsity", help="sparsity: highest level"),
@@ -277,9 +280,10 @@ def search_cmd(
         ks["bits" if kind == "joint" else "levels"] = _parse_list(levels)
     if kind == "joint":
         ks.update({k: v for k, v in dict(sparsity=_parse_list(sparsities, float), ranks=_parse_list(ranks),
-                                         allow_drop=allow_drop).items() if v is not None})
-    elif sparsities or ranks or allow_drop is not None:
-        raise ConfigError("--sparsities/--ranks/--allow-drop apply to --kind joint")
+                                         allow_drop=allow_drop, sequential_level=sequential_level).items()
+                   if v is not None})
+    elif sparsities or ranks or allow_drop is not None or sequential_level:
+        raise ConfigError("--sparsities/--ranks/--allow-drop/--sequential-level apply to --kind joint")
     if ratios is not None:
         if kind != "lowrank":
             raise ConfigError("--ratios applies to --kind lowrank")
