@@ -76,8 +76,10 @@ def section_tables(key: str) -> list[dict[str, str]]:
     one per machine) is not."""
     text = DOCS.read_text() if DOCS.is_file() else ""
     m = re.search(re.escape(f"<!-- bench:{key} -->") + r"(.*?)" + re.escape(f"<!-- /bench:{key} -->"), text, flags=re.S)
-    rows, head = [], None
+    rows, head, heading = [], None, ""
     for line in (m.group(1) if m else "").splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
         if not line.startswith("|"):
             head = None
             continue
@@ -85,8 +87,43 @@ def section_tables(key: str) -> list[dict[str, str]]:
         if head is None:
             head = cells
         elif not all(set(c) <= set("-: ") for c in cells):
-            rows.append(dict(zip(head, cells)))
+            rows.append({**dict(zip(head, cells)), "_heading": heading})
     return rows
+
+
+def published_rows(key: str, columns: list[tuple[str, str]]) -> list[dict]:
+    """`section_tables` with cells turned back into row fields (`columns` as given to print_table:
+    (field, header)); numbers become floats, "–" None. Each row keeps its table's heading."""
+    back = {header: field for field, header in columns}
+    out = []
+    for r in section_tables(key):
+        row = {"_heading": r["_heading"]}
+        for header, cell in r.items():
+            if header in back:
+                if cell in ("–", ""):
+                    row[back[header]] = None
+                elif re.fullmatch(r"-?\d+", cell):
+                    row[back[header]] = int(cell)
+                else:
+                    try:
+                        row[back[header]] = float(cell)
+                    except ValueError:
+                        row[back[header]] = cell
+        out.append(row)
+    return out
+
+
+def published_machine(key: str) -> str | None:
+    """The "Machine: ..." line of a published section, without its date."""
+    m = re.search(re.escape(f"<!-- bench:{key} -->") + r".*?Machine: (.*?), (\d{4}-\d{2}-\d{2})",
+                  DOCS.read_text() if DOCS.is_file() else "", flags=re.S)
+    return m.group(1) if m else None
+
+
+def same_machine(key: str) -> bool:
+    """Was the published section measured on this kind of machine (same hardware, torch, Python,
+    so the same `pydoc` text)? Its rows may then stand in for a row cache this machine lacks."""
+    return published_machine(key) == machine().rsplit(", ", 1)[0]
 
 
 def not_run_note(missing: list[str], script: str) -> str:
