@@ -140,7 +140,7 @@ def main() -> None:
         kinds = {}
         for v in res.plan.levels.values():
             kinds[v] = kinds.get(v, 0) + 1
-        cache.put("joint", {"label": "joint search (bits x sparsity x EoRA rank)", "ppl": r.ppl, "kl": r.kl,
+        cache.put("joint", {"label": "joint search (bits x sparsity x EoRA rank), levels on w3 inputs", "ppl": r.ppl, "kl": r.kl,
                             "size_mb": size, "seconds": res.seconds["search"], "build_s": build,
                             "levels_used": kinds, "generations": len(res.history), "offspring": args.offspring})
         del model
@@ -161,12 +161,12 @@ def table(cache: RowCache) -> str:
     target = (cache.get("gptq w3 g64") or {}).get("size_mb")
     head = f"Machine: {(cache.get('machine') or {}).get('text', '?')}. Target size (uniform GPTQ 3-bit g64): "
     head += f"{target:.2f} MB." if target else "not measured."
-    j = cache.get("joint")
-    if j:
-        head += (f" Joint search: {j['generations']} generations x {j.get('offspring', 16)} offspring, database "
-                 f"{j['build_s']:.0f} s, search {j['seconds']:.0f} s; levels used: "
-                 + ", ".join(f"{k} x{n}" for k, n in sorted(j["levels_used"].items())) + ".")
-    else:
+    joints = [r for k, r in cache.rows.items() if k.split("|")[0] == "joint"]
+    for j in joints:
+        head += (f" {j['label'][0].upper() + j['label'][1:]}: {j['generations']} generations x "
+                 f"{j.get('offspring', 16)} offspring, database {j['build_s']:.0f} s, search {j['seconds']:.0f} s; "
+                 "levels used: " + ", ".join(f"{k} x{n}" for k, n in sorted(j["levels_used"].items())) + ".")
+    if not joints:
         head += " Joint search: not run in this cache."
     return head + "\n\n" + print_table(rows, COLUMNS)
 
@@ -210,7 +210,8 @@ def render() -> None:
             points.update(search_points())
         plot_curve(DOCS.parent / "size_ppl.png", {"BitStack (one checkpoint, any size)": (
             [r["size_mb"] for r in bs], [r["ppl"] for r in bs])}, "size on disk / in memory (MB)",
-            "held-out pydoc perplexity", points=points, logy=True)
+            "held-out pydoc perplexity", points=points, logy=True,
+            ymax=10 * max(y for _, y in points.values()) if points else None)
         plot_note = ("\n\n![size vs perplexity](size_ppl.png)\n\nThe curve and its points come from the same run"
                      + ("" if same_text else " (GPU run; the uniform and evolutionary plans of the search table were "
                         "measured on this machine's text, so they are in that table, not on this plot)") + ".")
@@ -220,7 +221,9 @@ def render() -> None:
         "GPTQ (rows and joint levels) with its default clipping search, as in the search table. "
         "EoRA rows add their factors (float16) on top, so they are larger than the operator alone. BitStack is "
         "one checkpoint (8 blocks of rank 4 per layer) loaded at the target size. Joint search: evolutionary over "
-        "GPTQ {2,3,4} bits x SparseGPT {0,50%} x EoRA rank {0,16,32} (levels computed from the dense model's inputs), Pareto-pruned per layer, under the target MB. "
+        "GPTQ {2,3,4} bits x SparseGPT {0,50%} x EoRA rank {0,16,32}, Pareto-pruned per layer, under the target MB, with every level computed either from the "
+        "dense model's inputs or, like GPTQ's sequential calibration, from the inputs of the model compressed at w3 "
+        "(`--sequential-level w3`; the row the issue's target is about). "
         "`pydoc` is the manual of the Python that runs the benchmark, so a machine with another Python version "
         "evaluates on other text: compare rows within one table (each has its own dense row).\n\n"
         + "\n\n".join(parts) + plot_note

@@ -54,7 +54,7 @@ def plot_fitness(path: str | Path, history: list[dict]) -> None:
 
 def plot_curve(path: str | Path, curves: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
                points: dict[str, tuple[float, float]] | None = None, logy: bool = False,
-               logx: bool = False, marker: str | None = "o") -> None:
+               logx: bool = False, marker: str | None = "o", ymax: float | None = None) -> None:
     plt = _plt()
     many = len(curves) + len(points or {}) > 10
     fig, ax = plt.subplots(figsize=(9.6 if many else 6.4, 4.5 if many else 4), dpi=110)
@@ -62,10 +62,14 @@ def plot_curve(path: str | Path, curves: dict[str, tuple[list[float], list[float
     for i, (name, (xs, ys)) in enumerate(curves.items()):
         ax.plot(xs, ys, marker=marker, ms=3, label=name, color=colors[i % 20] if colors else None,
                 linestyle="-" if i < 10 or not many else "--")
-    for name, (x, y) in (points or {}).items():
-        ax.scatter([x], [y], s=30, label=name, zorder=3)
+    for i, (name, (x, y)) in enumerate((points or {}).items()):  # colour and marker both vary: no two alike
+        j = len(curves) + i
+        ax.scatter([x], [y], s=34, label=name, zorder=3, marker="osD^vPX*"[i % 8],
+                   color=colors[j % 20] if colors else None)
     if logy:
         ax.set_yscale("log")
+    if ymax is not None:
+        ax.set_ylim(top=ymax)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
