@@ -80,6 +80,7 @@ def main() -> None:
             continue
         t = time.time()
         db = open_database(model, tok, spec["kind"], data=windows, **spec["settings"])
+        built_now = time.time() - t
         if not cache.get(f"{sec}|db"):
             cache.put(f"{sec}|db", {"build_s": db.meta.get("build_seconds", time.time() - t), "path": str(db.path)})
         if ref is None:
@@ -88,12 +89,18 @@ def main() -> None:
             cache.put("dense", {"ppl": d.ppl, "kl": 0.0})
         settings = SearchSettings(fitness_windows=32)
         state = PlanState(model, db)
+        if extend:
+            b = jobs[0][0]
+            if not (db.path / "searches" / f"bench-{b.kind}-{b.value:g}.json").is_file():
+                jobs.insert(0, (b, "uniform", f"{sec}|{b.label()}|uniform, database of the {extend[2]}-generation row",
+                                evo))
         for b, a, key, evo_kw in jobs:
             if cache.get(key):
                 continue
             print(f"== {key}", flush=True)
-            kw = dict(evo_kw, checkpoint=str(db.path / "searches" / f"bench-{b.kind}-{b.value:g}.json")) \
-                if a == "evolutionary" else {}
+            ckpt = db.path / "searches" / f"bench-{b.kind}-{b.value:g}.json"
+            resumed = a == "evolutionary" and ckpt.is_file()
+            kw = dict(evo_kw, checkpoint=str(ckpt)) if a == "evolutionary" else {}
             res = allocate(model, db, b, a, data=windows, settings=settings, state=state, **kw)
             state.apply(res.plan.levels)
             r = evaluate(model, windows.eval, reference=ref)
@@ -102,7 +109,8 @@ def main() -> None:
             row = {"section": sec, "budget": b.label(), "allocator": key.split("|")[2], "ppl": r.ppl, "kl": r.kl,
                    "size_mb": size, "search_s": res.seconds.get("search"), "reference_s": res.seconds.get("reference"),
                    "generations": len(res.history) or None, "fitness": res.fitness_stats,
-                   "evo": evo_kw if a == "evolutionary" else None,
+                   "evo": evo_kw if a == "evolutionary" else None, "from_checkpoint": resumed,
+                   "db_build_s": built_now if built_now > 60 else None,
                    "cost": res.plan.info["cost"], "budget_cost": res.plan.info["budget_cost"],
                    "levels": res.plan.levels}
             cache.put(key, row)
@@ -180,7 +188,10 @@ def render(cache: RowCache) -> None:
              "joined that choice: they started from the better of uniform and dp). "
              "A short run: the CPU budget of this machine. "
              f"Dense perplexity: {dense.get('ppl', float('nan')):.3f}. Machine: {machine()}.\n"]
-    extended = sorted(k for k in cache.rows if "|evolutionary, " in k)  # rows of `--extend`
+    extended = sorted((k for k in cache.rows if k.count("|") == 2 and ", " in k.split("|")[2]),  # rows of `--extend`
+                      key=lambda k: ("|evolutionary, " in k, k))
+    continued = [k for k in extended if (cache.get(k) or {}).get("from_checkpoint")]
+    restarted = [k for k in extended if "|evolutionary, " in k and not (cache.get(k) or {}).get("from_checkpoint")]
     for sec in SECTIONS:
         spec = SECTIONS[sec]
         keys = [k for b in spec["budgets"] for k in  # table order; extended searches after their budget's rows
@@ -201,7 +212,13 @@ def render(cache: RowCache) -> None:
                  "generations 14-20)"
                  + (", and a row `evolutionary, N generations` continues its budget's 20-generation search from the "
                     "checkpoint (`--extend quant:3:N`), so its search s covers generations 21-N"
-                    if extended else "")
+                    if continued else "")
+                 + "".join(f". `{k.split('|')[2]}` ({k.split('|')[1]}) had no checkpoint to continue (a new checkout "
+                           f"has no database: it was rebuilt in {(cache.get(k) or {}).get('db_build_s') or 0:.0f} s "
+                           "with the code of that day, whose float summation order can make its levels differ "
+                           "slightly from the original database's), so it ran all its generations from the "
+                           "start; the `uniform, database of the ...` row above it is uniform on that same rebuilt "
+                           "database: compare the two with each other" for k in restarted)
                  + ". The 4-bit "
                  "evolutionary search finished in a run stopped before its evaluation; the next run read its plan "
                  "back, so its search time is not known (the 2.5- and 3-bit searches of the same size took 734 and 695 s). The depth and sparsity rows and the quantization database (built at 1 thread) ran beside other work on the same 2 cores, "
