@@ -168,7 +168,23 @@ def table(cache: RowCache) -> str:
                  "levels used: " + ", ".join(f"{k} x{n}" for k, n in sorted(j["levels_used"].items())) + ".")
     if not joints:
         head += " Joint search: not run in this cache."
-    return head + "\n\n" + print_table(rows, COLUMNS)
+    table_md = print_table(rows, COLUMNS)
+    g, j = cache.get("gptq w3 g64"), cache.get("joint")
+    if g and j and j["ppl"] > g["ppl"]:  # what was measured about it (2026-11-28), while the target is missed
+        table_md += (f"\n\nThe joint search ({j['ppl']:.3f}) is not the best row at the target size: uniform GPTQ 3-bit "
+                     f"({g['ppl']:.3f}) is, although its plan (w3 everywhere) is in the joint database. Measured causes: "
+                     "the size budget reserves a generous 160 B of file header per tensor and 6 tensors per layer, so "
+                     "the all-w3 plan does not fit at exactly its own file size (its packed weights are 107 KB over what the "
+                     "budget leaves for them); Pareto pruning removed w3 on 4 of the "
+                     "210 layers (a cheaper level was more accurate there by the layer-wise error); and the search "
+                     "starts from the better by fitness of `uniform` (for a byte budget: the same index in each "
+                     "layer's Pareto list, here 140 layers at w4-s50) and `dp` (143 w3, 51 w4, 11 w2), i.e. from dp, "
+                     "whose 2-bit layers 30 generations on 512/2048 calibration tokens did not remove. To do: exact "
+                     "per-level header costs, and a start from the same level name in every layer.")
+    bs = cache.get("bitstack|build")
+    if bs:
+        table_md += f"\n\nBitStack decomposition (build) took {bs['seconds']:.0f} s; each size is a prefix of it, loaded without recompressing."
+    return head + "\n\n" + table_md
 
 
 def search_points() -> dict[str, tuple[float, float]]:
