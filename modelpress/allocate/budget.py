@@ -13,7 +13,23 @@ import dataclasses
 from ..errors import BudgetError
 from .problem import Problem
 
-HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON header entry, generous
+HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON header entry, generous (databases without exact header counts)
+
+
+def header_entry_bytes(name: str, shape: tuple[int, ...] | None = None) -> int:
+    """Upper bound on one tensor's entry in a safetensors header,
+    "NAME":{"dtype":"F16","shape":[D1,D2],"data_offsets":[A,B]}, with a dtype of up to 4 characters
+    and offsets of up to 10 digits; dims of up to 9 digits when the shape is not given."""
+    dims = ",".join(str(d) for d in shape) if shape is not None else "123456789,123456789"
+    return len(f'"{name}":{{"dtype":"XXXX","shape":[{dims}],"data_offsets":[1234567890,1234567890]}},')
+
+
+def _offset_digits(budget: "Budget") -> int:
+    return min(10, len(str(max(1, int(budget.value * 1e6)))))
+
+
+def _unit_entry_bytes(unit: str) -> int:
+    return header_entry_bytes(unit + "::" + "x" * 6)  # packed tensor suffixes are at most 6 characters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +54,14 @@ def level_cost(budget: Budget, db, unit: str, value) -> int:
         return info.numel - int(value)
     if budget.kind == "drop":
         return 1 if value == "kept" else 0
-    return int(db.level_meta(unit, value)["nbytes"])
+    meta = db.level_meta(unit, value)
+    if "fixed_header_bytes" in db.meta:  # exact accounting: each level pays for its own header entries
+        # header entries were bounded with 10-digit offsets; a file of this size has shorter ones
+        short = 2 * (10 - _offset_digits(budget)) * int(meta["tensors"])
+        if "header_bytes" in meta:
+            return int(meta["nbytes"]) + int(meta["header_bytes"]) - short
+        return int(meta["nbytes"]) + int(meta["tensors"]) * _unit_entry_bytes(unit) - short
+    return int(meta["nbytes"])
 
 
 def make_problem(db, budget: Budget) -> Problem:
@@ -67,7 +90,11 @@ def make_problem(db, budget: Budget) -> Problem:
             raise BudgetError(f"can drop 0..{len(units)} sub-blocks, not {v:g}")
         total = len(units) - int(v)
     else:
-        overhead = db.meta["fixed_bytes"] + HEADER_BYTES_PER_TENSOR * (len(units) * db.kind.tensors_per_unit + 8)
+        if "fixed_header_bytes" in db.meta:
+            overhead = (db.meta["fixed_bytes"] + db.meta["fixed_header_bytes"]
+                        - 2 * (10 - _offset_digits(budget)) * db.meta["fixed_tensors"])
+        else:
+            overhead = db.meta["fixed_bytes"] + HEADER_BYTES_PER_TENSOR * (len(units) * db.kind.tensors_per_unit + 8)
         total = int(v * 1e6) - overhead
         floor = (sum(c[0] for c in costs) + overhead) / 1e6
         if total < sum(c[0] for c in costs):

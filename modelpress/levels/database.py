@@ -27,7 +27,8 @@ from ..calib.runner import LayerwiseRunner
 from ..calib.stats import LinearStats
 from ..data.windows import Windows
 from ..errors import CheckpointError, ConfigError
-from ..export.checkpoint import dense_tensors, storage_dtype_for
+from ..allocate.budget import header_entry_bytes
+from ..export.checkpoint import SEP, dense_tensors, storage_dtype_for
 from ..models.arch import Arch, get_weight, set_weight
 from ..ops.base import output_error
 from ..ops.packed import PackedWeight, load_weight
@@ -133,6 +134,9 @@ class LevelDB:
                                   f"({meta['kind']}); use another --db folder")
             if meta["data"] != json.loads(json.dumps(dataclasses.asdict(windows.config))):
                 raise ConfigError(f"level database {path} was built on other calibration data; use another --db folder")
+            if kind.tensors_per_unit and "fixed_header_bytes" not in meta:  # a database from before it was counted
+                meta["fixed_header_bytes"], meta["fixed_tensors"] = _fixed_header_bytes(model, discover_units(model, kind))
+                write_json(mf, meta)
             return cls(path, meta)
         units = discover_units(model, kind)
         if isinstance(kind, SparsityKind):
@@ -149,6 +153,8 @@ class LevelDB:
             "kind": {"name": kind.registered_name, "settings": json.loads(json.dumps(kind.settings()))},
             "data": json.loads(json.dumps(dataclasses.asdict(windows.config))),
             "fixed_bytes": fixed,
+            **(dict(zip(("fixed_header_bytes", "fixed_tensors"), _fixed_header_bytes(model, units)))
+               if kind.tensors_per_unit else {}),
             "units": {u.name: {"shape": list(u.shape) if u.shape else None, "numel": u.numel, "block": u.block,
                                "group": u.group, "extra": u.extra} for u in units},
         }
@@ -177,6 +183,11 @@ class LevelDB:
                 if md.get("digest") != _digest(tensors):
                     raise ValueError("digest mismatch")
                 levels = json.loads(md["levels"])
+                for v, m in levels.items():  # levels stored before their header entries were counted
+                    mine = {k.split(SEP, 1)[1]: t for k, t in tensors.items() if k.startswith(f"{v}{SEP}")}
+                    m.setdefault("tensors", len(mine))
+                    m.setdefault("header_bytes", sum(header_entry_bytes(f"{unit}{SEP}{k}", tuple(t.shape))
+                                                     for k, t in mine.items()))
             except Exception as e:  # corrupt or truncated: rebuild it
                 log.warning("level database: %s is corrupt (%s); it will be rebuilt", f.name, e)
                 f.unlink(missing_ok=True)
@@ -198,7 +209,9 @@ class LevelDB:
                 del tensors[k]
             for suffix, t in ts.items():
                 tensors[f"{value}::{suffix}"] = t.contiguous()
-            levels[str(value)] = {"meta": meta, "nbytes": pw.nbytes(), "error": float(err)}
+            levels[str(value)] = {"meta": meta, "nbytes": pw.nbytes(), "error": float(err), "tensors": len(ts),
+                                  "header_bytes": sum(header_entry_bytes(f"{unit}{SEP}{k}", tuple(t.shape))
+                                                      for k, t in ts.items())}
         seen: set[int] = set()
         for k, t in tensors.items():  # levels sharing a base (with / without EoRA) share storage
             if t.numel() and t.data_ptr() in seen:
@@ -465,6 +478,16 @@ def _fixed_bytes(model, units: list[UnitInfo], depth: bool) -> int:
             continue
         total += t.numel() * torch.empty(0, dtype=storage_dtype_for(t, torch.float16)).element_size()
     return total
+
+
+def _fixed_header_bytes(model, units: list[UnitInfo]) -> tuple[int, int]:
+    """An upper bound on the checkpoint header bytes of the tensors outside the units (see
+    allocate.budget.header_entry_bytes) plus the file's metadata entry, length prefix and padding;
+    and the number of those tensors."""
+    dense, _ = dense_tensors(model, {})
+    unit_weights = {f"{u.name}.weight" for u in units}
+    fixed = {n: t for n, t in dense.items() if n not in unit_weights}
+    return 128 + sum(header_entry_bytes(n, tuple(t.shape)) for n, t in fixed.items()), len(fixed)
 
 
 class PlanState:

@@ -232,3 +232,26 @@ def test_checkpoint_of_another_problem_is_kept_aside(tmp_path):
     assert json.loads(ck.read_text())["key"] != first["key"]
     aside = tmp_path / f"search.{first['key']}.json"
     assert json.loads(aside.read_text()) == first  # the other search's work is not lost
+
+
+def test_uniform_with_named_levels_takes_the_same_name_everywhere():
+    """Pareto-pruned named levels (byte budgets): "uniform" is the same level name in every unit,
+    not the same index; a unit whose list lacks the name takes its best level costing no more."""
+    from modelpress.allocate.problem import Problem
+    from modelpress.allocate.uniform import Uniform
+
+    full = ["w2", "w3", "w3-r16", "w4"]
+    labels = [full, full, ["w2", "w4-s50", "w4"], full]  # unit 2: w3 and w3-r16 pruned
+    costs = [[20, 30, 34, 40], [20, 30, 34, 40], [20, 29, 40], [20, 30, 34, 40]]
+    errors = [[4, 2, 1.5, 1], [4, 2, 1.5, 1], [4, 1.8, 1], [4, 2, 1.5, 1]]
+    groups = ["q", "q", "q", "q"]
+    p = Problem(["a", "b", "c", "d"], costs, errors, budget=119, labels=labels, groups=groups)
+    choice = Uniform().allocate(p)
+    assert [labels[u][i] for u, i in enumerate(choice)] == ["w3", "w3", "w4-s50", "w3"]
+    assert p.cost(choice) <= p.budget and p.slack_ok(choice)
+    # all-w3 one over the budget (within 1%): the cheapest downgrade by error per cost (a: w3 -> w2),
+    # then the slack is filled (b, d: w3 -> w3-r16)
+    p = Problem(["a", "b", "c", "d"], costs, errors, budget=118, labels=labels, groups=groups)
+    choice = Uniform().allocate(p)
+    assert [labels[u][i] for u, i in enumerate(choice)] == ["w2", "w3-r16", "w4-s50", "w3-r16"]
+    assert p.cost(choice) <= p.budget and p.slack_ok(choice)

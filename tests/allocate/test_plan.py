@@ -75,3 +75,29 @@ def test_mb_budget_holds_on_disk(tmp_path):
     res = allocate(m, db, Budget("mb", target), "dp")
     materialize(m, None, db, res.plan).save(tmp_path / "ck")
     assert os.path.getsize(tmp_path / "ck" / "weights.safetensors") <= target * 1e6
+
+
+def test_mb_budget_counts_headers_tightly(tmp_path):
+    """The size budget counts each level's own header entries (an upper bound a few bytes per tensor
+    above the real header) instead of a flat allowance per unit: at exactly the file size of uniform
+    3-bit, the all-3-bit plan is over by only those few bytes."""
+    from modelpress.allocate.budget import Budget, make_problem
+    from modelpress.search import open_database
+    from modelpress.allocate.plan import Plan
+    from modelpress.search import materialize
+    from tests.conftest import tiny_model
+    from tests.export.test_checkpoint import windows
+
+    w = windows()
+    m = tiny_model("llama")
+    db = open_database(m, None, "quant", data=w, db=tmp_path / "db", levels=(2, 3, 4), group_size=16)
+    plan = Plan(kind="quant", levels={u: 3 for u in db.units})
+    materialize(m, None, db, plan).save(tmp_path / "ck")
+    size = (tmp_path / "ck" / "weights.safetensors").stat().st_size
+    p = make_problem(db, Budget("mb", size / 1e6))
+    all3 = [db.values(u).index(3) for u in p.units]
+    n_tensors = 4 * len(p.units) + db.meta["fixed_tensors"]
+    # an upper bound (a plan within the budget is never larger than the target), off by a few bytes per tensor
+    assert 0 <= p.cost(all3) - p.budget <= 8 * n_tensors
+    # the flat allowance (160 B per tensor, 4 per unit + 8) was far off
+    assert p.budget - (size - db.meta["fixed_bytes"] - 160 * (4 * len(p.units) + 8)) > 4 * n_tensors
