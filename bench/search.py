@@ -82,7 +82,7 @@ def main() -> None:
         db = open_database(model, tok, spec["kind"], data=windows, **spec["settings"])
         built_now = time.time() - t
         if not cache.get(f"{sec}|db"):
-            cache.put(f"{sec}|db", {"build_s": db.meta.get("build_seconds", time.time() - t), "path": str(db.path)})
+            cache.put(f"{sec}|db", {"build_s": db.meta.get("build_seconds", built_now), "path": str(db.path)})
         if ref is None:
             ref = ReferenceLogprobs(model, windows.eval)
             d = evaluate(model, windows.eval, reference=ref)
@@ -91,14 +91,14 @@ def main() -> None:
         state = PlanState(model, db)
         if extend:
             b = jobs[0][0]
-            if not (db.path / "searches" / f"bench-{b.kind}-{b.value:g}.json").is_file():
+            if not checkpoint(db, b).is_file():
                 jobs.insert(0, (b, "uniform", f"{sec}|{b.label()}|uniform, database of the {extend[2]}-generation row",
                                 evo))
         for b, a, key, evo_kw in jobs:
             if cache.get(key):
                 continue
             print(f"== {key}", flush=True)
-            ckpt = db.path / "searches" / f"bench-{b.kind}-{b.value:g}.json"
+            ckpt = checkpoint(db, b)
             resumed = a == "evolutionary" and ckpt.is_file()
             kw = dict(evo_kw, checkpoint=str(ckpt)) if a == "evolutionary" else {}
             res = allocate(model, db, b, a, data=windows, settings=settings, state=state, **kw)
@@ -121,6 +121,11 @@ def main() -> None:
     if (not args.only or args.only == "speed") and not cache.get("speed"):
         cache.put("speed", measure_speedup(model, tok, windows))
     render(cache.everything())
+
+
+def checkpoint(db, budget: Budget):
+    """Where the evolutionary search of `budget` on `db` checkpoints."""
+    return db.path / "searches" / f"bench-{budget.kind}-{budget.value:g}.json"
 
 
 def adopt_published(cache: RowCache) -> None:

@@ -16,20 +16,19 @@ from .problem import Problem
 HEADER_BYTES_PER_TENSOR = 160  # safetensors JSON header entry, generous (databases without exact header counts)
 
 
-def header_entry_bytes(name: str, shape: tuple[int, ...] | None = None) -> int:
+def header_entry_bytes(name: str, shape: tuple[int, ...]) -> int:
     """Upper bound on one tensor's entry in a safetensors header,
     "NAME":{"dtype":"F16","shape":[D1,D2],"data_offsets":[A,B]}, with a dtype of up to 4 characters
-    and offsets of up to 10 digits; dims of up to 9 digits when the shape is not given."""
-    dims = ",".join(str(d) for d in shape) if shape is not None else "123456789,123456789"
+    and offsets of up to 10 digits."""
+    dims = ",".join(str(d) for d in shape)
     return len(f'"{name}":{{"dtype":"XXXX","shape":[{dims}],"data_offsets":[1234567890,1234567890]}},')
 
 
-def _offset_digits(budget: "Budget") -> int:
-    return min(10, len(str(max(1, int(budget.value * 1e6)))))
-
-
-def _unit_entry_bytes(unit: str) -> int:
-    return header_entry_bytes(unit + "::" + "x" * 6)  # packed tensor suffixes are at most 6 characters
+def _offset_saving(budget: "Budget", n_tensors: int) -> int:
+    """Header entries are bounded with 10-digit offsets; in a file of the target size they are at
+    most as long as its byte count: the bytes that saves over `n_tensors` entries."""
+    digits = min(10, len(str(max(1, int(budget.value * 1e6)))))
+    return 2 * (10 - digits) * n_tensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +54,8 @@ def level_cost(budget: Budget, db, unit: str, value) -> int:
     if budget.kind == "drop":
         return 1 if value == "kept" else 0
     meta = db.level_meta(unit, value)
-    if "fixed_header_bytes" in db.meta:  # exact accounting: each level pays for its own header entries
-        # header entries were bounded with 10-digit offsets; a file of this size has shorter ones
-        short = 2 * (10 - _offset_digits(budget)) * int(meta["tensors"])
-        if "header_bytes" in meta:
-            return int(meta["nbytes"]) + int(meta["header_bytes"]) - short
-        return int(meta["nbytes"]) + int(meta["tensors"]) * _unit_entry_bytes(unit) - short
+    if "fixed_header_bytes" in db.meta:  # each level pays for its own header entries
+        return int(meta["nbytes"]) + int(meta["header_bytes"]) - _offset_saving(budget, int(meta["tensors"]))
     return int(meta["nbytes"])
 
 
@@ -92,7 +87,7 @@ def make_problem(db, budget: Budget) -> Problem:
     else:
         if "fixed_header_bytes" in db.meta:
             overhead = (db.meta["fixed_bytes"] + db.meta["fixed_header_bytes"]
-                        - 2 * (10 - _offset_digits(budget)) * db.meta["fixed_tensors"])
+                        - _offset_saving(budget, db.meta["fixed_tensors"]))
         else:
             overhead = db.meta["fixed_bytes"] + HEADER_BYTES_PER_TENSOR * (len(units) * db.kind.tensors_per_unit + 8)
         total = int(v * 1e6) - overhead

@@ -186,8 +186,7 @@ class LevelDB:
                 for v, m in levels.items():  # levels stored before their header entries were counted
                     mine = {k.split(SEP, 1)[1]: t for k, t in tensors.items() if k.startswith(f"{v}{SEP}")}
                     m.setdefault("tensors", len(mine))
-                    m.setdefault("header_bytes", sum(header_entry_bytes(f"{unit}{SEP}{k}", tuple(t.shape))
-                                                     for k, t in mine.items()))
+                    m.setdefault("header_bytes", _header_bytes(unit, mine))
             except Exception as e:  # corrupt or truncated: rebuild it
                 log.warning("level database: %s is corrupt (%s); it will be rebuilt", f.name, e)
                 f.unlink(missing_ok=True)
@@ -210,8 +209,7 @@ class LevelDB:
             for suffix, t in ts.items():
                 tensors[f"{value}::{suffix}"] = t.contiguous()
             levels[str(value)] = {"meta": meta, "nbytes": pw.nbytes(), "error": float(err), "tensors": len(ts),
-                                  "header_bytes": sum(header_entry_bytes(f"{unit}{SEP}{k}", tuple(t.shape))
-                                                      for k, t in ts.items())}
+                                  "header_bytes": _header_bytes(unit, ts)}
         seen: set[int] = set()
         for k, t in tensors.items():  # levels sharing a base (with / without EoRA) share storage
             if t.numel() and t.data_ptr() in seen:
@@ -312,16 +310,21 @@ class LevelDB:
             for n, w in dense.items():
                 set_weight(linears[n], w)
 
+    def _blocks_on_dense_inputs(self, model, windows, batch_size, device, desc: str, missing: dict):
+        """Block by block: (step, the block's missing layers, their XᵀX statistics on the dense
+        model's inputs); the next block's inputs are this block's dense outputs."""
+        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=False, device=device)
+        for step in runner.blocks(desc=desc):
+            names = [n for n in step.linears if n in missing]
+            if names:
+                yield step, names, step.collect("xtx", names=names)
+            step.advance(sequential=False)
+
     def _build_sparsity(self, model, windows, batch_size, device) -> None:
         kind: SparsityKind = self.kind  # type: ignore[assignment]
         missing = self.missing()
-        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=False, device=device)
-        for step in runner.blocks(desc="database sparsity"):
-            names = [n for n in step.linears if n in missing]
-            if not names:
-                step.advance(sequential=False)
-                continue
-            stats = step.collect("xtx", names=names)
+        for step, names, stats in self._blocks_on_dense_inputs(model, windows, batch_size, device,
+                                                               "database sparsity", missing):
             for n in names:
                 w = get_weight(step.linears[n]).float()
                 st = stats[n]
@@ -335,7 +338,6 @@ class LevelDB:
                 self.units[n].extra["outlier_ratio"] = ratio
                 self.add_levels(n, new)
             self.save_meta()
-            step.advance(sequential=False)
 
     def _build_joint(self, model, windows, batch_size, device) -> None:
         from ..ops import COMPENSATORS, OPERATORS
@@ -380,20 +382,18 @@ class LevelDB:
             if ref:
                 set_weight(lin, new[ref][0].dequantize())
 
-        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=bool(ref), device=device)
         try:
-            for step in runner.blocks(desc="database joint", start=start):
-                names = [n for n in step.linears if n in self.units]
-                if ref:
-                    step.compress_streaming("xtx", lambda n, st, step=step: levels_of_layer(n, step.linears[n], st),
-                                            names=names)
-                    continue
-                names = [n for n in names if n in missing]
-                if names:
-                    stats = step.collect("xtx", names=names)
+            if not ref:
+                for step, names, stats in self._blocks_on_dense_inputs(model, windows, batch_size, device,
+                                                                       "database joint", missing):
                     for n in names:
                         levels_of_layer(n, step.linears[n], stats[n])
-                step.advance(sequential=False)
+                return
+            runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=True, device=device)
+            for step in runner.blocks(desc="database joint", start=start):
+                names = [n for n in step.linears if n in self.units]
+                step.compress_streaming("xtx", lambda n, st, step=step: levels_of_layer(n, step.linears[n], st),
+                                        names=names)
         finally:
             for n, w in dense.items():
                 set_weight(linears[n], w)
@@ -403,13 +403,8 @@ class LevelDB:
 
         kind: LowRankKind = self.kind  # type: ignore[assignment]
         missing = self.missing()
-        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=False, device=device)
-        for step in runner.blocks(desc="database lowrank"):
-            names = [n for n in step.linears if n in missing]
-            if not names:
-                step.advance(sequential=False)
-                continue
-            stats = step.collect("xtx", names=names)
+        for step, names, stats in self._blocks_on_dense_inputs(model, windows, batch_size, device,
+                                                               "database lowrank", missing):
             for n in names:
                 w = get_weight(step.linears[n]).float()
                 h = stats[n].hessian
@@ -423,7 +418,6 @@ class LevelDB:
                         pw = PackedWeight(shape=tuple(w.shape), lr_b=b.to(torch.float16), lr_a=a.to(torch.float16))
                     new[v] = (pw, output_error(w, pw.dequantize(), h))
                 self.add_levels(n, new)
-            step.advance(sequential=False)
 
     def _build_gguf(self, model, windows, batch_size, device) -> None:
         from ..ops.ggmlweight import GGMLWeight
@@ -437,13 +431,8 @@ class LevelDB:
                 gw = GGMLWeight.quantize(w, t)
                 new[t] = (gw, float(((gw.dequantize() - w) ** 2).sum() / (w ** 2).sum()))
             self.add_levels(u, new)
-        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=False, device=device)
-        for step in runner.blocks(desc="database gguf"):
-            names = [n for n in step.linears if n in missing]
-            if not names:
-                step.advance(sequential=False)
-                continue
-            stats = step.collect("xtx", names=names)
+        for step, names, stats in self._blocks_on_dense_inputs(model, windows, batch_size, device,
+                                                               "database gguf", missing):
             for n in names:
                 w = get_weight(step.linears[n]).float()
                 new = {}
@@ -451,7 +440,6 @@ class LevelDB:
                     gw = GGMLWeight.quantize(w, t, heads=self.units[n].extra.get("heads"))
                     new[t] = (gw, output_error(w, gw.dequantize().to(w.device), stats[n].hessian))
                 self.add_levels(n, new)
-            step.advance(sequential=False)
 
     def _build_depth(self, model, windows, batch_size, device=None) -> None:
         from ..ops.drop.influence import subblock_influence
@@ -467,26 +455,32 @@ def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> by
     return save(tensors, metadata=metadata)
 
 
-def _fixed_bytes(model, units: list[UnitInfo], depth: bool) -> int:
-    """Bytes every plan stores whatever its levels: tensors outside the units, as stored (float16)."""
+def _fixed_tensors(model, units: list[UnitInfo], depth: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors every plan stores whatever its levels: those outside the units (for depth, outside
+    the sub-blocks)."""
     dense, _ = dense_tensors(model, {})
     unit_weights = {f"{u.name}.weight" for u in units}
     prefixes = tuple(u.name + "." for u in units)
-    total = 0
-    for name, t in dense.items():
-        if (depth and name.startswith(prefixes)) or (not depth and name in unit_weights):
-            continue
-        total += t.numel() * torch.empty(0, dtype=storage_dtype_for(t, torch.float16)).element_size()
-    return total
+    return {n: t for n, t in dense.items()
+            if not ((depth and n.startswith(prefixes)) or (not depth and n in unit_weights))}
+
+
+def _fixed_bytes(model, units: list[UnitInfo], depth: bool) -> int:
+    """Bytes of the fixed tensors as stored (float16)."""
+    return sum(t.numel() * torch.empty(0, dtype=storage_dtype_for(t, torch.float16)).element_size()
+               for t in _fixed_tensors(model, units, depth).values())
+
+
+def _header_bytes(unit: str, tensors: dict[str, torch.Tensor]) -> int:
+    """Upper bound on the checkpoint header entries of one level's packed tensors (suffix -> tensor)."""
+    return sum(header_entry_bytes(f"{unit}{SEP}{k}", tuple(t.shape)) for k, t in tensors.items())
 
 
 def _fixed_header_bytes(model, units: list[UnitInfo]) -> tuple[int, int]:
-    """An upper bound on the checkpoint header bytes of the tensors outside the units (see
+    """An upper bound on the checkpoint header bytes of the fixed tensors (see
     allocate.budget.header_entry_bytes) plus the file's metadata entry, length prefix and padding;
     and the number of those tensors."""
-    dense, _ = dense_tensors(model, {})
-    unit_weights = {f"{u.name}.weight" for u in units}
-    fixed = {n: t for n, t in dense.items() if n not in unit_weights}
+    fixed = _fixed_tensors(model, units)
     return 128 + sum(header_entry_bytes(n, tuple(t.shape)) for n, t in fixed.items()), len(fixed)
 
 

@@ -44,21 +44,28 @@ class Boom(Exception):
     pass
 
 
-def test_build_resumes_after_interruption(tmp_path, w, monkeypatch):
-    full = open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "full", **QK)
+def interrupt_build(monkeypatch, at: int, build) -> None:
+    """Run `build`, killed (Boom) at its `at`-th store of levels."""
     calls = {"n": 0}
     real = dbmod.LevelDB.add_levels
 
     def dying(self, unit, new):
         calls["n"] += 1
-        if calls["n"] == 30:
+        if calls["n"] == at:
             raise Boom
         return real(self, unit, new)
 
     monkeypatch.setattr(dbmod.LevelDB, "add_levels", dying)
     with pytest.raises(Boom):
-        open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "db", **QK)
+        build()
     monkeypatch.setattr(dbmod.LevelDB, "add_levels", real)
+
+
+def test_build_resumes_after_interruption(tmp_path, w, monkeypatch):
+    full = open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "full", **QK)
+    real = dbmod.LevelDB.add_levels
+    interrupt_build(monkeypatch, 30, lambda: open_database(tiny_model("llama"), None, "quant", data=w,
+                                                           db=tmp_path / "db", **QK))
     part = LevelDB.open_or_create(tmp_path / "db", tiny_model("llama"), QuantKind(**QK), w)
     n_missing = sum(len(v) for v in part.missing().values())
     assert 0 < n_missing < 63

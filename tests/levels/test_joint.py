@@ -21,20 +21,28 @@ def test_joint_database_is_pareto_and_search_meets_byte_budget(tmp_path):
         metas = [db.level_meta(u, v) for v in vals]
         assert all(a["nbytes"] < b["nbytes"] and a["error"] > b["error"] for a, b in zip(metas, metas[1:]))
         assert vals[0] == "drop"
-    p = make_problem(db, Budget("mb", 0.3))
+    res = search_mid_budget_and_round_trip(db, m, w, tmp_path, generations=6, offspring=6)
+    assert len({v.split("-")[0] for v in res.plan.levels.values()}) > 1  # mixed bit-widths
+    assert mp.evaluate(m, w.eval, reference=ref).kl < 1.0
+
+
+def search_mid_budget_and_round_trip(db, m, w, tmp_path, **evo):
+    """Evolutionary search of a byte-costed database halfway between its smallest and largest plan:
+    the plan meets the budget (less than a level step below), its checkpoint file is no larger,
+    and reloading it gives identical logits. Leaves `m` compressed; returns the search result."""
+    p = make_problem(db, Budget("mb", 1.0))
     mid = (db.meta["fixed_bytes"] + (p.min_cost() + p.max_cost()) / 2) / 1e6
     budget = Budget("mb", mid)
-    res = allocate(m, db, budget, "evolutionary", data=w, generations=6, offspring=6, tokens=(32, 64))
+    res = allocate(m, db, budget, "evolutionary", data=w, tokens=(32, 64), **evo)
     prob = make_problem(db, budget)
     choice = res.plan.choice(prob)
     assert prob.cost(choice) <= prob.budget and prob.slack_ok(choice)
-    assert len({v.split("-")[0] for v in res.plan.levels.values()}) > 1  # mixed bit-widths
     c = materialize(m, None, db, res.plan)
     c.save(tmp_path / "ck")
     assert (tmp_path / "ck" / "weights.safetensors").stat().st_size <= mid * 1e6
     with torch.no_grad():
         assert torch.equal(m(w.eval).logits, mp.load_compressed(tmp_path / "ck")(w.eval).logits)
-    assert mp.evaluate(m, w.eval, reference=ref).kl < 1.0
+    return res
 
 
 SEQ = dict(bits=(2, 3), sparsity=(0.0,), ranks=(0, 4), group_size=16)
@@ -58,23 +66,12 @@ def test_sequential_joint_levels_see_compressed_inputs(tmp_path):
 
 
 def test_sequential_joint_build_resumes(tmp_path, monkeypatch):
-    from modelpress.levels import database as dbmod
-    from tests.levels.test_database import Boom
+    from tests.levels.test_database import interrupt_build
 
     w = windows()
     full = open_database(tiny_model("llama"), None, "joint", data=w, db=tmp_path / "full", sequential_level="w3", **SEQ)
-    real, calls = dbmod.LevelDB.add_levels, {"n": 0}
-
-    def dying(self, unit, new):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise Boom
-        return real(self, unit, new)
-
-    monkeypatch.setattr(dbmod.LevelDB, "add_levels", dying)
-    with pytest.raises(Boom):
-        open_database(tiny_model("llama"), None, "joint", data=w, db=tmp_path / "db", sequential_level="w3", **SEQ)
-    monkeypatch.setattr(dbmod.LevelDB, "add_levels", real)
+    interrupt_build(monkeypatch, 10, lambda: open_database(tiny_model("llama"), None, "joint", data=w, db=tmp_path / "db",
+                                                           sequential_level="w3", **SEQ))
     db = open_database(tiny_model("llama"), None, "joint", data=w, db=tmp_path / "db", sequential_level="w3", **SEQ)
     for u in db.units:
         for v in db.values(u):

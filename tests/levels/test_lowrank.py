@@ -2,14 +2,13 @@
 import pytest
 import torch
 
-import modelpress as mp
-from modelpress.allocate.budget import Budget, make_problem
 from modelpress.errors import ConfigError
 from modelpress.ops import OPERATORS
 from modelpress.ops.lowrank.factor import activation_aware, activation_aware_ranks
-from modelpress.search import allocate, materialize, open_database
+from modelpress.search import open_database
 from tests.conftest import layer_problem, rel_out_err, tiny_model
 from tests.export.test_checkpoint import windows
+from tests.levels.test_joint import search_mid_budget_and_round_trip
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +45,9 @@ def test_one_svd_gives_the_activation_aware_factors_of_every_rank():
 
 
 def test_search_meets_the_byte_budget_and_round_trips(lowrank_db, tmp_path):
-    db = lowrank_db
-    w = windows()
-    m = tiny_model("llama")
-    p = make_problem(db, Budget("mb", 1.0))
-    mid = (db.meta["fixed_bytes"] + (p.min_cost() + p.max_cost()) / 2) / 1e6
-    budget = Budget("mb", mid)
-    res = allocate(m, db, budget, "evolutionary", data=w, generations=4, offspring=4, tokens=(32, 64))
-    prob = make_problem(db, budget)
-    choice = res.plan.choice(prob)
-    assert prob.cost(choice) <= prob.budget and prob.slack_ok(choice)
+    res = search_mid_budget_and_round_trip(lowrank_db, tiny_model("llama"), windows(), tmp_path,
+                                           generations=4, offspring=4)
     assert len(set(res.plan.levels.values())) > 1  # mixed ranks
-    c = materialize(m, None, db, res.plan)
-    c.save(tmp_path / "ck")
-    assert (tmp_path / "ck" / "weights.safetensors").stat().st_size <= mid * 1e6
-    with torch.no_grad():
-        assert torch.equal(m(w.eval).logits, mp.load_compressed(tmp_path / "ck")(w.eval).logits)
 
 
 def test_bad_ratios():
