@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--extend", default=None, metavar="SECTION:BUDGET:GENERATIONS",
                     help="continue one finished evolutionary search to more generations, e.g. quant:3:60 "
                          "(an extra row; the original row stays)")
+    ap.add_argument("--init", default=None, choices=["sensitivity"],
+                    help="with --extend: a new search started from the measured-sensitivity plan (rows for "
+                         "the sensitivity allocator and for the search)")
     args = ap.parse_args()
     cache = RowCache("search", force=args.force)
     if not cache.rows:
@@ -74,8 +77,15 @@ def main() -> None:
         jobs = [(b, a, f"{sec}|{b.label()}|{a}", evo) for b in spec["budgets"] for a in spec["allocators"]]
         if extend:
             b = next(b for b in spec["budgets"] if b.value == extend[1])
-            jobs = [(b, "evolutionary", f"{sec}|{b.label()}|evolutionary, {extend[2]} generations",
-                     dict(evo, generations=extend[2]))]
+            if args.init:
+                ev = dict(evo, generations=extend[2], init=args.init)
+                jobs = [(b, "sensitivity", f"{sec}|{b.label()}|sensitivity, {tokens[-1]} tokens",
+                         dict(tokens=tokens[-1])),
+                        (b, "evolutionary", f"{sec}|{b.label()}|evolutionary, {extend[2]} generations, "
+                                            f"sensitivity start", ev)]
+            else:
+                jobs = [(b, "evolutionary", f"{sec}|{b.label()}|evolutionary, {extend[2]} generations",
+                         dict(evo, generations=extend[2]))]
         if all(cache.get(k) for _, _, k, _ in jobs) and cache.get(f"{sec}|db"):
             continue
         t = time.time()
@@ -91,16 +101,18 @@ def main() -> None:
         state = PlanState(model, db)
         if extend:
             b = jobs[0][0]
-            if not checkpoint(db, b).is_file():
+            if not checkpoint(db, b, args.init).is_file():
                 jobs.insert(0, (b, "uniform", f"{sec}|{b.label()}|uniform, database of the {extend[2]}-generation row",
                                 evo))
         for b, a, key, evo_kw in jobs:
             if cache.get(key):
                 continue
             print(f"== {key}", flush=True)
-            ckpt = checkpoint(db, b)
+            ckpt = checkpoint(db, b, (evo_kw or {}).get("init"))
             resumed = a == "evolutionary" and ckpt.is_file()
             kw = dict(evo_kw, checkpoint=str(ckpt)) if a == "evolutionary" else {}
+            if a == "sensitivity":  # its measurements are the ones the search's start reads back
+                kw = dict(evo_kw, cache=str(ckpt.with_name(f"{checkpoint(db, b, 'sensitivity').stem}.sensitivity.json")))
             res = allocate(model, db, b, a, data=windows, settings=settings, state=state, **kw)
             state.apply(res.plan.levels)
             r = evaluate(model, windows.eval, reference=ref)
@@ -109,7 +121,7 @@ def main() -> None:
             row = {"section": sec, "budget": b.label(), "allocator": key.split("|")[2], "ppl": r.ppl, "kl": r.kl,
                    "size_mb": size, "search_s": res.seconds.get("search"), "reference_s": res.seconds.get("reference"),
                    "generations": len(res.history) or None, "fitness": res.fitness_stats,
-                   "evo": evo_kw if a == "evolutionary" else None, "from_checkpoint": resumed,
+                   "evo": evo_kw if a in ("evolutionary", "sensitivity") else None, "from_checkpoint": resumed,
                    "db_build_s": built_now if built_now > 60 else None,
                    "cost": res.plan.info["cost"], "budget_cost": res.plan.info["budget_cost"],
                    "levels": res.plan.levels}
@@ -123,9 +135,9 @@ def main() -> None:
     render(cache.everything())
 
 
-def checkpoint(db, budget: Budget):
-    """Where the evolutionary search of `budget` on `db` checkpoints."""
-    return db.path / "searches" / f"bench-{budget.kind}-{budget.value:g}.json"
+def checkpoint(db, budget: Budget, init: str | None = None):
+    """Where the evolutionary search of `budget` on `db` checkpoints (one file per kind of start)."""
+    return db.path / "searches" / f"bench-{budget.kind}-{budget.value:g}{'-' + init if init else ''}.json"
 
 
 def adopt_published(cache: RowCache) -> None:
@@ -194,7 +206,7 @@ def render(cache: RowCache) -> None:
              "A short run: the CPU budget of this machine. "
              f"Dense perplexity: {dense.get('ppl', float('nan')):.3f}. Machine: {machine()}.\n"]
     extended = sorted((k for k in cache.rows if k.count("|") == 2 and ", " in k.split("|")[2]),  # rows of `--extend`
-                      key=lambda k: ("|evolutionary, " in k, k))
+                      key=lambda k: ("|evolutionary, " in k, "|uniform, " not in k, k))
     continued = [k for k in extended if (cache.get(k) or {}).get("from_checkpoint")]
     restarted = [k for k in extended if "|evolutionary, " in k and not (cache.get(k) or {}).get("from_checkpoint")]
     for sec in SECTIONS:

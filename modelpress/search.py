@@ -163,8 +163,9 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
             problem = make_problem(database, budget)
             results[name] = SearchResult(plan=plan, problem=problem, db=database, history=[], seconds={})
             continue
-        if name == allocator and hasattr(ALLOCATORS.get(name), "checkpoint") and "checkpoint" not in kw:
-            kw = {**kw, "checkpoint": str(database.path / "searches" / f"{budget.kind}-{budget.value:g}-{name}.json")}
+        for field in ("checkpoint", "cache"):  # the long allocators resume from a file beside the database
+            if name == allocator and hasattr(ALLOCATORS.get(name), field) and field not in kw:
+                kw = {**kw, field: str(database.path / "searches" / f"{budget.kind}-{budget.value:g}-{name}.json")}
         results[name] = allocate(model, database, budget, name, data=windows, settings=settings, state=state, **kw)
         log.info("%s: %s", name, results[name].plan.info)
     for name, res in results.items():

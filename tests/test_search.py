@@ -12,8 +12,8 @@ runner = CliRunner(env={"COLUMNS": "200"})
 def test_search_cli_writes_plan_checkpoint_report_plots(model_dir, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--kind", "quant", "--levels", "2,3,4",
-                            "--group-size", "32", "--target-bits", "3", "--compare", "uniform,dp",
-                            "--generations", "4", "--offspring", "4", "--tokens", "64,128", "--survivors", "2,1",
+                            "--group-size", "32", "--target-bits", "3", "--compare", "uniform,dp,sensitivity",
+                            "--init", "sensitivity", "--generations", "4", "--offspring", "4", "--tokens", "64,128", "--survivors", "2,1",
                             "--fitness-windows", "4", "--db", str(tmp_path / "db"), "--out", str(out),
                             *small(model_dir)])
     assert r.exit_code == 0, r.output
@@ -22,7 +22,8 @@ def test_search_cli_writes_plan_checkpoint_report_plots(model_dir, tmp_path):  #
     for png in ("levels.png", "fitness.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rep = json.loads((out / "report.json").read_text())
-    assert [row["label"] for row in rep["rows"]] == ["dense", "uniform", "dp", "evolutionary"]
+    assert [row["label"] for row in rep["rows"]] == ["dense", "uniform", "dp", "sensitivity", "evolutionary"]
+    assert (tmp_path / "db" / "searches" / "bits-3-evolutionary.sensitivity.json").is_file()  # the start's measurements
     assert len(rep["history"]) == 4
     plan = json.loads((out / "plan.json").read_text())
     assert plan["kind"] == "quant" and plan["info"]["cost"] <= plan["info"]["budget_cost"]
@@ -45,7 +46,9 @@ def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
                       (["--target-bits", "3", "--target-mb", "1"], "exactly one budget"),
                       (["--drop", "2", "--kind", "quant"], "does not apply"),
                       (["--target-bits", "3", "--allocator", "owl"], "does not apply to kind"),
-                      (["--target-bits", "3", "--sequential-level", "w3"], "apply to --kind joint")]:
+                      (["--target-bits", "3", "--sequential-level", "w3"], "apply to --kind joint"),
+                      (["--target-bits", "3", "--allocator", "dp", "--init", "sensitivity"], "apply to the evolutionary"),
+                      (["--target-bits", "3", "--init", "nope"], "init must be one of")]:
         r = runner.invoke(app, ["search", str(model_dir / "tiny"), *args, "--levels", "2,3,4", "--no-eval",
                                 "--db", str(tmp_path / "db2"), *small(model_dir)])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)

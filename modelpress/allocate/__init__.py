@@ -1,5 +1,5 @@
 """Allocators: pick one level per unit under a budget. Importing registers them all."""
-from . import dp, evolutionary, influence, owl, uniform  # noqa: F401
+from . import dp, evolutionary, influence, owl, sensitivity, uniform  # noqa: F401
 from .base import ALLOCATORS, Allocator
 from .problem import Problem, fill, fit, trim
 

@@ -26,6 +26,8 @@ from .problem import Problem, fill
 
 log = logging.getLogger(__name__)
 
+INITS = ("uniform", "dp", "best", "sensitivity")
+
 
 def mutate(p: Problem, parent: list[int], rng: np.random.Generator, max_tries: int = 50) -> list[int] | None:
     """k budget-preserving level switches (None when no switch is possible).
@@ -83,7 +85,9 @@ class Evolutionary(Allocator):
     tokens: tuple[int, ...] = (512, 4096)  # fresh calibration tokens scored in each stage
     seed: int = 0
     # "uniform", "dp", or "best": the best on the last stage's sample of uniform, dp and every other
-    # model-free allocator the database supports (owl for sparsity, block-influence for depth)
+    # model-free allocator the database supports (owl for sparsity, block-influence for depth);
+    # "sensitivity": the same, with the `sensitivity` allocator's plan (measured one-at-a-time
+    # fitness changes + knapsack) among the candidates — one evaluation per (unit, other level)
     init: str = "best"
     checkpoint: str | None = None  # JSON written every generation; an existing one is resumed
 
@@ -96,8 +100,8 @@ class Evolutionary(Allocator):
             raise ConfigError("survivors and tokens need one entry per selection stage")
         if self.survivors[-1] != 1 or any(s < 1 for s in self.survivors):
             raise ConfigError("the last stage keeps exactly one survivor")
-        if self.init not in ("uniform", "dp", "best"):
-            raise ConfigError("init must be uniform, dp or best")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}")
         if self.generations < 0 or self.offspring < 1:
             raise ConfigError("generations >= 0 and offspring >= 1")
         self.history: list[dict] = []
@@ -153,7 +157,8 @@ class Evolutionary(Allocator):
             elif self.init == "dp":
                 parent = DP().allocate(problem)
             else:
-                parent = self._best_start(problem, fitness, rng)
+                parent = self._best_start(problem, fitness, rng, measured=self.init == "sensitivity",
+                                          cache=ck.with_name(f"{ck.stem}.sensitivity.json") if ck else None)
             self._save(ck, key, 0, parent, None, rng)
 
         with Bar(total=self.generations, desc="evolutionary search", initial=start) as bar:
@@ -191,9 +196,12 @@ class Evolutionary(Allocator):
                 log.info("generation %d: fitness %.6f%s", gen + 1, best_fit, " (new parent)" if improved else "")
         return fill(problem, parent)  # no-op with equal-cost partners; uses slack left by compensating ones
 
-    def _best_start(self, problem: Problem, fitness, rng) -> list[int]:
-        """The model-free allocators' plans, scored on one sample; the best one starts the search.
-        An allocator the database does not support (it raises ConfigError) is skipped."""
+    def _best_start(self, problem: Problem, fitness, rng, measured: bool = False, cache: Path | None = None) -> list[int]:
+        """The model-free allocators' plans (and with `measured` the sensitivity allocator's), scored
+        on one sample; the best one starts the search. An allocator the database does not support
+        (it raises ConfigError) is skipped."""
+        from .sensitivity import Sensitivity
+
         plans: dict[str, list[int]] = {}
         for name in ["uniform", "dp"] + [n for n in ALLOCATORS.names() if n not in ("uniform", "dp")]:
             cls = ALLOCATORS.get(name)
@@ -205,6 +213,11 @@ class Evolutionary(Allocator):
                 continue
             if plan not in plans.values():
                 plans[name] = plan
+        if measured:
+            plan = Sensitivity(tokens=self.tokens[-1], seed=self.seed,
+                               cache=str(cache) if cache else None).allocate(problem, fitness)
+            if plan not in plans.values():
+                plans["sensitivity"] = plan
         if len(plans) == 1:
             return next(iter(plans.values()))
         sample = fitness.new_sample(self.tokens[-1], rng)

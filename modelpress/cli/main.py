@@ -256,12 +256,14 @@ def search_cmd(
     drop: Optional[int] = typer.Option(None, "--drop", help="depth: sub-blocks to remove"),
     target_mb: Optional[float] = typer.Option(None, "--target-mb", help="total size in MB, everything included"),
     allocator: str = typer.Option("evolutionary", "--allocator", "-a",
-                                  help="evolutionary, dp, uniform, owl (sparsity), block-influence (depth)"),
+                                  help="evolutionary, dp, sensitivity, uniform, owl (sparsity), block-influence (depth)"),
     compare: Optional[str] = typer.Option(None, "--compare", help="also evaluate these allocators, e.g. uniform,dp"),
     generations: Optional[int] = typer.Option(None, "--generations"),
     offspring: Optional[int] = typer.Option(None, "--offspring"),
     survivors: Optional[str] = typer.Option(None, "--survivors", help="kept per selection stage, e.g. 2,1"),
     tokens: Optional[str] = typer.Option(None, "--tokens", help="tokens per selection stage, e.g. 512,4096"),
+    init: Optional[str] = typer.Option(None, "--init", help="evolutionary start: best (of the model-free "
+                                       "allocators, default), sensitivity (also measured sensitivities), uniform, dp"),
     seed: int = SeedOpt,
     fitness_windows: int = typer.Option(16, "--fitness-windows", help="calibration windows the fitness samples"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="apply this plan.json instead of searching"),
@@ -297,11 +299,12 @@ def search_cmd(
     if max_sparsity is not None:
         ks["max_sparsity"] = max_sparsity
     al = {k: v for k, v in dict(generations=generations, offspring=offspring, survivors=_parse_list(survivors),
-                                tokens=_parse_list(tokens)).items() if v is not None}
+                                tokens=_parse_list(tokens), init=init).items() if v is not None}
     if allocator == "evolutionary":
         al["seed"] = seed
     elif al:
-        raise ConfigError(f"--generations/--offspring/--survivors/--tokens apply to the evolutionary allocator, not {allocator}")
+        raise ConfigError("--generations/--offspring/--survivors/--tokens/--init apply to the evolutionary allocator, "
+                          f"not {allocator}")
     _run_search(model, kind=kind, kind_settings=ks, budget=budget, allocator=allocator, allocator_settings=al,
                 compare=list(_parse_list(compare, str) or ()), data_cfg=_data_config(data, n_samples, seq_len, seed, n_eval),
                 db=db, out=out, evaluate=evaluate, plan=plan, fitness_windows=fitness_windows, device=device)

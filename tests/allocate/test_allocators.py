@@ -57,7 +57,7 @@ def _alloc(name, p, **kw):
     return a.allocate(p, fitness)
 
 
-@pytest.mark.parametrize("name,kw", [("uniform", {}), ("dp", {}), ("owl", {}),
+@pytest.mark.parametrize("name,kw", [("uniform", {}), ("dp", {}), ("owl", {}), ("sensitivity", {}),
                                      ("evolutionary", dict(generations=3, offspring=4, tokens=(1, 2), survivors=(2, 1)))])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(p=problems())
@@ -89,6 +89,79 @@ def test_dp_is_optimal_for_additive_errors():
     p = Problem([f"u{i}" for i in range(6)], costs, [list(e) for e in errors], budget=14)
     best = min((c for c in np.ndindex(*(4,) * 6) if p.cost(c) <= 14), key=p.error)
     assert p.error(_alloc("dp", p)) == pytest.approx(p.error(best))
+
+
+class Interrupt(Exception):
+    pass
+
+
+class TableFitness:
+    """An additive whole-model objective the problem's error estimates get wrong."""
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = 0
+
+    def new_sample(self, n_tokens, rng):
+        return None
+
+    def __call__(self, choice, sample, parent=None):
+        self.calls += 1
+        return float(sum(self.table[u][i] for u, i in enumerate(choice)))
+
+
+def sensitive_problem():
+    """Six units whose layer errors are alike, but whose effect on the model is not: the whole-model
+    objective is s_u x e_u(level) with sensitivities s spanning 100x (additive, linear in e)."""
+    rng = np.random.default_rng(0)
+    costs = [[1, 2, 3, 4, 5]] * 6
+    errors = [sorted(rng.random(5), reverse=True) for _ in range(6)]
+    sens = [0.1, 10.0, 0.3, 3.0, 1.0, 0.2]
+    p = Problem([f"u{i}" for i in range(6)], costs, [list(e) for e in errors], budget=17)
+    return p, [[s * e for e in es] for s, es in zip(sens, errors)]
+
+
+def test_sensitivity_measures_what_dp_only_estimates(tmp_path):
+    """dp on the layer errors misses the optimum; the measured sensitivities find it, measuring
+    every level (reach=None: one evaluation per (unit, other level) plus the uniform plan's) or only
+    the neighbours of the uniform level and extrapolating the rest from the layer errors (reach=1)."""
+    p, true = sensitive_problem()
+    f = TableFitness(true)
+    best = min((c for c in np.ndindex(*(5,) * 6) if p.cost(c) <= p.budget), key=lambda c: f(c, None))
+    assert f(_alloc("dp", p), None) > 1.2 * f(best, None)
+    f.calls = 0
+    every = ALLOCATORS.build("sensitivity", reach=None).allocate(p, f)
+    assert f.calls == 1 + 6 * 4
+    f.calls = 0
+    near = ALLOCATORS.build("sensitivity").allocate(p, f)
+    assert f.calls <= 1 + 6 * 2  # at most two neighbours per unit
+    assert f(every, None) == pytest.approx(f(best, None)) and f(near, None) == pytest.approx(f(best, None))
+    evo = ALLOCATORS.build("evolutionary", generations=0, offspring=2, tokens=(1,), survivors=(1,), init="sensitivity")
+    assert evo.allocate(p, TableFitness(true)) == near  # the measured plan starts the search
+    with pytest.raises(ConfigError, match="needs a fitness"):
+        ALLOCATORS.build("sensitivity").allocate(p)
+
+
+def test_sensitivity_pass_resumes_from_its_cache(tmp_path):
+    p, true = sensitive_problem()
+    cache = tmp_path / "sens.json"
+
+    class Dying(TableFitness):
+        def __call__(self, *a, **k):
+            if self.calls == 22:
+                raise Interrupt
+            return super().__call__(*a, **k)
+
+    with pytest.raises(Interrupt):
+        ALLOCATORS.build("sensitivity", reach=None, cache=str(cache)).allocate(p, Dying(true))
+    assert len(json.loads(cache.read_text())["delta"]) == 20  # written every 20 measurements
+    f = TableFitness(true)
+    plan = ALLOCATORS.build("sensitivity", reach=None, cache=str(cache)).allocate(p, f)
+    assert f.calls == 1 + 24 - 20  # the uniform plan, then only what was missing
+    assert plan == ALLOCATORS.build("sensitivity", reach=None).allocate(p, TableFitness(true))
+    f.calls = 0
+    ALLOCATORS.build("sensitivity", reach=None, cache=str(cache), seed=1).allocate(p, f)
+    assert f.calls == 1 + 24  # another sample: measured again
 
 
 class PairFitness:
@@ -135,10 +208,6 @@ def test_same_seed_same_plan_and_other_seed_differs():
     b = ALLOCATORS.build("evolutionary", seed=7, **kw).allocate(p, PairFitness(p))
     c = ALLOCATORS.build("evolutionary", seed=8, **kw).allocate(p, PairFitness(p))
     assert a == b and a != c
-
-
-class Interrupt(Exception):
-    pass
 
 
 def test_search_resumes_after_interruption(tmp_path):
