@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--extend", default=None, metavar="SECTION:BUDGET:GENERATIONS",
                     help="continue one finished evolutionary search to more generations, e.g. quant:3:60 "
                          "(an extra row; the original row stays)")
+    ap.add_argument("--sensitivity-tokens", type=int, default=2048)
     ap.add_argument("--init", default=None, choices=["sensitivity"],
                     help="with --extend: a new search started from the measured-sensitivity plan (rows for "
                          "the sensitivity allocator and for the search)")
@@ -78,11 +79,11 @@ def main() -> None:
         if extend:
             b = next(b for b in spec["budgets"] if b.value == extend[1])
             if args.init:
-                ev = dict(evo, generations=extend[2], init=args.init)
-                jobs = [(b, "sensitivity", f"{sec}|{b.label()}|sensitivity, {tokens[-1]} tokens",
-                         dict(tokens=tokens[-1])),
+                ev = dict(evo, generations=extend[2], init=args.init, sensitivity_tokens=args.sensitivity_tokens)
+                jobs = [(b, "sensitivity", f"{sec}|{b.label()}|sensitivity, {ev['sensitivity_tokens']} tokens",
+                         dict(tokens=ev["sensitivity_tokens"])),
                         (b, "evolutionary", f"{sec}|{b.label()}|evolutionary, {extend[2]} generations, "
-                                            f"sensitivity start", ev)]
+                                            f"{'/'.join(map(str, tokens))} tokens, sensitivity start", ev)]
             else:
                 jobs = [(b, "evolutionary", f"{sec}|{b.label()}|evolutionary, {extend[2]} generations",
                          dict(evo, generations=extend[2]))]
@@ -109,7 +110,6 @@ def main() -> None:
                 continue
             print(f"== {key}", flush=True)
             ckpt = checkpoint(db, b, (evo_kw or {}).get("init"))
-            resumed = a == "evolutionary" and ckpt.is_file()
             kw = dict(evo_kw, checkpoint=str(ckpt)) if a == "evolutionary" else {}
             if a == "sensitivity":  # its measurements are the ones the search's start reads back
                 kw = dict(evo_kw, cache=str(ckpt.with_name(f"{checkpoint(db, b, 'sensitivity').stem}.sensitivity.json")))
@@ -121,8 +121,8 @@ def main() -> None:
             row = {"section": sec, "budget": b.label(), "allocator": key.split("|")[2], "ppl": r.ppl, "kl": r.kl,
                    "size_mb": size, "search_s": res.seconds.get("search"), "reference_s": res.seconds.get("reference"),
                    "generations": len(res.history) or None, "fitness": res.fitness_stats,
-                   "evo": evo_kw if a in ("evolutionary", "sensitivity") else None, "from_checkpoint": resumed,
-                   "db_build_s": built_now if built_now > 60 else None,
+                   "evo": evo_kw if a in ("evolutionary", "sensitivity") else None, "from_checkpoint": res.resumed_at > 0,
+                   "db_build_s": db.meta.get("build_seconds"),  # recorded by the run that built it
                    "cost": res.plan.info["cost"], "budget_cost": res.plan.info["budget_cost"],
                    "levels": res.plan.levels}
             cache.put(key, row)
@@ -208,7 +208,9 @@ def render(cache: RowCache) -> None:
     extended = sorted((k for k in cache.rows if k.count("|") == 2 and ", " in k.split("|")[2]),  # rows of `--extend`
                       key=lambda k: ("|evolutionary, " in k, "|uniform, " not in k, k))
     continued = [k for k in extended if (cache.get(k) or {}).get("from_checkpoint")]
-    restarted = [k for k in extended if "|evolutionary, " in k and not (cache.get(k) or {}).get("from_checkpoint")]
+    restarted = [k for k in extended if "|evolutionary, " in k and not (cache.get(k) or {}).get("from_checkpoint")
+                 and not k.endswith("sensitivity start")]
+    measured = [k for k in extended if "|sensitivity, " in k]
     for sec in SECTIONS:
         spec = SECTIONS[sec]
         keys = [k for b in spec["budgets"] for k in  # table order; extended searches after their budget's rows
@@ -236,6 +238,16 @@ def render(cache: RowCache) -> None:
                            "slightly from the original database's), so it ran all its generations from the "
                            "start; the `uniform, database of the ...` row above it is uniform on that same rebuilt "
                            "database: compare the two with each other" for k in restarted)
+                 + "".join(f". `{k.split('|')[2]}` ({k.split('|')[1]}) is the `sensitivity` allocator: from the "
+                           "uniform plan, each layer moved alone to each neighbouring level (one evaluation per layer "
+                           "and neighbour on one sample of that many calibration tokens; farther levels extrapolated "
+                           "from the layer errors), then dp on those measured KL changes; a `..., sensitivity "
+                           "start` row after it is a new search (12 offspring, survivors 2/1, the row's tokens per "
+                           "selection stage) started from the best by fitness of uniform, dp and that plan (its "
+                           "search s excludes the measurements, which it read back from the sensitivity row's "
+                           "cache); they all ran on the database rebuilt "
+                           f"in {(cache.get(k) or {}).get('db_build_s') or 0:.0f} s, with the `uniform, database of "
+                           "the ...` row as their uniform" for k in measured)
                  + ". The 4-bit "
                  "evolutionary search finished in a run stopped before its evaluation; the next run read its plan "
                  "back, so its search time is not known (the 2.5- and 3-bit searches of the same size took 734 and 695 s). The depth and sparsity rows and the quantization database (built at 1 thread) ran beside other work on the same 2 cores, "

@@ -41,6 +41,7 @@ class SearchResult:
     history: list[dict]
     seconds: dict[str, float]
     fitness_stats: dict | None = None
+    resumed_at: int = 0  # generation a checkpointed search resumed at (0: it started fresh)
 
 
 def make_kind(kind: str | Kind, **settings) -> Kind:
@@ -98,7 +99,8 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
     if fitness is not None:
         stats = {"evaluations": fitness.evaluations, "seconds": fitness.seconds, "blocks_run": fitness.blocks_run}
     return SearchResult(plan=plan, problem=problem, db=db, history=list(getattr(alloc, "history", [])),
-                        seconds={"reference": t1 - t0, "search": t2 - t1}, fitness_stats=stats)
+                        seconds={"reference": t1 - t0, "search": t2 - t1}, fitness_stats=stats,
+                        resumed_at=getattr(alloc, "resumed_at", 0))
 
 
 def materialize(model, tokenizer, db: LevelDB, plan: Plan, state: PlanState | None = None) -> Compressed:

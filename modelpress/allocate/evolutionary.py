@@ -89,6 +89,7 @@ class Evolutionary(Allocator):
     # "sensitivity": the same, with the `sensitivity` allocator's plan (measured one-at-a-time
     # fitness changes + knapsack) among the candidates — one evaluation per (unit, other level)
     init: str = "best"
+    sensitivity_tokens: int = 2048  # init="sensitivity": tokens of its one measurement sample
     checkpoint: str | None = None  # JSON written every generation; an existing one is resumed
 
     needs_fitness = True
@@ -123,7 +124,7 @@ class Evolutionary(Allocator):
 
         rng = np.random.default_rng(self.seed)
         key = self._key(problem)
-        start = 0
+        start = self.resumed_at = 0
         parent: list[int] | None = None
         best_fit = None
         ck = Path(self.checkpoint) if self.checkpoint else None
@@ -135,6 +136,7 @@ class Evolutionary(Allocator):
                 log.warning("search checkpoint %s is unreadable; starting over", ck)
             if state and state.get("key") in (key, self._key(problem, with_generations=True)):
                 start, parent, best_fit = state["generation"], state["parent"], state["fitness"]
+                self.resumed_at = start
                 self.history = state["history"]
                 if start > self.generations:  # a longer search of this problem: its plan at that point
                     kept = self.history[self.generations - 1].get("parent") if self.generations else None
@@ -214,7 +216,7 @@ class Evolutionary(Allocator):
             if plan not in plans.values():
                 plans[name] = plan
         if measured:
-            plan = Sensitivity(tokens=self.tokens[-1], seed=self.seed,
+            plan = Sensitivity(tokens=self.sensitivity_tokens, seed=self.seed,
                                cache=str(cache) if cache else None).allocate(problem, fitness)
             if plan not in plans.values():
                 plans["sensitivity"] = plan

@@ -229,6 +229,7 @@ def test_search_resumes_after_interruption(tmp_path):
     resumed = ALLOCATORS.build("evolutionary", checkpoint=str(ck), **kw)
     f = SumFitness(p)
     assert resumed.allocate(p, f) == full
+    assert resumed.resumed_at == state["generation"]
     assert f.calls < 25 * 8  # it did not start over
     assert len(resumed.history) == 25
 
@@ -297,7 +298,9 @@ def test_checkpoint_of_another_problem_is_kept_aside(tmp_path):
     ck = tmp_path / "search.json"
     ALLOCATORS.build("evolutionary", checkpoint=str(ck), seed=1, **kw).allocate(p, SumFitness(p))
     first = json.loads(ck.read_text())
-    ALLOCATORS.build("evolutionary", checkpoint=str(ck), seed=2, **kw).allocate(p, SumFitness(p))
+    other = ALLOCATORS.build("evolutionary", checkpoint=str(ck), seed=2, **kw)
+    other.allocate(p, SumFitness(p))
+    assert other.resumed_at == 0  # a checkpoint was there, but not this search's: it started fresh
     assert json.loads(ck.read_text())["key"] != first["key"]
     aside = tmp_path / f"search.{first['key']}.json"
     assert json.loads(aside.read_text()) == first  # the other search's work is not lost
