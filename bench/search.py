@@ -59,6 +59,7 @@ def main() -> None:
                     help="with --extend: a new search started from the measured-sensitivity plan (rows for "
                          "the sensitivity allocator and for the search)")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cache = RowCache("search", force=args.force)
     if not cache.rows:
         adopt_published(cache)
@@ -205,8 +206,14 @@ def render(cache: RowCache) -> None:
              "joined that choice: they started from the better of uniform and dp). "
              "A short run: the CPU budget of this machine. "
              f"Dense perplexity: {dense.get('ppl', float('nan')):.3f}. Machine: {machine()}.\n"]
+    def order(k: str):  # uniform, then sensitivity, then searches by their last stage's tokens and length
+        r = cache.get(k) or {}
+        gens = re.search(r"(\d+) generations", k.split("|")[2])
+        last = np.ravel((r.get("evo") or {}).get("tokens") or 0)[-1]
+        return ("|evolutionary, " in k, "|uniform, " not in k, int(last), int(gens.group(1)) if gens else 0, k)
+
     extended = sorted((k for k in cache.rows if k.count("|") == 2 and ", " in k.split("|")[2]),  # rows of `--extend`
-                      key=lambda k: ("|evolutionary, " in k, "|uniform, " not in k, k))
+                      key=order)
     continued = [k for k in extended if (cache.get(k) or {}).get("from_checkpoint")]
     restarted = [k for k in extended if "|evolutionary, " in k and not (cache.get(k) or {}).get("from_checkpoint")
                  and not k.endswith("sensitivity start")]
