@@ -188,6 +188,24 @@ def measure_speedup(model, tok, windows, n: int = 24) -> dict:
     return out
 
 
+def gap_closed(cache: RowCache, dense: dict, extended: list[str]) -> str:
+    """The 3-bit target, read off the rows: the share of uniform's perplexity gap to dense that each
+    measuring allocator closes, against the uniform row of its own database."""
+    head = "quant|3 bits/weight|"
+    uni, rebuilt = cache.get(head + "uniform"), [cache.get(k) for k in extended if k.startswith(head + "uniform, ")]
+    out, best = [], -1.0
+    for k in [head + "evolutionary"] + [k for k in extended if k.startswith(head) and "|uniform, " not in k]:
+        r, u = cache.get(k), (rebuilt[0] if rebuilt and k != head + "evolutionary" else uni)
+        if r and u and dense:
+            share = (u["ppl"] - r["ppl"]) / (u["ppl"] - dense["ppl"])
+            best = max(best, share)
+            out.append(f"`{k.split('|')[2]}` {100 * share:.0f}%")
+    if not out:
+        return ""
+    return ("Target at 3 bits: close at least half of uniform's perplexity gap to dense. Closed (each against the "
+            "uniform row of its database): " + ", ".join(out) + (". Met.\n" if best >= 0.5 else ". Not met.\n"))
+
+
 def render(cache: RowCache) -> None:
     dense = cache.get("dense") or {}
     parts = ["## Budget-optimal search (`bench/search.py`)\n",
@@ -230,6 +248,7 @@ def render(cache: RowCache) -> None:
         db = cache.get(f"{sec}|db") or {}
         parts.append(f"### {sec} (database built in {db.get('build_s', 0):.0f} s)\n")
         parts.append(print_table(rows, COLUMNS) + "\n")
+    parts.append(gap_closed(cache, dense, extended))
     missing = [f"{sec} {b.label()} {a}" for sec, spec in SECTIONS.items() for b in spec["budgets"]
                for a in spec["allocators"] if not cache.get(f"{sec}|{b.label()}|{a}")]
     parts.append(not_run_note(missing, "search.py") + "Database build time counts the run that finished it "
