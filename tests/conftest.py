@@ -13,6 +13,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _databases_in_a_temporary_folder(tmp_path_factory):
+    """Level databases the tests build without --db go to a temporary folder, not the user's cache."""
+    old = os.environ.get("MODELPRESS_DB")
+    os.environ["MODELPRESS_DB"] = str(tmp_path_factory.mktemp("db"))
+    yield
+    if old is None:
+        os.environ.pop("MODELPRESS_DB", None)
+    else:
+        os.environ["MODELPRESS_DB"] = old
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 3, vocab: int = 256):
     """A deterministic random causal LM of a few blocks."""
     import transformers as tf

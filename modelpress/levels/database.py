@@ -17,6 +17,7 @@ import hashlib
 from collections import OrderedDict
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -111,7 +112,8 @@ class LevelDB:
     def default_path(cls, model, kind: Kind, windows: Windows) -> Path:
         key = json.dumps([model_fingerprint(model), kind.registered_name, kind.settings(),
                           dataclasses.asdict(windows.config)], sort_keys=True, default=str)
-        return cache_root() / "db" / f"{kind.registered_name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        root = Path(os.environ["MODELPRESS_DB"]) if os.environ.get("MODELPRESS_DB") else cache_root() / "db"
+        return root / f"{kind.registered_name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
     @classmethod
     def open_or_create(cls, path: str | Path | None, model, kind: Kind, windows: Windows, tokenizer=None) -> "LevelDB":

@@ -170,3 +170,12 @@ def test_database_from_before_a_setting_existed_opens_as_what_it_is(tmp_path, w,
     u = next(iter(new.units))
     v = new.values(u)[0]  # the most pruned level
     assert not torch.equal(new.load(u, v).dequantize(), old.load(u, v).dequantize())
+
+
+def test_default_location_follows_modelpress_db(tmp_path, w, monkeypatch):
+    m = tiny_model("llama")
+    monkeypatch.setenv("MODELPRESS_DB", str(tmp_path / "dbs"))
+    assert LevelDB.default_path(m, QuantKind(levels=(2, 3)), w).parent == tmp_path / "dbs"
+    monkeypatch.delenv("MODELPRESS_DB")
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path / "cache"))
+    assert LevelDB.default_path(m, QuantKind(levels=(2, 3)), w).parent == tmp_path / "cache" / "db"
