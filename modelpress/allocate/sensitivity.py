@@ -60,7 +60,8 @@ class Sensitivity(Allocator):
         base = Uniform().allocate(problem)
         todo = [(u, i) for u in range(len(problem.units)) for i in range(problem.n_levels(u))
                 if i != base[u] and (self.reach is None or abs(i - base[u]) <= self.reach)]
-        key = hashlib.sha256(json.dumps([problem.units, problem.costs, problem.budget, self.tokens, self.seed],
+        sample = fitness.new_sample(self.tokens, np.random.default_rng(self.seed))
+        key = hashlib.sha256(json.dumps([problem.units, problem.costs, problem.budget, self.tokens, self.seed, sample],
                                         default=str).encode()).hexdigest()[:16]
         path = Path(self.cache) if self.cache else None
         done: dict[str, float] = {}
@@ -72,7 +73,6 @@ class Sensitivity(Allocator):
                 log.warning("sensitivity cache %s is unreadable; measuring again", path)
             if saved.get("key") == key:
                 done = saved["delta"]
-        sample = fitness.new_sample(self.tokens, np.random.default_rng(self.seed))
         f0 = fitness(base, sample, parent=base)
         left = [(u, i) for u, i in todo if f"{u}:{i}" not in done]
         if done:
