@@ -255,9 +255,9 @@ def render(cache: RowCache) -> None:
                  "(a build interrupted and resumed only reports the resumed part); an evolutionary search "
                  "resumed from its checkpoint likewise reports only the resumed generations (depth, 4 dropped: "
                  "generations 14-20)"
-                 + (", and a row `evolutionary, N generations` continues its budget's 20-generation search from the "
-                    "checkpoint (`--extend quant:3:N`), so its search s covers generations 21-N"
-                    if continued else "")
+                 + "".join(f"; `{k.split('|')[2]}` ({k.split('|')[1]}) continued the shorter search of the same "
+                           "settings from its checkpoint (`--extend`), so its search s covers only the generations it "
+                           "added" for k in continued)
                  + "".join(f". `{k.split('|')[2]}` ({k.split('|')[1]}) had no checkpoint to continue (a new checkout "
                            f"has no database: it was rebuilt in {(cache.get(k) or {}).get('db_build_s') or 0:.0f} s "
                            "with the code of that day, whose float summation order can make its levels differ "
