@@ -22,7 +22,7 @@ from common import DOCS, ROOT, RowCache, machine, not_run_note, print_table, pub
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget, make_problem
-from modelpress.allocate.evolutionary import mutate
+from modelpress.allocate.evolutionary import mutate, sensitivity_cache
 from modelpress.eval import ReferenceLogprobs, evaluate
 from modelpress.eval.fitness import KLFitness
 from modelpress.levels import PlanState
@@ -110,10 +110,9 @@ def main() -> None:
             if cache.get(key):
                 continue
             print(f"== {key}", flush=True)
-            ckpt = checkpoint(db, b, (evo_kw or {}).get("init"))
-            kw = dict(evo_kw, checkpoint=str(ckpt)) if a == "evolutionary" else {}
+            kw = dict(evo_kw, checkpoint=str(checkpoint(db, b, evo_kw.get("init")))) if a == "evolutionary" else {}
             if a == "sensitivity":  # its measurements are the ones the search's start reads back
-                kw = dict(evo_kw, cache=str(ckpt.with_name(f"{checkpoint(db, b, 'sensitivity').stem}.sensitivity.json")))
+                kw = dict(evo_kw, cache=str(sensitivity_cache(checkpoint(db, b, "sensitivity"))))
             res = allocate(model, db, b, a, data=windows, settings=settings, state=state, **kw)
             state.apply(res.plan.levels)
             r = evaluate(model, windows.eval, reference=ref)

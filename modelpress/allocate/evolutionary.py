@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 INITS = ("uniform", "dp", "best", "sensitivity")
 
 
+def sensitivity_cache(checkpoint: str | Path) -> Path:
+    """Where a search checkpointing to `checkpoint` keeps the measurements of its sensitivity start."""
+    ck = Path(checkpoint)
+    return ck.with_name(f"{ck.stem}.sensitivity.json")
+
+
 def mutate(p: Problem, parent: list[int], rng: np.random.Generator, max_tries: int = 50) -> list[int] | None:
     """k budget-preserving level switches (None when no switch is possible).
 
@@ -160,7 +166,7 @@ class Evolutionary(Allocator):
                 parent = DP().allocate(problem)
             else:
                 parent = self._best_start(problem, fitness, rng, measured=self.init == "sensitivity",
-                                          cache=ck.with_name(f"{ck.stem}.sensitivity.json") if ck else None)
+                                          cache=sensitivity_cache(ck) if ck else None)
             self._save(ck, key, 0, parent, None, rng)
 
         with Bar(total=self.generations, desc="evolutionary search", initial=start) as bar:
