@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--init", default=None, choices=["sensitivity"],
                     help="with --extend: a new search started from the measured-sensitivity plan (rows for "
                          "the sensitivity allocator and for the search)")
+    ap.add_argument("--sequential-level", type=int, default=None, metavar="BITS",
+                    help="with --extend quant:...: run the rows on a database whose levels are all computed on the "
+                         "inputs of the BITS-bit model (adds its own uniform and dp rows)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cache = RowCache("search", force=args.force)
@@ -77,31 +80,38 @@ def main() -> None:
     for sec in todo:
         spec = SECTIONS[sec]
         jobs = [(b, a, f"{sec}|{b.label()}|{a}", evo) for b in spec["budgets"] for a in spec["allocators"]]
+        settings, suffix = dict(spec["settings"]), ""
         if extend:
             b = next(b for b in spec["budgets"] if b.value == extend[1])
+            if args.sequential_level is not None:
+                settings["sequential_level"] = args.sequential_level
+                suffix = shared_inputs_suffix(args.sequential_level)
             if args.init:
                 ev = dict(evo, generations=extend[2], init=args.init, sensitivity_tokens=args.sensitivity_tokens)
-                jobs = [(b, "sensitivity", f"{sec}|{b.label()}|sensitivity, {ev['sensitivity_tokens']} tokens",
+                jobs = [(b, "sensitivity", f"{sec}|{b.label()}|sensitivity, {ev['sensitivity_tokens']} tokens{suffix}",
                          dict(tokens=ev["sensitivity_tokens"])),
                         (b, "evolutionary", f"{sec}|{b.label()}|evolutionary, {extend[2]} generations, "
-                                            f"{'/'.join(map(str, tokens))} tokens, sensitivity start", ev)]
+                                            f"{'/'.join(map(str, tokens))} tokens, sensitivity start{suffix}", ev)]
             else:
-                jobs = [(b, "evolutionary", f"{sec}|{b.label()}|evolutionary, {extend[2]} generations",
+                jobs = [(b, "evolutionary", f"{sec}|{b.label()}|evolutionary, {extend[2]} generations{suffix}",
                          dict(evo, generations=extend[2]))]
-        if all(cache.get(k) for _, _, k, _ in jobs) and cache.get(f"{sec}|db"):
+            if suffix:  # a database of its own: its own baselines
+                jobs = [(b, a, f"{sec}|{b.label()}|{a}{suffix}", evo) for a in ("uniform", "dp")] + jobs
+        db_key = f"{sec}|db{suffix}"
+        if all(cache.get(k) for _, _, k, _ in jobs) and cache.get(db_key):
             continue
         t = time.time()
-        db = open_database(model, tok, spec["kind"], data=windows, **spec["settings"])
+        db = open_database(model, tok, spec["kind"], data=windows, **settings)
         built_now = time.time() - t
-        if not cache.get(f"{sec}|db"):
-            cache.put(f"{sec}|db", {"build_s": db.meta.get("build_seconds", built_now), "path": str(db.path)})
+        if not cache.get(db_key):
+            cache.put(db_key, {"build_s": db.meta.get("build_seconds", built_now), "path": str(db.path)})
         if ref is None:
             ref = ReferenceLogprobs(model, windows.eval)
             d = evaluate(model, windows.eval, reference=ref)
             cache.put("dense", {"ppl": d.ppl, "kl": 0.0})
         settings = SearchSettings(fitness_windows=32)
         state = PlanState(model, db)
-        if extend:
+        if extend and not suffix:
             b = jobs[0][0]
             if not checkpoint(db, b, args.init).is_file():
                 jobs.insert(0, (b, "uniform", f"{sec}|{b.label()}|uniform, database of the {extend[2]}-generation row",
@@ -133,6 +143,25 @@ def main() -> None:
     if (not args.only or args.only == "speed") and not cache.get("speed"):
         cache.put("speed", measure_speedup(model, tok, windows))
     render(cache.everything())
+
+
+def shared_inputs_suffix(bits: int) -> str:
+    """What names the rows of a database built with `sequential_level=bits`."""
+    return f", levels on {bits}-bit inputs"
+
+
+def own_uniform(cache: RowCache, key: str, extended: list[str]) -> dict | None:
+    """The uniform row of the database `key` ran on: rows of a `--sequential-level` database end in its
+    suffix and so does their uniform; other `--extend` rows ran on the rebuilt database whose uniform is
+    the `uniform, database of the ...` row; the rest on the published one."""
+    sec, budget, name = key.split("|")
+    m = re.search(r", levels on \d+-bit inputs$", name)
+    if m:
+        return cache.get(f"{sec}|{budget}|uniform{m.group(0)}")
+    if name in ("evolutionary", "uniform", "dp"):
+        return cache.get(f"{sec}|{budget}|uniform")
+    rebuilt = [k for k in extended if k.startswith(f"{sec}|{budget}|uniform, database of ")]
+    return cache.get(rebuilt[0]) if rebuilt else None
 
 
 def checkpoint(db, budget: Budget, init: str | None = None):
@@ -191,10 +220,9 @@ def gap_closed(cache: RowCache, dense: dict, extended: list[str]) -> str:
     """The 3-bit target, read off the rows: the share of uniform's perplexity gap to dense that each
     measuring allocator closes, against the uniform row of its own database."""
     head = "quant|3 bits/weight|"
-    uni, rebuilt = cache.get(head + "uniform"), [cache.get(k) for k in extended if k.startswith(head + "uniform, ")]
     out, best = [], -1.0
     for k in [head + "evolutionary"] + [k for k in extended if k.startswith(head) and "|uniform, " not in k]:
-        r, u = cache.get(k), (rebuilt[0] if rebuilt and k != head + "evolutionary" else uni)
+        r, u = cache.get(k), own_uniform(cache, k, extended)
         if r and u and dense:
             share = (u["ppl"] - r["ppl"]) / (u["ppl"] - dense["ppl"])
             best = max(best, share)
@@ -227,14 +255,16 @@ def render(cache: RowCache) -> None:
         r = cache.get(k) or {}
         gens = re.search(r"(\d+) generations", k.split("|")[2])
         last = np.ravel((r.get("evo") or {}).get("tokens") or 0)[-1]
-        return ("|evolutionary, " in k, "|uniform, " not in k, int(last), int(gens.group(1)) if gens else 0, k)
+        return (bool(re.search(r", levels on \d+-bit inputs$", k)), "|evolutionary, " in k, "|uniform, " not in k,
+                int(last), int(gens.group(1)) if gens else 0, k)
 
     extended = sorted((k for k in cache.rows if k.count("|") == 2 and ", " in k.split("|")[2]),  # rows of `--extend`
                       key=order)
     continued = [k for k in extended if (cache.get(k) or {}).get("from_checkpoint")]
+    shared = [k for k in extended if re.search(r", levels on \d+-bit inputs$", k)]
     restarted = [k for k in extended if "|evolutionary, " in k and not (cache.get(k) or {}).get("from_checkpoint")
-                 and not k.endswith("sensitivity start")]
-    measured = [k for k in extended if "|sensitivity, " in k]
+                 and not k.endswith("sensitivity start") and k not in shared]
+    measured = [k for k in extended if "|sensitivity, " in k and k not in shared]
     for sec in SECTIONS:
         spec = SECTIONS[sec]
         keys = [k for b in spec["budgets"] for k in  # table order; extended searches after their budget's rows
@@ -273,6 +303,13 @@ def render(cache: RowCache) -> None:
                            "cache); they all ran on the database rebuilt "
                            f"in {(cache.get(k) or {}).get('db_build_s') or 0:.0f} s, with the `uniform, database of "
                            "the ...` row as their uniform" for k in measured)
+                 + "".join(f". Rows ending `{suffix}` ran on a database of the same levels with every level of a "
+                           "layer computed in one sequential pass on the inputs the layer sees when the layers "
+                           f"before it are at that bit-width (`sequential_level`), built in "
+                           f"{(cache.get('quant|db' + suffix) or {}).get('build_s') or 0:.0f} s; the other rows' "
+                           "database calibrates each level on the inputs of the model at that same level. The "
+                           f"`uniform{suffix}` row is their uniform"
+                           for suffix in sorted({re.search(r", levels on \d+-bit inputs$", k).group(0) for k in shared}))
                  + ". The 4-bit "
                  "evolutionary search finished in a run stopped before its evaluation; the next run read its plan "
                  "back, so its search time is not known (the 2.5- and 3-bit searches of the same size took 734 and 695 s). The depth and sparsity rows and the quantization database (built at 1 thread) ran beside other work on the same 2 cores, "

@@ -269,10 +269,21 @@ class LevelDB:
         builder(model, windows, batch_size, device)
 
     def _build_quant(self, model, windows, batch_size, device) -> None:
+        kind: QuantKind = self.kind  # type: ignore[assignment]
+        if kind.sequential_level is not None:
+            def levels(n, w, st: LinearStats, want) -> dict:
+                out = {}
+                for bits in want:
+                    pw = kind.operator(bits).compress(w, st)
+                    out[bits] = (pw, output_error(w, pw.dequantize(), st.hessian))
+                return out
+
+            self._build_on_shared_inputs(model, windows, batch_size, device, kind.sequential_level, levels,
+                                         f"database (levels on {kind.sequential_level}-bit inputs)")
+            return
         arch = Arch(model)
         linears = arch.all_linears()
         dense = {n: get_weight(m).detach().clone() for n, m in linears.items() if n in self.units}
-        kind: QuantKind = self.kind  # type: ignore[assignment]
         try:
             for bits in kind.levels:
                 todo = {u for u, miss in self.missing().items() if bits in miss}
@@ -341,36 +352,60 @@ class LevelDB:
                 self.add_levels(n, new)
             self.save_meta()
 
+    def _build_on_shared_inputs(self, model, windows, batch_size, device, ref, levels_of_layer, desc: str) -> None:
+        """Every missing level of a layer from one set of input statistics: the dense model's (`ref` None),
+        or, in one true-sequential pass, those the layer sees when the layers before it hold level `ref`.
+        `levels_of_layer(name, weight, stats, wanted values)` returns {value: (packed weight, error)}."""
+        missing = self.missing()
+        linears = Arch(model).all_linears()
+        dense = {n: get_weight(linears[n]).detach().clone() for n in self.units} if ref is not None else {}
+        start = min(self.units[u].block for u in missing) if ref is not None else 0
+        for n in dense:  # resuming a sequential build: earlier blocks hold the reference level
+            if self.units[n].block < start:
+                set_weight(linears[n], self.load(n, ref).dequantize())
+
+        def one(n, lin, st: LinearStats) -> None:
+            if n not in missing:  # built before an interruption: only its reference level goes in
+                if ref is not None:
+                    set_weight(lin, self.load(n, ref).dequantize())
+                return
+            want = list(missing[n]) + ([ref] if ref is not None and ref not in missing[n] else [])
+            new = levels_of_layer(n, get_weight(lin).float(), st, want)
+            self.add_levels(n, {v: new[v] for v in missing[n]})
+            if ref is not None:
+                set_weight(lin, new[ref][0].dequantize())
+
+        try:
+            if ref is None:
+                for step, names, stats in self._blocks_on_dense_inputs(model, windows, batch_size, device, desc,
+                                                                       missing):
+                    for n in names:
+                        one(n, step.linears[n], stats[n])
+                return
+            runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=True, device=device)
+            for step in runner.blocks(desc=desc, start=start):
+                names = [n for n in step.linears if n in self.units]
+                step.compress_streaming("xtx", lambda n, st, step=step: one(n, step.linears[n], st), names=names)
+        finally:
+            for n, w in dense.items():
+                set_weight(linears[n], w)
+
     def _build_joint(self, model, windows, batch_size, device) -> None:
         from ..ops import COMPENSATORS, OPERATORS
         from ..ops.lowrank.factor import eigen_root
 
         kind: JointKind = self.kind  # type: ignore[assignment]
-        missing = self.missing()
-        ref = kind.sequential_level
-        linears = Arch(model).all_linears()
-        dense = {n: get_weight(linears[n]).detach().clone() for n in self.units} if ref else {}
-        start = min(self.units[u].block for u in missing) if ref else 0
-        for n in dense:  # resuming a sequential build: earlier blocks hold the reference level
-            if self.units[n].block < start:
-                set_weight(linears[n], self.load(n, ref).dequantize())
 
-        def levels_of_layer(n, lin, st: LinearStats) -> None:
-            if n not in missing:  # built before an interruption: only its reference level goes in
-                if ref:
-                    set_weight(lin, self.load(n, ref).dequantize())
-                return
-            w = get_weight(lin).float()
+        def levels(n, w, st: LinearStats, want) -> dict:
             h = st.hessian
             roots = eigen_root(h, kind.damp) if any(kind.ranks) else None
             new = {}
-            want = set(missing[n]) | ({ref} if ref else set())
             if "drop" in want:
                 new["drop"] = (PackedWeight(shape=tuple(w.shape)), 1.0)
             for b in kind.bits:
                 for sp in kind.sparsity:
                     names_here = [kind.name(b, sp, r) for r in kind.ranks]
-                    if not want.intersection(names_here):
+                    if not set(want).intersection(names_here):
                         continue
                     op = (OPERATORS.build("gptq", bits=b, group_size=kind.group_size, damp=kind.damp, mse=kind.mse)
                           if not sp else
@@ -380,25 +415,10 @@ class LevelDB:
                         pw = base if r == 0 else COMPENSATORS.build("eora", rank=r, damp=kind.damp).apply(
                             w, base, st, roots=roots)
                         new[v] = (pw, output_error(w, pw.dequantize(), h))
-            self.add_levels(n, new)
-            if ref:
-                set_weight(lin, new[ref][0].dequantize())
+            return new
 
-        try:
-            if not ref:
-                for step, names, stats in self._blocks_on_dense_inputs(model, windows, batch_size, device,
-                                                                       "database joint", missing):
-                    for n in names:
-                        levels_of_layer(n, step.linears[n], stats[n])
-                return
-            runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=True, device=device)
-            for step in runner.blocks(desc="database joint", start=start):
-                names = [n for n in step.linears if n in self.units]
-                step.compress_streaming("xtx", lambda n, st, step=step: levels_of_layer(n, step.linears[n], st),
-                                        names=names)
-        finally:
-            for n, w in dense.items():
-                set_weight(linears[n], w)
+        self._build_on_shared_inputs(model, windows, batch_size, device, kind.sequential_level, levels,
+                                     "database joint")
 
     def _build_lowrank(self, model, windows, batch_size, device) -> None:
         from ..ops.lowrank.factor import activation_aware_ranks

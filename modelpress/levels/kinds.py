@@ -1,6 +1,7 @@
 """Kinds of levels: what a unit is, which levels it has, how a level is made and what it costs.
 
-- quant:    units = Linear layers; levels = GPTQ at several bit-widths (built sequentially, per level)
+- quant:    units = Linear layers; levels = GPTQ at several bit-widths (built sequentially, per level, or
+            all on the inputs of one reference level: `sequential_level`)
 - sparsity: units = Linear layers; levels = SparseGPT pruning in equal *absolute* steps (the same
             number of weights per step for every layer, so moving one unit up and another down
             keeps the total exact)
@@ -67,14 +68,22 @@ class QuantKind(Kind):
     damp: float = 0.01
     mse: bool = True
     sequential: bool = True  # each level's pass sees inputs from blocks compressed at that level
+    # one pass for all levels instead: every level of a layer is computed on the inputs it sees when the
+    # blocks before it are at this bit-width (the level nearest the budget), as the mixed plans will be
+    sequential_level: int | None = None
 
     budgets = ("bits", "mb")
     tensors_per_unit = 4
+    legacy = {"sequential_level": None}
 
     def __post_init__(self) -> None:
         self.levels = tuple(sorted(set(int(b) for b in self.levels)))
         if not self.levels or any(not 2 <= b <= 8 for b in self.levels):
             raise ConfigError(f"quantization levels must be bit-widths from 2 to 8, got {self.levels}")
+        if self.sequential_level is not None:
+            self.sequential_level = int(self.sequential_level)
+            if self.sequential_level not in self.levels:
+                raise ConfigError(f"sequential_level {self.sequential_level} is not one of the levels {self.levels}")
 
     def values(self, unit: UnitInfo) -> list:
         return list(self.levels)

@@ -40,6 +40,39 @@ def test_level_equals_uniform_sequential_gptq(tmp_path, w):
         assert torch.equal(db.load(u, 3).dequantize(), pw.dequantize())
 
 
+def test_levels_on_one_reference_level(tmp_path, w):
+    """sequential_level=3: one pass, every layer's levels computed on the inputs of the model whose earlier
+    layers are 3-bit. Level 3 is then uniform sequential 3-bit GPTQ exactly, as in the per-level build; the
+    other levels differ from the per-level build's (their inputs differ) except in the first block's q/k/v,
+    which see the embeddings either way. Default settings keep their old database key."""
+    per_level = open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "per", **QK)
+    m = tiny_model("llama")
+    shared = open_database(m, None, "quant", data=w, db=tmp_path / "ref", sequential_level=3, **QK)
+    assert not shared.missing() and shared.kind.sequential_level == 3
+    same = {2: 0, 3: 0, 4: 0}
+    for u in shared.units:
+        for b in (2, 3, 4):
+            same[b] += torch.equal(shared.load(u, b).dequantize(), per_level.load(u, b).dequantize())
+        errs = [shared.level_meta(u, b)["error"] for b in (2, 3, 4)]
+        assert errs[0] > errs[1] > errs[2] > 0
+    assert same[3] == len(shared.units) and same[2] <= 3 and same[4] <= 3
+    ref = tiny_model("llama")  # the model is left dense
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+    assert "sequential_level" not in QuantKind(**QK).settings()
+    with pytest.raises(ConfigError, match="not one of the levels"):
+        QuantKind(sequential_level=7, **QK)
+
+
+def test_reference_level_build_resumes(tmp_path, w, monkeypatch):
+    full = open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "full", sequential_level=3, **QK)
+    interrupt_build(monkeypatch, 9, lambda: open_database(tiny_model("llama"), None, "quant", data=w,
+                                                          db=tmp_path / "db", sequential_level=3, **QK))
+    db = open_database(tiny_model("llama"), None, "quant", data=w, db=tmp_path / "db", sequential_level=3, **QK)
+    for u in db.units:
+        for b in (2, 3, 4):
+            assert torch.equal(db.load(u, b).dequantize(), full.load(u, b).dequantize()), (u, b)
+
+
 class Boom(Exception):
     pass
 

@@ -52,7 +52,8 @@ def test_sequential_joint_levels_see_compressed_inputs(tmp_path):
     """With sequential_level="w3", level w3 of every layer is what uniform sequential 3-bit GPTQ
     makes (the layer saw inputs of the 3-bit model before it); with dense inputs it is not."""
     w = windows()
-    seq = open_database(tiny_model("llama"), None, "joint", data=w, db=tmp_path / "seq", sequential_level="w3", **SEQ)
+    m = tiny_model("llama")
+    seq = open_database(m, None, "joint", data=w, db=tmp_path / "seq", sequential_level="w3", **SEQ)
     flat = open_database(tiny_model("llama"), None, "joint", data=w, db=tmp_path / "flat", **SEQ)
     c = mp.compress(tiny_model("llama"), None, "gptq", data=w, bits=3, group_size=16)
     same_as_flat = 0
@@ -60,8 +61,7 @@ def test_sequential_joint_levels_see_compressed_inputs(tmp_path):
         assert torch.equal(seq.load(u, "w3").dequantize(), pw.dequantize())
         same_as_flat += torch.equal(flat.load(u, "w3").dequantize(), pw.dequantize())
     assert same_as_flat <= 3  # only the first block's q/k/v see the same inputs either way
-    m = tiny_model("llama")
-    ref = tiny_model("llama")
+    ref = tiny_model("llama")  # the model the sequential build ran on is left dense
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
 
 
