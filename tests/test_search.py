@@ -46,12 +46,23 @@ def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
                       (["--target-bits", "3", "--target-mb", "1"], "exactly one budget"),
                       (["--drop", "2", "--kind", "quant"], "does not apply"),
                       (["--target-bits", "3", "--allocator", "owl"], "does not apply to kind"),
-                      (["--target-bits", "3", "--sequential-level", "w3"], "apply to --kind joint"),
+                      (["--target-bits", "3", "--sequential-level", "w5"], "not one of the levels"),
+                      (["--target-bits", "3", "--sequential-level", "three"], "give one of the bit-widths"),
+                      (["--target-sparsity", "0.5", "--sequential-level", "w3"], "applies to --kind joint or quant"),
                       (["--target-bits", "3", "--allocator", "dp", "--init", "sensitivity"], "apply to the evolutionary"),
                       (["--target-bits", "3", "--init", "nope"], "init must be one of")]:
         r = runner.invoke(app, ["search", str(model_dir / "tiny"), *args, "--levels", "2,3,4", "--no-eval",
                                 "--db", str(tmp_path / "db2"), *small(model_dir)])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+def test_quant_levels_on_one_reference_level_cli(model_dir, tmp_path):  # noqa: F811
+    r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--levels", "2,3,4", "--group-size", "32",
+                            "--target-bits", "3", "--sequential-level", "w3", "--allocator", "dp", "--no-eval",
+                            "--db", str(tmp_path / "db"), "--out", str(tmp_path / "o"), *small(model_dir)])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "db" / "db.json").read_text())
+    assert meta["kind"]["settings"]["sequential_level"] == 3
 
 
 def test_lowrank_search_cli(model_dir, tmp_path):  # noqa: F811

@@ -246,8 +246,8 @@ def search_cmd(
     ranks: Optional[str] = typer.Option(None, "--ranks", help="joint: EoRA ranks, e.g. 0,16"),
     allow_drop: Optional[bool] = typer.Option(None, "--allow-drop/--no-drop", help="joint: a layer may be removed"),
     sequential_level: Optional[str] = typer.Option(None, "--sequential-level",
-                                                   help="joint: build every level from the inputs of the model "
-                                                        "compressed at this level (e.g. w3), as GPTQ does"),
+                                                   help="joint/quant: build every level from the inputs of the "
+                                                        "model compressed at this level (e.g. w3), as GPTQ does"),
     ratios: Optional[str] = typer.Option(None, "--ratios", help="lowrank: ranks as shares of the dense bytes, e.g. 0.2,0.4,0.6"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="quant: group size (0 = per row)"),
     max_sparsity: Optional[float] = typer.Option(None, "--max-sparsity", help="sparsity: highest level"),
@@ -284,8 +284,14 @@ def search_cmd(
         ks.update({k: v for k, v in dict(sparsity=_parse_list(sparsities, float), ranks=_parse_list(ranks),
                                          allow_drop=allow_drop, sequential_level=sequential_level).items()
                    if v is not None})
-    elif sparsities or ranks or allow_drop is not None or sequential_level:
-        raise ConfigError("--sparsities/--ranks/--allow-drop/--sequential-level apply to --kind joint")
+    elif sparsities or ranks or allow_drop is not None:
+        raise ConfigError("--sparsities/--ranks/--allow-drop apply to --kind joint")
+    elif sequential_level and kind == "quant":
+        if not re.fullmatch(r"w?\d", sequential_level):
+            raise ConfigError(f"--sequential-level {sequential_level!r}: give one of the bit-widths, e.g. w3 or 3")
+        ks["sequential_level"] = int(sequential_level.lstrip("w"))
+    elif sequential_level:
+        raise ConfigError("--sequential-level applies to --kind joint or quant")
     if ratios is not None:
         if kind != "lowrank":
             raise ConfigError("--ratios applies to --kind lowrank")

@@ -375,6 +375,8 @@ class LevelDB:
             if ref is not None:
                 set_weight(lin, new[ref][0].dequantize())
 
+        log.info("level database: every level from %s inputs%s", "dense" if ref is None else f"level {ref}'s",
+                 f", from block {start}" if start else "")
         try:
             if ref is None:
                 for step, names, stats in self._blocks_on_dense_inputs(model, windows, batch_size, device, desc,
