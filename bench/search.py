@@ -221,7 +221,8 @@ def gap_closed(cache: RowCache, dense: dict, extended: list[str]) -> str:
     measuring allocator closes, against the uniform row of its own database."""
     head = "quant|3 bits/weight|"
     out, best = [], -1.0
-    for k in [head + "evolutionary"] + [k for k in extended if k.startswith(head) and "|uniform, " not in k]:
+    for k in [head + "evolutionary"] + [k for k in extended if k.startswith(head) and "|uniform, " not in k
+                                        and "|dp, " not in k]:
         r, u = cache.get(k), own_uniform(cache, k, extended)
         if r and u and dense:
             share = (u["ppl"] - r["ppl"]) / (u["ppl"] - dense["ppl"])
@@ -308,7 +309,8 @@ def render(cache: RowCache) -> None:
                            f"before it are at that bit-width (`sequential_level`), built in "
                            f"{(cache.get('quant|db' + suffix) or {}).get('build_s') or 0:.0f} s; the other rows' "
                            "database calibrates each level on the inputs of the model at that same level. The "
-                           f"`uniform{suffix}` row is their uniform"
+                           f"`uniform{suffix}` row is their uniform (its 3-bit levels are computed as in the "
+                           "other database, so it matches the rebuilt database's uniform)"
                            for suffix in sorted({re.search(r", levels on \d+-bit inputs$", k).group(0) for k in shared}))
                  + ". The 4-bit "
                  "evolutionary search finished in a run stopped before its evaluation; the next run read its plan "

@@ -42,6 +42,8 @@ def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
                             "--data", str(model_dir / "text.txt"), "--n-samples", "4", "--seq-len", "64", "--n-eval", "2"])
     assert r.exit_code == 0, r.output
     assert "uniform" in r.output and "evolutionary" in r.output
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["method"]["sequential_level"] == 3  # levels calibrated on the level nearest 3.5 bits (ties: lower)
     for args, msg in [(["--target-bits", "9"], "outside the database levels"),
                       (["--target-bits", "3", "--target-mb", "1"], "exactly one budget"),
                       (["--drop", "2", "--kind", "quant"], "does not apply"),

@@ -226,6 +226,9 @@ def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size,
     kind_settings = {} if kind == "sparsity" else {
         "levels": (2, 3, 4, 5, 6) if gpu else (2, 3, 4),
         "group_size": 64 if group_size is None else (group_size or None)}
+    if budget.kind == "bits":  # every level on the inputs of the level nearest the budget: one pass, and on
+        # smollm2 at 3 bits better plans than calibrating each level on its own level's model (docs/benchmarks.md)
+        kind_settings["sequential_level"] = min(kind_settings["levels"], key=lambda b: (abs(b - budget.value), b))
     alloc = ({"generations": 150, "offspring": 32, "tokens": (1024, 8192), "survivors": (4, 1)} if gpu else
              {"generations": 12, "offspring": 8, "tokens": (512, 1024), "survivors": (2, 1)})
     _run_search(model, kind=kind, kind_settings=kind_settings, budget=budget, allocator="evolutionary",
