@@ -41,7 +41,9 @@ def measure(workdir: Path) -> dict:
                             text=True).stdout.strip()
     return {"wall_s": wall, "rows": report["rows"], "pipeline_s": report["seconds"],
             "database_s": report["database"].get("build_seconds"), "search_s": report["fitness"].get("seconds"),
-            "generations": len(report["history"]), "commit": commit, "machine": machine()}
+            "generations": len(report["history"]), "commit": commit, "machine": machine(),
+            "sequential_level": report["method"].get("sequential_level"),
+            "tokens": report["method"]["allocator_settings"].get("tokens")}
 
 
 def render(r: dict) -> None:
@@ -49,8 +51,11 @@ def render(r: dict) -> None:
     body = ("## `make demo` from a fresh clone (`bench/demo.py`)\n\n"
             "A new clone, an empty modelpress cache and a new `.venv` (PyTorch and the other wheels from the "
             "machine's local package mirror), then `make demo`: SmolLM2-135M to 3 bits/weight on average, "
-            "evolutionary search against uniform 3-bit, CPU defaults (levels 2/3/4 with GPTQ g64, 32 x 512 "
-            f"calibration tokens, {r['generations']} generations, 16 held-out evaluation windows). "
+            "evolutionary search against uniform 3-bit, CPU defaults (levels 2/3/4 with GPTQ g64"
+            + (f", all calibrated on the {r['sequential_level']}-bit model's inputs" if r.get("sequential_level") else "")
+            + f", 32 x 512 calibration tokens, {r['generations']} generations"
+            + (f" on {'/'.join(map(str, r['tokens']))} tokens per selection stage" if r.get("tokens") else "")
+            + ", 16 held-out evaluation windows). "
             f"Wall time of the whole command: **{r['wall_s'] / 60:.1f} min** ({r['wall_s']:.0f} s; target < 15 min), "
             f"of which the pipeline took {r['pipeline_s']:.0f} s: database {r['database_s']:.0f} s, search "
             f"{r['search_s']:.0f} s; the rest is venv, install, model conversion and evaluation. "
