@@ -150,14 +150,19 @@ def shared_inputs_suffix(bits: int) -> str:
     return f", levels on {bits}-bit inputs"
 
 
+def suffix_of(key: str) -> str:
+    """The `shared_inputs_suffix` a row key ends in ("" for rows of a per-level database)."""
+    m = re.search(r", levels on \d+-bit inputs$", key)
+    return m.group(0) if m else ""
+
+
 def own_uniform(cache: RowCache, key: str, extended: list[str]) -> dict | None:
     """The uniform row of the database `key` ran on: rows of a `--sequential-level` database end in its
     suffix and so does their uniform; other `--extend` rows ran on the rebuilt database whose uniform is
     the `uniform, database of the ...` row; the rest on the published one."""
     sec, budget, name = key.split("|")
-    m = re.search(r", levels on \d+-bit inputs$", name)
-    if m:
-        return cache.get(f"{sec}|{budget}|uniform{m.group(0)}")
+    if suffix_of(name):
+        return cache.get(f"{sec}|{budget}|uniform{suffix_of(name)}")
     if name in ("evolutionary", "uniform", "dp"):
         return cache.get(f"{sec}|{budget}|uniform")
     rebuilt = [k for k in extended if k.startswith(f"{sec}|{budget}|uniform, database of ")]
@@ -256,13 +261,13 @@ def render(cache: RowCache) -> None:
         r = cache.get(k) or {}
         gens = re.search(r"(\d+) generations", k.split("|")[2])
         last = np.ravel((r.get("evo") or {}).get("tokens") or 0)[-1]
-        return (bool(re.search(r", levels on \d+-bit inputs$", k)), "|evolutionary, " in k, "|uniform, " not in k,
+        return (bool(suffix_of(k)), "|evolutionary, " in k, "|uniform, " not in k,
                 int(last), int(gens.group(1)) if gens else 0, k)
 
     extended = sorted((k for k in cache.rows if k.count("|") == 2 and ", " in k.split("|")[2]),  # rows of `--extend`
                       key=order)
     continued = [k for k in extended if (cache.get(k) or {}).get("from_checkpoint")]
-    shared = [k for k in extended if re.search(r", levels on \d+-bit inputs$", k)]
+    shared = [k for k in extended if suffix_of(k)]
     restarted = [k for k in extended if "|evolutionary, " in k and not (cache.get(k) or {}).get("from_checkpoint")
                  and not k.endswith("sensitivity start") and k not in shared]
     measured = [k for k in extended if "|sensitivity, " in k and k not in shared]
@@ -311,7 +316,7 @@ def render(cache: RowCache) -> None:
                            "database calibrates each level on the inputs of the model at that same level. The "
                            f"`uniform{suffix}` row is their uniform (its 3-bit levels are computed as in the "
                            "other database, so it matches the rebuilt database's uniform)"
-                           for suffix in sorted({re.search(r", levels on \d+-bit inputs$", k).group(0) for k in shared}))
+                           for suffix in sorted({suffix_of(k) for k in shared}))
                  + ". The 4-bit "
                  "evolutionary search finished in a run stopped before its evaluation; the next run read its plan "
                  "back, so its search time is not known (the 2.5- and 3-bit searches of the same size took 734 and 695 s). The depth and sparsity rows and the quantization database (built at 1 thread) ran beside other work on the same 2 cores, "
