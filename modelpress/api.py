@@ -62,10 +62,11 @@ def make_operator(method: str | WeightOperator | None, **kwargs) -> WeightOperat
     return OPERATORS.build(method, **kwargs)
 
 
-def _windows(tokenizer, data: DataConfig | Windows | None) -> Windows:
+def as_windows(tokenizer, data: DataConfig | Windows | None, model=None) -> Windows:
+    """`data` as windows (a DataConfig is tokenized; `model` samples the text of `self` sources)."""
     if isinstance(data, Windows):
         return data
-    return get_windows(tokenizer, data or DataConfig())
+    return get_windows(tokenizer, data or DataConfig(), model=model)
 
 
 def choose_drops(model, calib_ids: torch.Tensor, n: int, batch_size: int = 8) -> list[str]:
@@ -88,7 +89,8 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
     `drop` removes that many attention/MLP sub-blocks (lowest block influence) or the named ones.
     `compensate="eora"` adds a rank-`rank` (default 16) error correction on top of every compressed
     layer; without compensation, `rank` goes to the operator (`method="svd", rank=8`).
-    Calibration windows come from `data` (default: 128 x 512 tokens of `pydoc`).
+    Calibration windows come from `data` (default: 128 x 512 tokens of the default calibration
+    source, `DataConfig().corpus`).
     """
     t0 = time.time()
     if rank is not None and not compensate:
@@ -102,7 +104,7 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
     arch = Arch(model)
     windows = None
     if need != "none" or (isinstance(drop, int) and drop > 0):
-        windows = _windows(tokenizer, data)
+        windows = as_windows(tokenizer, data, model)
     dropped: list[str] = []
     if drop:
         names = drop if isinstance(drop, list) else choose_drops(model, windows.calib, drop, batch_size)
@@ -183,9 +185,24 @@ def info(path: str | Path) -> dict:
 
 def evaluate_model(model, tokenizer=None, data: DataConfig | Windows | None = None, reference=None,
                    batch_size: int | None = None) -> EvalResult:
-    """Perplexity (and KL to `reference`) on the evaluation windows of `data`."""
-    w = _windows(tokenizer, data)
+    """Perplexity (and KL to `reference`) on the held-out windows of `data`'s corpus (one domain;
+    `evaluate_domains` covers a suite)."""
+    w = as_windows(tokenizer, data, model)
     return evaluate(model, w.eval, reference=reference, batch_size=batch_size)
 
 
-__all__ = ["Compressed", "compress", "evaluate_model", "info", "load_compressed", "write_report"]
+def evaluate_domains(model, tokenizer, suite: str | list[str] = "default", *, reference=None, seq_len: int = 512,
+                     n_eval: int | None = 16, batch_size: int | None = None) -> dict:
+    """Perplexity per evaluation domain of `suite` and, with a dense `reference` model, KL and the
+    ratio to its perplexity per domain plus the worst ratio (`suite_row`'s fields)."""
+    from .data.suites import suite_windows
+    from .eval.suite import SuiteReference, evaluate_suite, suite_row
+
+    domains = suite_windows(tokenizer, suite, seq_len=seq_len, n_eval=n_eval)
+    ref = SuiteReference(reference, domains, batch_size=batch_size) if reference is not None else None
+    res = evaluate_suite(model, domains, ref, batch_size=batch_size)
+    return {**suite_row(res, ref.dense if ref else None), "skipped": domains.skipped}
+
+
+__all__ = ["Compressed", "as_windows", "compress", "evaluate_domains", "evaluate_model", "info", "load_compressed",
+           "write_report"]

@@ -43,9 +43,15 @@ def plot_fitness(path: str | Path, history: list[dict]) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.4), dpi=110)
     if history:
-        ax.plot([h["generation"] for h in history], [h["fitness"] for h in history], marker=".")
+        gens = [h["generation"] for h in history]
+        ax.plot(gens, [h["fitness"] for h in history], marker=".", alpha=0.6,
+                label="fitness (a fresh sample each generation)")
+        val = [(g, h["validation"]) for g, h in zip(gens, history) if h.get("validation") is not None]
+        if val:
+            ax.plot([g for g, _ in val], [v for _, v in val], marker="o", label="validation (fixed held-out sample)")
+        ax.legend(fontsize=8)
     ax.set_xlabel("generation")
-    ax.set_ylabel("KL to dense (fitness, lower is better)")
+    ax.set_ylabel("KL to dense (lower is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -21,10 +21,18 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-REPORT_COLUMNS = [
-    ("label", "model"), ("ppl", "ppl"), ("kl", "KL to dense"), ("size_mb", "size MB"),
-    ("bits_per_weight", "bits/weight (layers)"), ("bits_per_param", "bits/param (file)"), ("seconds", "time s"),
-]
+def report_columns(domains: list[str]) -> list[tuple[str, str]]:
+    """A compression report's columns: perplexity per evaluation domain, the worst ratio to dense,
+    KL, then sizes and time."""
+    from .eval.suite import suite_columns
+
+    return [("label", "model"), *suite_columns(domains), ("size_mb", "size MB"),
+            ("bits_per_weight", "bits/weight (layers)"), ("bits_per_param", "bits/param (file)"), ("seconds", "time s")]
+
+
+def _per_domain(ev: dict) -> list[tuple[str, object]]:
+    n = ev.get("windows_per_domain")
+    return [(d, n.get(d, "?") if isinstance(n, dict) else n) for d in ev.get("domains", [])]
 
 
 def write_report(out_dir: str | Path, report: dict) -> None:
@@ -35,7 +43,13 @@ def write_report(out_dir: str | Path, report: dict) -> None:
     for k in ("method", "budget", "data"):
         if k in report:
             md.append(f"- **{k}**: `{report[k]}`")
-    columns = [tuple(c) for c in report.get("columns", REPORT_COLUMNS)]
+    ev = report.get("evaluation")
+    if ev:
+        md.append(f"- **evaluation**: held-out windows of {', '.join(f'{d} ({n})' for d, n in _per_domain(ev))}; "
+                  "worst = the largest perplexity ratio to dense over the domains")
+        for d, why in ev.get("skipped", {}).items():
+            md.append(f"- **skipped domain {d}**: {why}")
+    columns = [tuple(c) for c in report.get("columns", report_columns([]))]
     md += ["", markdown_table(rows, columns), ""]
     with atomic_file(out_dir / "report.md") as f:
         f.write("\n".join(md))

@@ -6,12 +6,11 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from .allocate import ALLOCATORS, Problem
 from .allocate.budget import Budget, make_problem
 from .allocate.plan import Plan
-from .api import Compressed, _windows
+from .api import Compressed, as_windows
 from .data.windows import DataConfig, Windows
 from .errors import ConfigError
 from .eval.fitness import KLFitness
@@ -28,10 +27,17 @@ class SearchSettings:
     """Fitness settings for allocators that measure the model."""
 
     fitness_windows: int = 16  # calibration windows the fitness samples from
+    validation_windows: int = 4  # the calibration windows after those: the fixed validation sample
     topk: int = 512
     batch_size: int = 4
     reuse_prefix: bool = True
     reference: list | None = None  # a KLFitness.ref from an earlier search on the same windows
+
+    def __post_init__(self) -> None:
+        if self.fitness_windows < 1:
+            raise ConfigError(f"fitness_windows must be at least 1, got {self.fitness_windows}")
+        if self.validation_windows < 0:
+            raise ConfigError(f"validation_windows must be 0 or more, got {self.validation_windows}")
 
 @dataclasses.dataclass
 class SearchResult:
@@ -53,7 +59,7 @@ def make_kind(kind: str | Kind, **settings) -> Kind:
 def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataConfig | Windows | None = None,
                   db: str | Path | None = None, batch_size: int = 8, device=None, **kind_settings) -> LevelDB:
     """Open (building or resuming as needed) the level database of `model` for `kind`."""
-    windows = _windows(tokenizer, data)
+    windows = as_windows(tokenizer, data, model)
     k = make_kind(kind, **kind_settings)
     d = LevelDB.open_or_create(db, model, k, windows, tokenizer=tokenizer)
     t = time.time()
@@ -78,11 +84,18 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
     fitness = None
     t0 = time.time()
     if alloc.needs_fitness:
-        windows = _windows(tokenizer, data)
+        windows = as_windows(tokenizer, data, model)
         state = state or PlanState(model, db)
-        fitness = KLFitness(model, state, problem, windows.calib[: settings.fitness_windows], topk=settings.topk,
+        fw, vw = settings.fitness_windows, settings.validation_windows
+        validation = windows.calib[fw:fw + vw] if vw else None
+        if vw and len(validation) < vw:
+            log.warning("only %d calibration windows: the search's validation sample (%d windows after the %d "
+                        "fitness windows) is %s", len(windows.calib), vw, fw,
+                        f"{len(validation)} windows" if len(validation) else "left out")
+            validation = validation if len(validation) else None
+        fitness = KLFitness(model, state, problem, windows.calib[:fw], topk=settings.topk,
                             batch_size=settings.batch_size, reuse_prefix=settings.reuse_prefix,
-                            reference=settings.reference)
+                            reference=settings.reference, validation=validation)
         settings.reference = fitness.ref
     t1 = time.time()
     try:
@@ -97,7 +110,9 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
                                   "estimated_error": problem.error(choice)})
     stats = None
     if fitness is not None:
-        stats = {"evaluations": fitness.evaluations, "seconds": fitness.seconds, "blocks_run": fitness.blocks_run}
+        stats = {"evaluations": fitness.evaluations, "seconds": fitness.seconds, "blocks_run": fitness.blocks_run,
+                 "validation_windows": len(fitness.validation), "start_validation": fitness.first_validation,
+                 "final_validation": fitness.validate(choice)}
     return SearchResult(plan=plan, problem=problem, db=db, history=list(getattr(alloc, "history", [])),
                         seconds={"reference": t1 - t0, "search": t2 - t1}, fitness_stats=stats,
                         resumed_at=getattr(alloc, "resumed_at", 0))
@@ -133,25 +148,28 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
                  allocator: str = "evolutionary", allocator_settings: dict | None = None,
                  compare: list[str] = (), data: DataConfig | Windows | None = None, db: str | Path | None = None,
                  out: str | Path, settings: SearchSettings | None = None, evaluate: bool = True,
-                 plan_file: str | Path | None = None, device=None) -> dict:
-    """Build/resume the database, allocate (and the `compare` baselines), evaluate every plan,
-    save the chosen one as a checkpoint with plan.json, report.json/.md and two PNG plots."""
-    from .eval.metrics import ReferenceLogprobs, evaluate as run_eval
+                 plan_file: str | Path | None = None, device=None, eval_suite: str | list[str] = "default",
+                 n_eval: int | None = 16) -> dict:
+    """Build/resume the database, allocate (and the `compare` baselines), evaluate every plan on
+    every domain of `eval_suite` (`n_eval` held-out windows each), save the chosen one as a
+    checkpoint with plan.json, report.json/.md and two PNG plots."""
+    from .data.suites import suite_windows
+    from .eval.suite import SuiteReference, evaluate_suite, suite_columns, suite_row
     from .plots import plot_fitness, plot_levels
     from .report import write_report
 
     t_start = time.time()
     out = Path(out)
-    windows = _windows(tokenizer, data)
+    windows = as_windows(tokenizer, data, model)
     t0 = time.time()
     database = open_database(model, tokenizer, kind, data=windows, db=db, device=device, **kind_settings)
     build_s = time.time() - t0
     rows: list[dict] = []
-    ref = None
+    ref = domains = None
     if evaluate:
-        ref = ReferenceLogprobs(model, windows.eval, desc="eval dense")
-        d = run_eval(model, windows.eval, reference=ref, desc="eval dense")
-        rows.append({"label": "dense", "ppl": d.ppl, "kl": 0.0,
+        domains = suite_windows(tokenizer, eval_suite, seq_len=windows.config.seq_len, n_eval=n_eval)
+        ref = SuiteReference(model, domains)
+        rows.append({"label": "dense", **suite_row(ref.dense, ref.dense), "kl": 0.0,
                      "size_mb": (database.meta["fixed_bytes"] + sum(
                          2 * u.numel for u in database.units.values())) / 1e6})
     results: dict[str, SearchResult] = {}
@@ -175,9 +193,14 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
                "size_mb": _plan_mb(database, res), "bits_per_weight": _plan_bits(database, res)}
         if evaluate:
             state.apply(res.plan.levels)
-            r = run_eval(model, windows.eval, reference=ref, desc=f"eval {name}")
-            row.update(ppl=r.ppl, kl=r.kl)
+            row.update(suite_row(evaluate_suite(model, domains, ref, desc=f"eval {name}"), ref.dense))
         rows.append(row)
+    if evaluate and "uniform" in results and allocator != "uniform":
+        by = {r["label"]: r for r in rows}
+        worse = [d for d in domains.names if by[allocator][f"ppl:{d}"] >= by["uniform"][f"ppl:{d}"]]
+        if worse:
+            log.warning("the %s plan is not better than uniform on: %s", allocator, ", ".join(worse))
+        by[allocator]["beats_uniform_on_every_domain"] = not worse
     chosen = results[allocator]
     c = materialize(model, tokenizer, database, chosen.plan, state=state)
     report_dir = out
@@ -209,8 +232,10 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
         "database": {"path": str(database.path), "build_seconds": build_s},
         "history": chosen.history, "fitness": chosen.fitness_stats, "seconds": time.time() - t_start,
         "checkpoint": str(out),
-        "columns": [("label", "allocator"), ("ppl", "ppl"), ("kl", "KL to dense"), ("size_mb", "size MB"),
-                    ("bits_per_weight", "bits/weight (layers)"), ("search", "search s")],
+        "evaluation": ({"suite": eval_suite, "domains": domains.names, "skipped": domains.skipped,
+                        "windows_per_domain": n_eval} if domains else None),
+        "columns": [("label", "allocator"), *suite_columns(domains.names if domains else []),
+                    ("size_mb", "size MB"), ("bits_per_weight", "bits/weight (layers)"), ("search", "search s")],
     }
     write_report(out_files, report)
     with open(out_files / "report.md", "a") as f:

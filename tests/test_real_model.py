@@ -29,7 +29,7 @@ def test_loads_and_is_cached(smollm):
 
 def test_gptq_4bit_within_1_3x_of_dense(smollm, tmp_path):
     model, tok = smollm
-    w = mp.get_windows(tok, mp.DataConfig(n_samples=16, seq_len=512, n_eval=12))
+    w = mp.get_windows(tok, mp.DataConfig(corpus="pydoc", n_samples=16, seq_len=512, n_eval=12))
     dense = mp.evaluate(model, w.eval)
     c = mp.compress(model, tok, "gptq", data=w, bits=4, group_size=64)
     q = mp.evaluate(model, w.eval)

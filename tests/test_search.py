@@ -39,7 +39,8 @@ def test_search_cli_writes_plan_checkpoint_report_plots(model_dir, tmp_path):  #
 
 def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
     r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--target-bits", "3.5", "--out", str(tmp_path / "o"),
-                            "--data", str(model_dir / "text.txt"), "--n-samples", "4", "--seq-len", "64", "--n-eval", "2"])
+                            "--data", str(model_dir / "text.txt"), "--eval-suite", str(model_dir / "text.txt"),
+                            "--n-samples", "4", "--seq-len", "64", "--n-eval", "2"])
     assert r.exit_code == 0, r.output
     assert "uniform" in r.output and "evolutionary" in r.output
     rep = json.loads((tmp_path / "o" / "report.json").read_text())

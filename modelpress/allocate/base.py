@@ -11,6 +11,22 @@ from .problem import Problem
 ALLOCATORS: Registry = Registry("allocator")
 
 
+class Fitness:
+    """How a measuring allocator scores candidates: `new_sample` draws the tokens one selection
+    stage scores on, `__call__` scores a candidate on them (lower is better), and `validate` scores
+    a plan on a fixed sample that selection never sees, so a search's progress can be checked
+    against overfitting its own samples (None where the fitness keeps no such sample)."""
+
+    def new_sample(self, n_tokens: int, rng):  # pragma: no cover
+        raise NotImplementedError
+
+    def __call__(self, choice, sample, parent=None) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+    def validate(self, choice) -> float | None:
+        return None
+
+
 class Allocator:
     registered_name: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]] = ("quant", "sparsity", "depth", "gguf", "joint", "lowrank", "kv")

@@ -4,7 +4,9 @@ One parent. Each offspring applies k = min(U{1,3}, U{1,3}) level switches: one u
 level and a partner goes down by exactly the same cost, so every candidate keeps the parent's
 total cost. Duplicates are rejected. Selection runs in stages: all offspring are scored on a fresh
 small token sample, the best few are rescored on more tokens, ...; the parent competes only in the
-last stage. Fitness is measured on the whole model (KL to the dense model) by a fitness object;
+last stage. Since every generation's fitness is on a fresh sample, it wanders; where the fitness
+keeps validation windows, each generation's parent is also scored on them (the same windows every
+time, never used for selection), which is the curve to read. Fitness is measured on the whole model (KL to the dense model) by a fitness object;
 this allocator never touches a model. A checkpoint after every generation makes an interrupted
 search resume exactly where it stopped (same seed ⇒ same plan, interrupted or not).
 """
@@ -112,6 +114,7 @@ class Evolutionary(Allocator):
         if self.generations < 0 or self.offspring < 1:
             raise ConfigError("generations >= 0 and offspring >= 1")
         self.history: list[dict] = []
+        self.start_validation: float | None = None  # validation KL of the starting plan
 
     def _key(self, p: Problem, with_generations: bool = False) -> str:
         """What a checkpoint must match to be resumed. The number of generations is not part of it,
@@ -144,6 +147,7 @@ class Evolutionary(Allocator):
                 start, parent, best_fit = state["generation"], state["parent"], state["fitness"]
                 self.resumed_at = start
                 self.history = state["history"]
+                self.start_validation = state.get("start_validation")
                 if start > self.generations:  # a longer search of this problem: its plan at that point
                     kept = self.history[self.generations - 1].get("parent") if self.generations else None
                     if kept is None:
@@ -167,6 +171,7 @@ class Evolutionary(Allocator):
             else:
                 parent = self._best_start(problem, fitness, rng, measured=self.init == "sensitivity",
                                           cache=sensitivity_cache(ck) if ck else None)
+            self.start_validation = fitness.validate(parent)
             self._save(ck, key, 0, parent, None, rng)
 
         with Bar(total=self.generations, desc="evolutionary search", initial=start) as bar:
@@ -197,11 +202,13 @@ class Evolutionary(Allocator):
                 improved = cands[0] != parent
                 parent, best_fit = cands[0], scores[0]
                 self.history.append({"generation": gen + 1, "fitness": best_fit, "improved": improved,
-                                     "parent": list(parent)})
+                                     "validation": fitness.validate(parent), "parent": list(parent)})
                 self._save(ck, key, gen + 1, parent, best_fit, rng)
                 bar.update(1)
-                bar.set_postfix(kl=f"{best_fit:.5f}")
-                log.info("generation %d: fitness %.6f%s", gen + 1, best_fit, " (new parent)" if improved else "")
+                val = self.history[-1]["validation"]
+                bar.set_postfix(kl=f"{best_fit:.5f}", **({"val": f"{val:.5f}"} if val is not None else {}))
+                log.info("generation %d: fitness %.6f%s%s", gen + 1, best_fit,
+                         f", validation {val:.6f}" if val is not None else "", " (new parent)" if improved else "")
         return fill(problem, parent)  # no-op with equal-cost partners; uses slack left by compensating ones
 
     def _best_start(self, problem: Problem, fitness, rng, measured: bool = False, cache: Path | None = None) -> list[int]:
@@ -238,4 +245,5 @@ class Evolutionary(Allocator):
         if ck is None:
             return
         write_json(ck, {"key": key, "generation": gen, "parent": parent, "fitness": fit,
-                        "rng": rng.bit_generator.state, "history": self.history})
+                        "rng": rng.bit_generator.state, "history": self.history,
+                        "start_validation": self.start_validation})

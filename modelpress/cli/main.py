@@ -4,7 +4,6 @@ Errors a user can cause print one line (no traceback) and exit with status 2.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 import re
@@ -17,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..data.defaults import DEFAULT_CALIBRATION, DEFAULT_SUITE, N_EVAL
 from ..errors import ConfigError, ModelpressError
 from ..utils.progress import enable_progress
 
@@ -79,13 +79,37 @@ def _data_config(data: str, n_samples: int, seq_len: int, seed: int, n_eval: Opt
     return DataConfig(corpus=data, n_samples=n_samples, seq_len=seq_len, seed=seed, n_eval=n_eval)
 
 
-DataOpt = typer.Option("pydoc", "--data", help="corpus: pydoc, wikitext2, c4, or a .txt file/folder")
+def _evaluation_info(eval_suite: str, domains) -> Optional[dict]:
+    if domains is None:
+        return None
+    return {"suite": eval_suite, "domains": domains.names, "skipped": domains.skipped,
+            "windows_per_domain": {d: len(w) for d, w in domains.windows.items()}}
+
+
+def _suite(tok, eval_suite: str, seq_len: int, n_eval: Optional[int]):
+    from ..data import suite_windows
+
+    domains = suite_windows(tok, eval_suite, seq_len=seq_len, n_eval=n_eval or N_EVAL)
+    for name, why in domains.skipped.items():
+        err_console.print(f"[yellow]evaluation domain {name} skipped:[/] {why}", highlight=False, soft_wrap=True)
+    return domains
+
+
+DataOpt = typer.Option(DEFAULT_CALIBRATION, "--data",
+                       help=f"calibration: {DEFAULT_CALIBRATION} (default), mix (pydoc + sotu), self (text sampled from "
+                            "the model), mix+self, pydoc, austen, "
+                            "chitchat, sotu, wikitext2, c4, a .txt file/folder, or parts joined by + (a:0.7+b:0.3)")
+EvalSuiteOpt = typer.Option(DEFAULT_SUITE, "--eval-suite",
+                            help="evaluation domains: default (pydoc, austen, chitchat), all (+ sotu), or "
+                                 "comma-separated corpora / .txt paths")
 SamplesOpt = typer.Option(128, "--n-samples", help="calibration windows")
 SeqOpt = typer.Option(512, "--seq-len", help="tokens per window")
 SeedOpt = typer.Option(0, "--seed")
-NEvalOpt = typer.Option(None, "--n-eval", help="cap on evaluation windows (default: all held-out windows)")
+NEvalOpt = typer.Option(None, "--n-eval", help=f"held-out windows per evaluation domain (default {N_EVAL})")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 VerboseOpt = typer.Option(False, "--verbose", "-v")
+KVDataOpt = typer.Option("pydoc", "--data", help="text for the long windows: pydoc, austen, chitchat, sotu, or a "
+                                                 ".txt file/folder")
 
 
 @app.command("compress")
@@ -114,6 +138,7 @@ def compress_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="checkpoint folder (default out/MODEL-METHOD)"),
     export: Optional[str] = typer.Option(None, "--export", help="also write `hf`: a plain dequantized HF folder"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="perplexity and KL before/after"),
+    eval_suite: str = EvalSuiteOpt,
     data: str = DataOpt, n_samples: Optional[int] = typer.Option(None, "--n-samples", help="calibration windows (default 128)"),
     seq_len: int = SeqOpt, seed: int = SeedOpt,
     n_eval: Optional[int] = NEvalOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
@@ -126,12 +151,11 @@ def compress_cmd(
         if method or bits or sparsity or pattern or drop:
             raise ConfigError("give either a budget (--target-bits/--target-mb/--target-sparsity) or a method, not both")
         return _budget_compress(model, target_bits, target_mb, target_sparsity, group_size, out, evaluate, data,
-                                n_samples_given, seq_len, seed, n_eval, device)
+                                n_samples_given, seq_len, seed, n_eval, device, eval_suite)
     from .. import api
-    from ..data import get_windows
-    from ..eval import evaluate as run_eval
+    from ..eval.suite import SuiteReference, evaluate_suite, suite_row
     from ..models import load_model
-    from ..report import REPORT_COLUMNS, write_report
+    from ..report import report_columns, write_report
 
     if export not in (None, "hf"):
         raise ConfigError(f"unknown export format {export!r}; use --export hf (GGUF: `modelpress export gguf`)")
@@ -151,28 +175,29 @@ def compress_cmd(
 
     t0 = time.time()
     m, tok = load_model(model, device=device)
-    windows = get_windows(tok, _data_config(data, n_samples, seq_len, seed, n_eval))
+    calib = _data_config(data, n_samples, seq_len, seed, None)  # tokenized only if the method calibrates
     rows = []
-    ref = None
+    ref = domains = None
     if evaluate:
-        ref = copy.deepcopy(m)
-        r = run_eval(ref, windows.eval, desc="eval dense")
-        rows.append({"label": "dense", "ppl": r.ppl, "kl": 0.0,
+        domains = _suite(tok, eval_suite, seq_len, n_eval)
+        ref = SuiteReference(m, domains)
+        rows.append({"label": "dense", **suite_row(ref.dense, ref.dense), "kl": 0.0,
                      "size_mb": sum(p.numel() for p in m.parameters()) * 2 / 1e6, "bits_per_param": 16.0})
-    c = api.compress(m, tok, op, data=windows, drop=drop, sequential=sequential, device=device,
+    c = api.compress(m, tok, op, data=calib, drop=drop, sequential=sequential, device=device,
                      compensate=compensate, rank=rank if compensate else None)
     c.save(out, export_hf_dir=(out.with_name(out.name + "-hf") if export == "hf" else None))
     info = api.info(out)
     row = {"label": label, "size_mb": info["size_mb"], "bits_per_weight": info["bits_per_weight"],
            "bits_per_param": info["bits_per_param"], "seconds": time.time() - t0}
     if evaluate:
-        r = run_eval(m, windows.eval, reference=ref, desc="eval compressed")
-        row.update(ppl=r.ppl, kl=r.kl)
+        row.update(suite_row(evaluate_suite(m, domains, ref, desc="eval compressed"), ref.dense))
     rows.append(row)
+    columns = report_columns(domains.names if domains else [])
     report = {"model": model, "method": c.plan["method"], "budget": label, "data": c.plan["data"],
-              "checkpoint": info, "rows": rows, "compress_seconds": c.seconds}
+              "evaluation": _evaluation_info(eval_suite, domains), "checkpoint": info, "rows": rows,
+              "compress_seconds": c.seconds, "columns": columns}
     write_report(out, report)
-    print_rows(rows, REPORT_COLUMNS, title=f"{model} → {out}")
+    print_rows(rows, columns, title=f"{model} → {out}")
     if export == "hf":
         console.print(f"plain HF folder: {out.with_name(out.name + '-hf')}")
 
@@ -197,25 +222,31 @@ def _budget(target_bits, target_mb, target_sparsity, drop):
 
 
 def _run_search(model_name, *, kind, kind_settings, budget, allocator, allocator_settings, compare, data_cfg, db,
-                out, evaluate, plan, fitness_windows, device):
+                out, evaluate, plan, fitness_windows, device, eval_suite, n_eval, validation_windows=4):
     from ..models import load_model
-    from ..report import REPORT_COLUMNS
     from ..search import SearchSettings, run_pipeline
 
     m, tok = load_model(model_name, device=device)
     out = out or Path("out") / _slug(f"{Path(model_name).stem}-{kind}-{budget.label()}-{allocator}")
     rep = run_pipeline(m, tok, model_name=model_name, kind=kind, kind_settings=kind_settings, budget=budget,
                        allocator=allocator, allocator_settings=allocator_settings, compare=compare, data=data_cfg,
-                       db=db, out=out, settings=SearchSettings(fitness_windows=fitness_windows), evaluate=evaluate,
-                       plan_file=plan, device=device)
-    cols = [c for c in REPORT_COLUMNS if c[0] not in ("bits_per_param", "seconds")] + [("search", "search s")]
-    print_rows(rep["rows"], cols, title=f"{model_name} @ {budget.label()} → {out}")
+                       db=db, out=out, settings=SearchSettings(fitness_windows=fitness_windows,
+                                                               validation_windows=validation_windows),
+                       evaluate=evaluate, plan_file=plan, device=device, eval_suite=eval_suite,
+                       n_eval=n_eval or N_EVAL)
+    for name, why in (rep.get("evaluation") or {}).get("skipped", {}).items():
+        err_console.print(f"[yellow]evaluation domain {name} skipped:[/] {why}", highlight=False, soft_wrap=True)
+    print_rows(rep["rows"], [tuple(c) for c in rep["columns"]], title=f"{model_name} @ {budget.label()} → {out}")
+    fit = rep.get("fitness") or {}
+    if fit.get("final_validation") is not None:
+        console.print(f"search validation KL ({fit['validation_windows']} held-out calibration windows): "
+                      f"start {fit['start_validation']:.5f} → final {fit['final_validation']:.5f}")
     console.print(f"plan: {out / 'plan.json'}   report: {out / 'report.md'}   "
                   f"database: {rep['database']['path']} (built in {rep['database']['build_seconds']:.0f} s)")
 
 
 def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size, out, evaluate, data, n_samples,
-                     seq_len, seed, n_eval, device):
+                     seq_len, seed, n_eval, device, eval_suite):
     """The whole budget pipeline with defaults sized for the machine: on a CPU (2 cores) it finishes
     in minutes; on a GPU it uses the full database and a longer search."""
     import torch
@@ -236,8 +267,9 @@ def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size,
     _run_search(model, kind=kind, kind_settings=kind_settings, budget=budget, allocator="evolutionary",
                 allocator_settings=alloc, compare=["uniform"],
                 data_cfg=_data_config(data, n_samples if n_samples is not None else (128 if gpu else 32), seq_len,
-                                      seed, n_eval if n_eval is not None else (None if gpu else 16)),
-                db=None, out=out, evaluate=evaluate, plan=None, fitness_windows=64 if gpu else 16, device=device)
+                                      seed, None),
+                db=None, out=out, evaluate=evaluate, plan=None, fitness_windows=64 if gpu else 16, device=device,
+                eval_suite=eval_suite, n_eval=n_eval)
 
 
 @app.command("search")
@@ -274,7 +306,10 @@ def search_cmd(
     plan: Optional[Path] = typer.Option(None, "--plan", help="apply this plan.json instead of searching"),
     db: Optional[Path] = typer.Option(None, "--db", help="level database folder (default: in the cache)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o"),
-    evaluate: bool = typer.Option(True, "--eval/--no-eval"),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval"), eval_suite: str = EvalSuiteOpt,
+    validation_windows: int = typer.Option(4, "--validation-windows",
+                                           help="calibration windows after the fitness windows that score each "
+                                                "generation's plan (never used for selection; 0 = none)"),
     data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
     device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
 ):
@@ -317,8 +352,9 @@ def search_cmd(
         raise ConfigError("--generations/--offspring/--survivors/--tokens/--init apply to the evolutionary allocator, "
                           f"not {allocator}")
     _run_search(model, kind=kind, kind_settings=ks, budget=budget, allocator=allocator, allocator_settings=al,
-                compare=list(_parse_list(compare, str) or ()), data_cfg=_data_config(data, n_samples, seq_len, seed, n_eval),
-                db=db, out=out, evaluate=evaluate, plan=plan, fitness_windows=fitness_windows, device=device)
+                compare=list(_parse_list(compare, str) or ()), data_cfg=_data_config(data, n_samples, seq_len, seed, None),
+                db=db, out=out, evaluate=evaluate, plan=plan, fitness_windows=fitness_windows, device=device,
+                eval_suite=eval_suite, n_eval=n_eval, validation_windows=validation_windows)
 
 
 @app.command("bitstack")
@@ -338,7 +374,7 @@ def bitstack_cmd(
     from ..models import load_model
 
     m, tok = load_model(model, device=device)
-    windows = get_windows(tok, _data_config(data, n_samples, seq_len, seed, None))
+    windows = get_windows(tok, _data_config(data, n_samples, seq_len, seed, None), model=m)
     manifest = build_bitstack(m, tok, windows, out, BitStackConfig(max_blocks=blocks, rank=rank))
     lo, hi = size_range_mb(manifest)
     console.print(f"BitStack written to {out}: loads at any size from {lo:.1f} to {hi:.1f} MB "
@@ -353,14 +389,13 @@ def load_cmd(
     evaluate: bool = typer.Option(False, "--eval/--no-eval", help="perplexity of the loaded model"),
     reference: Optional[str] = typer.Option(None, "--reference", "-r"),
     export_hf: Optional[Path] = typer.Option(None, "--export-hf", help="write the loaded model as a plain HF folder"),
-    data: str = DataOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
+    eval_suite: str = EvalSuiteOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
     device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
 ):
     """Load a checkpoint under a memory limit; optionally evaluate or export it."""
     _setup(verbose)
     from ..api import load_compressed
-    from ..data import get_windows
-    from ..eval import evaluate as run_eval
+    from ..eval.suite import SuiteReference, evaluate_suite, suite_columns, suite_row
     from ..export.bitstack import FORMAT, load_bitstack, read_manifest_any
     from ..export.hf import export_hf as do_export
     from ..models import load_model
@@ -376,14 +411,15 @@ def load_cmd(
 
         info = {"size_mb": ck_info(path)["weights_mb"]}
     row = {"label": str(path), **info}
+    domains = None
     if evaluate:
-        ref = load_model(reference, device=device)[0] if reference else None
-        r = run_eval(m, get_windows(tok, _data_config(data, 1, seq_len, 0, n_eval)).eval, reference=ref)
-        row.update(ppl=r.ppl, kl=r.kl)
+        domains = _suite(tok, eval_suite, seq_len, n_eval)
+        ref = SuiteReference(load_model(reference, device=device)[0], domains) if reference else None
+        row.update(suite_row(evaluate_suite(m, domains, ref), ref.dense if ref else None))
     if export_hf:
         do_export(m, tok, export_hf)
-    print_rows([row], [("label", "model"), ("size_mb", "loaded MB"), ("blocks", "blocks"), ("ppl", "ppl"),
-                       ("kl", "KL to reference")])
+    print_rows([row], [("label", "model"), ("size_mb", "loaded MB"), ("blocks", "blocks"),
+                       *(suite_columns(domains.names, ratios=bool(reference)) if domains else [])])
 
 
 kv_app = typer.Typer(help="Compressed KV caches for generation.", no_args_is_help=True)
@@ -436,7 +472,7 @@ def kv_eval_cmd(
     value_group: Optional[int] = _O["value_group"],
     prefill: int = typer.Option(256, "--prefill", help="tokens processed at once (the prompt)"),
     step: int = typer.Option(1, "--step", help="tokens per decoding step (1 = exactly as in generation)"),
-    data: str = DataOpt, seq_len: int = typer.Option(1024, "--seq-len"), n_eval: Optional[int] = typer.Option(4, "--n-eval"),
+    data: str = KVDataOpt, seq_len: int = typer.Option(1024, "--seq-len"), n_eval: Optional[int] = typer.Option(4, "--n-eval"),
     n_samples: int = typer.Option(8, "--n-samples", help="calibration windows (channel bases)"), seed: int = SeedOpt,
     device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
 ):
@@ -475,7 +511,7 @@ def kv_generate_cmd(
     hi_bits: Optional[int] = _O["hi_bits"], lo_bits: Optional[int] = _O["lo_bits"],
     storage: Optional[str] = _O["storage"], value_bits: Optional[int] = _O["value_bits"],
     value_group: Optional[int] = _O["value_group"],
-    data: str = DataOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+    data: str = KVDataOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
 ):
     """Greedy generation with a compressed cache, for a quick look."""
     _setup(verbose)
@@ -527,30 +563,34 @@ def export_gguf_cmd(
 def eval_cmd(
     model: str = typer.Argument(..., help="a modelpress checkpoint folder, or any model load_model accepts"),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="model to measure KL against"),
-    data: str = DataOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
+    seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     engine: str = typer.Option("torch", "--engine", help="torch, or llama.cpp for a .gguf file"),
-    device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+    eval_suite: str = EvalSuiteOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
 ):
-    """Perplexity on the held-out windows (and KL to a reference model)."""
+    """Perplexity on the held-out windows of every evaluation domain (and, with a reference model,
+    KL and the ratio to the reference's perplexity per domain, and the worst ratio)."""
     _setup(verbose)
     if engine not in ("torch", "llama.cpp"):
         raise ConfigError("--engine is torch or llama.cpp")
     if engine == "llama.cpp":
-        from ..data import get_windows
         from ..export.ggufio import llama_cpp_perplexity
         from ..models import load_model
 
         if not model.endswith(".gguf") or not Path(model).is_file():
             raise ConfigError("--engine llama.cpp evaluates a .gguf file")
         _, tok = load_model(model, device="cpu")  # the same tokenizer and windows as the torch engine
-        r = llama_cpp_perplexity(model, get_windows(tok, _data_config(data, 1, seq_len, 0, n_eval)).eval)
-        print_rows([{"label": model + " (llama.cpp)", "ppl": r["ppl"], "tokens": r["n_tokens"], "s": r["seconds"]}],
-                   [("label", "model"), ("ppl", "ppl"), ("tokens", "tokens"), ("s", "seconds")])
+        domains = _suite(tok, eval_suite, seq_len, n_eval)
+        rows = []
+        for d, ids in domains.windows.items():
+            r = llama_cpp_perplexity(model, ids)
+            rows.append({"label": f"{model} (llama.cpp)", "domain": d, "ppl": r["ppl"], "tokens": r["n_tokens"],
+                         "s": r["seconds"]})
+        print_rows(rows, [("label", "model"), ("domain", "domain"), ("ppl", "ppl"), ("tokens", "tokens"),
+                          ("s", "seconds")])
         return
     from ..api import load_compressed
-    from ..data import get_windows
-    from ..eval import evaluate as run_eval
+    from ..eval.suite import SuiteReference, evaluate_suite, suite_columns, suite_row
     from ..export.checkpoint import MANIFEST
     from ..models import load_model
 
@@ -558,11 +598,16 @@ def eval_cmd(
         m, tok = load_compressed(model, device=device, return_tokenizer=True)
     else:
         m, tok = load_model(model, device=device)
-    ref = load_model(reference, device=device)[0] if reference else None
-    windows = get_windows(tok, _data_config(data, 1, seq_len, 0, n_eval))
-    r = run_eval(m, windows.eval, reference=ref, batch_size=batch_size)
-    print_rows([{"label": model, "ppl": r.ppl, "kl": r.kl, "tokens": r.n_tokens}],
-               [("label", "model"), ("ppl", "ppl"), ("kl", "KL to reference"), ("tokens", "tokens")])
+    domains = _suite(tok, eval_suite, seq_len, n_eval)
+    rows = []
+    ref = None
+    if reference:
+        ref = SuiteReference(load_model(reference, device=device)[0], domains, batch_size=batch_size)
+        rows.append({"label": f"{reference} (reference)", **suite_row(ref.dense, ref.dense), "kl": 0.0})
+    row = suite_row(evaluate_suite(m, domains, ref, batch_size=batch_size), ref.dense if ref else None)
+    rows.append({"label": model, **row})
+    print_rows(rows, [("label", "model"), *suite_columns(domains.names, ratios=ref is not None),
+                      ("eval_tokens", "tokens")])
 
 
 @app.command("info")

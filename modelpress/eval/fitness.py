@@ -4,6 +4,10 @@ The dense model's next-token distributions are computed once and kept as top-K l
 plus the remaining tail mass (K >= 512; K = vocab size gives the exact KL). A candidate's KL is
 computed over the K + 1 buckets (top-K tokens of the reference, and "everything else").
 
+Validation: `validation` windows (disjoint from the fitness windows, same source) are scored only
+by `validate`, never by selection, so a search can report whether what it gains on its own samples
+holds on text it never selected on.
+
 Fast path: candidates differ from their parent in a few units. The parent's hidden states at the
 input of every block are cached per token sample; a candidate whose first changed unit sits in
 block i restarts from the parent's state at block i instead of running blocks 0..i-1 again.
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..allocate.base import Fitness
 from ..models.arch import Arch
 from ..utils.progress import progress
 
@@ -33,16 +38,21 @@ def _hidden_arg(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
 
-class KLFitness:
+class KLFitness(Fitness):
     def __init__(self, model, state, problem, ids: torch.Tensor, *, topk: int = 512, batch_size: int = 4,
-                 reuse_prefix: bool = True, reference: list | None = None):
+                 reuse_prefix: bool = True, reference: list | None = None, validation: torch.Tensor | None = None):
         self.model = model
         self.state = state
         self.problem = problem
         self.values = problem.extra["values"]
         self.unit_block = problem.extra["block"]
+        self.n_fit = len(ids)  # samples are drawn from these windows; the validation windows follow them
+        self.validation = tuple(range(len(ids), len(ids) + (0 if validation is None else len(validation))))
+        ids = ids if validation is None else torch.cat([ids, validation.to(ids.dtype)])
         self.ids = ids
         self.seq_len = ids.shape[1]
+        self._validated: dict[tuple, float] = {}
+        self.first_validation: float | None = None  # the first plan validated: a search's start
         self.batch_size = batch_size
         self.reuse_prefix = reuse_prefix
         self.arch = Arch(model)
@@ -71,8 +81,19 @@ class KLFitness:
 
     # ---- samples ---------------------------------------------------------------------------
     def new_sample(self, n_tokens: int, rng: np.random.Generator) -> tuple[int, ...]:
-        n = min(len(self.ids), max(1, round(n_tokens / self.seq_len)))
-        return tuple(sorted(int(i) for i in rng.choice(len(self.ids), size=n, replace=False)))
+        n = min(self.n_fit, max(1, round(n_tokens / self.seq_len)))
+        return tuple(sorted(int(i) for i in rng.choice(self.n_fit, size=n, replace=False)))
+
+    def validate(self, choice) -> float | None:
+        """KL on the validation windows (None without them); remembered per plan."""
+        if not self.validation:
+            return None
+        key = tuple(choice)
+        if key not in self._validated:
+            self._validated[key] = self(choice, self.validation)
+            if self.first_validation is None:
+                self.first_validation = self._validated[key]
+        return self._validated[key]
 
     # ---- running the model -----------------------------------------------------------------
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:

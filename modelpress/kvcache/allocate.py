@@ -8,7 +8,6 @@ with the compressed cache built incrementally) all apply, under one total cache-
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -16,7 +15,9 @@ import torch.nn.functional as F
 
 from ..allocate import ALLOCATORS, Problem
 from ..errors import BudgetError
-from .base import cache_kwarg, make_cache, use_kv_cache
+from ..allocate.base import Fitness
+from ..models.arch import cache_kwarg
+from .base import make_cache, use_kv_cache
 from .quant import KIVI, quant_keys, quant_values
 
 
@@ -72,7 +73,7 @@ def head_bits_of(problem: Problem, choice: list[int]) -> list[list[int]]:
     return [bits[l * h:(l + 1) * h] for l in range(problem.extra["n_layers"])]
 
 
-class KVFitness:
+class KVFitness(Fitness):
     """KL(full-cache model ‖ compressed-cache model) on calibration windows: the first `prefill`
     tokens at once, the rest `step` tokens at a time with the cache built incrementally."""
 

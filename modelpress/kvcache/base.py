@@ -16,7 +16,6 @@ import math
 from typing import ClassVar, Iterator
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import ConfigError, UnsupportedArchitectureError
@@ -297,14 +296,6 @@ def use_kv_cache(model, cache: KVCache) -> Iterator[KVCache]:
         handle.remove()
         _ACTIVE["cache"] = prev_cache
         model.set_attn_implementation(previous)
-
-
-def cache_kwarg(model) -> str:
-    """The name a model's forward takes its cache under (`cache` in newer transformers)."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def make_cache(model, method: str | KVMethod, **settings) -> KVCache:

@@ -9,7 +9,8 @@ import dataclasses
 import torch
 
 from ..errors import ConfigError
-from .base import KV_METHODS, KVMethod, RowStore, cache_kwarg
+from ..models.arch import cache_kwarg
+from .base import KV_METHODS, KVMethod, RowStore
 
 
 @torch.no_grad()

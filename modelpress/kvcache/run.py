@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.progress import progress
-from .base import KVCache, KVMethod, cache_kwarg, make_cache, use_kv_cache
+from ..models.arch import cache_kwarg
+from .base import KVCache, KVMethod, make_cache, use_kv_cache
 
 
 @contextlib.contextmanager

@@ -186,3 +186,11 @@ def drop_subblock(model: nn.Module, name: str) -> SubBlock:
 
 def discover(model: nn.Module) -> Arch:
     return Arch(model)
+
+
+def cache_kwarg(model) -> str:
+    """The name a model's forward takes its cache under (`cache` in newer transformers)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

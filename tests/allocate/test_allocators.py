@@ -6,10 +6,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modelpress.allocate import ALLOCATORS, Problem
+from modelpress.allocate.base import Fitness
 from modelpress.errors import BudgetError, ConfigError
 
 
-class SumFitness:
+class SumFitness(Fitness):
     """Fitness = sum of the problem's errors, plus a small sample-dependent wobble."""
 
     def __init__(self, p: Problem):
@@ -95,7 +96,7 @@ class Interrupt(Exception):
     pass
 
 
-class TableFitness:
+class TableFitness(Fitness):
     """An additive whole-model objective the problem's error estimates get wrong."""
 
     def __init__(self, table):
@@ -164,7 +165,7 @@ def test_sensitivity_pass_resumes_from_its_cache(tmp_path):
     assert f.calls == 1 + 24  # another sample: measured again
 
 
-class PairFitness:
+class PairFitness(Fitness):
     """A non-additive objective. Half the units are ordinary: they cost e² = 4^-level. The other
     half come in pairs whose errors cancel downstream: a pair costs 0.1·|e_a − e_b| + 0.01·(e_a + e_b),
     nearly nothing when both sit at the same level. Measured one at a time (what dp sees) every
@@ -241,7 +242,7 @@ def test_evolutionary_settings_validated():
         ALLOCATORS.build("evolutionary").allocate(pair_problem())
 
 
-class DroppedInfluence:
+class DroppedInfluence(Fitness):
     """Depth fitness: the summed true influence of the dropped sub-blocks."""
 
     def __init__(self, infl):

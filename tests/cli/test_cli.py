@@ -19,7 +19,8 @@ def model_dir(tmp_path_factory):
 
 
 def small(model_dir):
-    return ["--data", str(model_dir / "text.txt"), "--n-samples", "4", "--seq-len", "64", "--n-eval", "3"]
+    return ["--data", str(model_dir / "text.txt"), "--eval-suite", str(model_dir / "text.txt"), "--n-samples", "4",
+            "--seq-len", "64", "--n-eval", "3"]
 
 
 def test_compress_info_eval(model_dir, tmp_path):
@@ -30,6 +31,10 @@ def test_compress_info_eval(model_dir, tmp_path):
     assert "dense" in r.output and "gptq w4 g32" in r.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["rows"][0]["label"] == "dense" and rep["rows"][1]["kl"] > 0
+    domain = rep["evaluation"]["domains"][0]
+    assert rep["rows"][1][f"ppl:{domain}"] > 0 and rep["rows"][1]["worst_ratio"] > 1.0 > 0
+    assert rep["rows"][0]["worst_ratio"] == 1.0 and rep["rows"][1]["worst_domain"] == domain
+    assert f"ppl {domain}" in (out / "report.md").read_text() and "worst × dense" in (out / "report.md").read_text()
     assert (out / "report.md").read_text().startswith("# modelpress report")
     assert (tmp_path / "ck-hf" / "config.json").is_file()
 
@@ -37,7 +42,7 @@ def test_compress_info_eval(model_dir, tmp_path):
     assert r.exit_code == 0 and "bits_per_weight" in r.output
 
     r = runner.invoke(app, ["eval", str(out), "--reference", str(model_dir / "tiny"),
-                            "--data", str(model_dir / "text.txt"), "--seq-len", "64", "--n-eval", "2"])
+                            "--eval-suite", str(model_dir / "text.txt"), "--seq-len", "64", "--n-eval", "2"])
     assert r.exit_code == 0, r.output
 
 
@@ -74,7 +79,7 @@ def test_corrupt_checkpoint_cli(model_dir, tmp_path):
                                "--out", str(out)]).exit_code == 0
     w = out / "weights.safetensors"
     w.write_bytes(w.read_bytes()[:-10])
-    r = runner.invoke(app, ["eval", str(out), "--data", str(model_dir / "text.txt"), "--seq-len", "64"])
+    r = runner.invoke(app, ["eval", str(out), "--eval-suite", str(model_dir / "text.txt"), "--seq-len", "64"])
     assert r.exit_code == 2 and "corrupt" in r.output and "Traceback" not in r.output
 
 

@@ -12,8 +12,11 @@ def _spans(starts, L):
 @pytest.mark.parametrize("seq_len", [64, 257])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("n_samples", [8, 10_000])
-def test_calibration_and_evaluation_never_overlap(tokenizer, seq_len, seed, n_samples):
-    w = get_windows(tokenizer, DataConfig(n_samples=n_samples, seq_len=seq_len, seed=seed))
+def test_calibration_and_evaluation_never_overlap(tokenizer, tmp_path, seq_len, seed, n_samples):
+    """One text (a file): the token stream is cut, calibration before the cut, evaluation after."""
+    (tmp_path / "t.txt").write_text("".join(f"line {i} of a long text.\n" for i in range(4000)))
+    w = get_windows(tokenizer, DataConfig(corpus=str(tmp_path / "t.txt"), n_samples=n_samples, seq_len=seq_len,
+                                          seed=seed))
     cal = _spans(w.calib_starts, seq_len)
     ev = _spans(w.eval_starts, seq_len)
     last_cal_end = max(e for _, _, e in cal)
@@ -27,26 +30,28 @@ def test_calibration_and_evaluation_never_overlap(tokenizer, seq_len, seed, n_sa
 def test_windows_hold_the_right_tokens(tokenizer):
     from modelpress.data.corpora import Pydoc
 
-    text, _ = Pydoc().load()
+    text, held_out = Pydoc().load()
     stream = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-    w = get_windows(tokenizer, DataConfig(n_samples=4, seq_len=100))
-    for row, (_, s) in zip(w.calib, w.calib_starts):
-        assert torch.equal(row, stream[s:s + 100])
-    for row, (_, s) in zip(w.eval, w.eval_starts):
-        assert torch.equal(row, stream[s:s + 100])
+    held = torch.tensor(tokenizer(held_out, add_special_tokens=False)["input_ids"])
+    w = get_windows(tokenizer, DataConfig(corpus="pydoc", n_samples=4, seq_len=100))
+    for row, (k, s) in zip(w.calib, w.calib_starts):
+        assert k == 0 and torch.equal(row, stream[s:s + 100])
+    for row, (k, s) in zip(w.eval, w.eval_starts):
+        assert k == 1 and torch.equal(row, held[s:s + 100])
+    assert not set(text.split("\n\n")) & set(held_out.split("\n\n"))  # no paragraph in both
 
 
 def test_deterministic_and_seeded(tokenizer):
-    a = get_windows(tokenizer, DataConfig(n_samples=6, seq_len=64, seed=3))
-    b = get_windows(tokenizer, DataConfig(n_samples=6, seq_len=64, seed=3))
-    c = get_windows(tokenizer, DataConfig(n_samples=6, seq_len=64, seed=4))
+    a = get_windows(tokenizer, DataConfig(corpus="pydoc", n_samples=6, seq_len=64, seed=3))
+    b = get_windows(tokenizer, DataConfig(corpus="pydoc", n_samples=6, seq_len=64, seed=3))
+    c = get_windows(tokenizer, DataConfig(corpus="pydoc", n_samples=6, seq_len=64, seed=4))
     assert torch.equal(a.calib, b.calib) and torch.equal(a.eval, b.eval)
     assert not torch.equal(a.calib, c.calib)
     assert torch.equal(a.eval, c.eval)  # evaluation does not depend on the calibration seed
 
 
 def test_n_eval_cap(tokenizer):
-    assert get_windows(tokenizer, DataConfig(n_samples=2, seq_len=64, n_eval=3)).eval.shape == (3, 64)
+    assert get_windows(tokenizer, DataConfig(corpus="pydoc", n_samples=2, seq_len=64, n_eval=3)).eval.shape == (3, 64)
 
 
 def test_text_file_and_folder(tokenizer, tmp_path):

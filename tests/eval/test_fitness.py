@@ -56,3 +56,36 @@ def test_prefix_reuse_is_exact_and_cheaper(setup):
     assert fast(parent, s, parent=parent) == pytest.approx(slow(parent, s), rel=1e-5)
     # per candidate, fewer blocks are run (the parent's run is shared by all its offspring)
     assert fast.blocks_run - 4 * len(s) < slow.blocks_run
+
+
+def test_validation_windows_are_never_sampled_and_score_a_plan(setup):
+    w, _, db, p = setup
+    m = tiny_model("llama", layers=4)  # dense: the module's model carries the other tests' plans
+    state = PlanState(m, db)
+    f = KLFitness(m, state, p, w.calib[:5], validation=w.calib[5:8])
+    only_val = KLFitness(m, state, p, w.calib[5:8])
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        assert max(f.new_sample(32 * 5, rng)) < 5  # only fitness windows
+    choice = [0] * len(p.units)
+    v = f.validate(choice)
+    assert v == pytest.approx(only_val(choice, (0, 1, 2)), rel=1e-5)  # KL on exactly those windows
+    assert f.validate(choice) == v and f.first_validation == v
+    assert f.validate([2] * len(p.units)) < v  # 4 bits everywhere is closer to dense than 2 bits
+    assert KLFitness(m, state, p, w.calib[:5]).validate(choice) is None
+
+
+def test_search_records_validation_kl_per_generation(setup):
+    from modelpress.search import SearchSettings, allocate
+
+    w, _, db, p = setup
+    m = tiny_model("llama", layers=4)
+    res = allocate(m, db, Budget("bits", 3), "evolutionary", data=w, settings=SearchSettings(fitness_windows=5,
+                   validation_windows=3), generations=3, offspring=3, tokens=(32, 64), survivors=(2, 1))
+    assert len(res.history) == 3 and all(h["validation"] > 0 for h in res.history)
+    assert res.fitness_stats["validation_windows"] == 3
+    assert res.fitness_stats["final_validation"] == pytest.approx(res.history[-1]["validation"])
+    assert res.fitness_stats["start_validation"] > 0
+    for a, b in zip(res.history, res.history[1:]):  # an unchanged parent keeps its validation score
+        if not b["improved"]:
+            assert b["validation"] == a["validation"]

@@ -84,7 +84,7 @@ def test_llama_cpp_runs_export_and_agrees_on_default_model(tmp_path):
     from modelpress.export.ggufio import llama_cpp_generate, llama_cpp_perplexity
 
     model, tok = mp.load_model("smollm2-135m", device="cpu")
-    w = mp.get_windows(tok, mp.DataConfig(n_samples=4, n_eval=6))
+    w = mp.get_windows(tok, mp.DataConfig(corpus="pydoc", n_samples=4, n_eval=6))
     weights = {}
     for n, mod in Arch(model).all_linears().items():
         g = GGMLWeight.quantize(get_weight(mod), "Q4_K" if mod.in_features % 256 == 0 else "Q5_0",

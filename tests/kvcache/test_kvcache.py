@@ -8,7 +8,7 @@ import modelpress as mp
 from modelpress.errors import ConfigError, UnsupportedArchitectureError
 from modelpress.kvcache import KV_METHODS, fit_bases, kv_evaluate, kv_generate, make_cache, use_kv_cache
 from modelpress.kvcache.allocate import allocate_kv_bits, kv_problem
-from modelpress.kvcache.base import cache_kwarg
+from modelpress.models.arch import cache_kwarg
 from tests.conftest import tiny_model
 
 # settings under which a method compresses nothing: the result must equal the full cache
@@ -197,7 +197,7 @@ def test_per_head_budgets_meet_the_budget(model):
 @pytest.mark.real
 def test_4bit_cache_within_2_percent_on_default_model():
     model, tok = mp.load_model("smollm2-135m", device="cpu")
-    ids = mp.get_windows(tok, mp.DataConfig(seq_len=1024, n_samples=1, n_eval=1)).eval
+    ids = mp.get_windows(tok, mp.DataConfig(corpus="pydoc", seq_len=1024, n_samples=1, n_eval=1)).eval
     full = kv_evaluate(model, ids, "full", prefill=256, step=1)
     q4 = kv_evaluate(model, ids, "kivi", bits=4, prefill=256, step=1)
     assert q4["ppl"] < 1.02 * full["ppl"], (q4["ppl"], full["ppl"])
