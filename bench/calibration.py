@@ -34,26 +34,29 @@ DEFAULT_SOURCE = "mix+self"  # the library default (DataConfig / CLI); the setti
 
 
 def rows() -> list[tuple[str, str, int, str, dict]]:
-    """(key, source, windows, method, settings) in the order they run."""
+    """(key, source, windows, method, settings) in the order they run: the sources at 128 windows,
+    then one setting changed at the default source, then other window counts."""
     out = []
-    for op in ("gptq w3 g64", "sparsegpt 50%", "gptq w4 g64"):
-        for src in SOURCES:
-            out.append((f"{op} | {src} | 128", src, 128, *OPS[op]))
-    for op in ("gptq w3 g64", "sparsegpt 50%"):
-        for n in (32, 512):
-            for src in ("pydoc", DEFAULT_SOURCE):
-                out.append((f"{op} | {src} | {n}", src, n, *OPS[op]))
+    first = [("gptq w3 g64", SOURCES + ("pydoc+sotu+self",)), ("sparsegpt 50%", ("pydoc", DEFAULT_SOURCE)),
+             ("gptq w4 g64", ("pydoc", DEFAULT_SOURCE)), ("sparsegpt 50%", ("self", "mix")),
+             ("gptq w4 g64", ("self", "mix"))]
+    for op, sources in first:
+        out += [(f"{op} | {src} | 128", src, 128, *OPS[op]) for src in sources]
     settings = [
-        ("gptq w3 g64 damp 0.1", "gptq", dict(bits=3, group_size=64, damp=0.1)),
-        ("gptq w3 g64 no act-order", "gptq", dict(bits=3, group_size=64, act_order=False)),
-        ("gptq w3 g64 no mse", "gptq", dict(bits=3, group_size=64, mse=False)),
         ("sparsegpt 50% no refit", "sparsegpt", dict(sparsity=0.5, refit_iters=0)),
+        ("gptq w3 g64 shrink 0.1", "gptq", dict(bits=3, group_size=64, shrink=0.1)),
+        ("gptq w3 g64 damp 0.1", "gptq", dict(bits=3, group_size=64, damp=0.1)),
+        ("gptq w3 g64 no mse", "gptq", dict(bits=3, group_size=64, mse=False)),
+        ("gptq w3 g64 no act-order", "gptq", dict(bits=3, group_size=64, act_order=False)),
         ("sparsegpt 50% refit 5", "sparsegpt", dict(sparsity=0.5, refit_iters=5)),
+        ("sparsegpt 50% shrink 0.1", "sparsegpt", dict(sparsity=0.5, shrink=0.1)),
         ("sparsegpt 50% damp 0.1", "sparsegpt", dict(sparsity=0.5, damp=0.1)),
+        ("gptq w3 g64 shrink 0.3", "gptq", dict(bits=3, group_size=64, shrink=0.3)),
     ]
-    for label, method, kw in settings:
-        for src in ("pydoc", DEFAULT_SOURCE):
-            out.append((f"{label} | {src} | 128", src, 128, method, kw))
+    out += [(f"{label} | {DEFAULT_SOURCE} | 128", DEFAULT_SOURCE, 128, method, kw) for label, method, kw in settings]
+    for n in (32, 512):
+        for op in ("gptq w3 g64", "sparsegpt 50%"):
+            out += [(f"{op} | {src} | {n}", src, n, *OPS[op]) for src in ("pydoc", DEFAULT_SOURCE)]
     return out
 
 
@@ -121,7 +124,8 @@ def render(cache: RowCache) -> None:
         "## Calibration source × windows × operator (`bench/calibration.py`)\n\n"
         "smollm2-135m (float32 compute). Each row calibrates on one source — `pydoc` (the Python manual), "
         "`self` (text sampled from the model, temperature 1, from BOS or a chat user turn), `mix` (half pydoc, "
-        "half State of the Union addresses), `mix+self` (half each) — and is scored on "
+        "half State of the Union addresses), `mix+self` (half each), `pydoc+sotu+self` (a third each) — and is "
+        "scored on "
         f"{dense['eval_tokens'] // max(1, len(domains)) if dense else '?'} held-out tokens of each evaluation domain "
         f"({', '.join(domains)}); none of austen or chitchat is in any calibration source. Cells are perplexity "
         f"over the dense model's on the same windows (dense perplexity: {ppl}); worst = the largest ratio. "

@@ -18,8 +18,6 @@ from pathlib import Path
 
 from common import ROOT, RowCache, machine, print_table, write_section
 
-COLUMNS = [("label", "model"), ("ppl", "ppl"), ("kl", "KL to dense"), ("size_mb", "size MB"),
-           ("bits_per_weight", "bits/weight (layers)"), ("search", "search s")]
 
 
 def run(workdir: Path) -> None:
@@ -43,20 +41,33 @@ def measure(workdir: Path) -> dict:
             "database_s": report["database"].get("build_seconds"), "search_s": report["fitness"].get("seconds"),
             "generations": len(report["history"]), "commit": commit, "machine": machine(),
             "sequential_level": report["method"].get("sequential_level"),
-            "tokens": report["method"]["allocator_settings"].get("tokens")}
+            "tokens": report["method"]["allocator_settings"].get("tokens"),
+            "data": report["data"], "evaluation": report.get("evaluation"), "columns": report.get("columns"),
+            "fitness": report.get("fitness")}
 
 
 def render(r: dict) -> None:
-    md = print_table(r["rows"], COLUMNS)
+    md = print_table(r["rows"], [tuple(c) for c in r["columns"]])
+    ev = r["evaluation"]
+    fit = r.get("fitness") or {}
+    val = (f"The search's validation KL ({fit['validation_windows']} calibration windows it never selected on) "
+           f"went from {fit['start_validation']:.4f} at its start to {fit['final_validation']:.4f}. "
+           if fit.get("final_validation") is not None else "")
+    beats = next((row.get("beats_uniform_on_every_domain") for row in r["rows"] if row["label"] == "evolutionary"), None)
     body = ("## `make demo` from a fresh clone (`bench/demo.py`)\n\n"
             "A new clone, an empty modelpress cache and a new `.venv` (PyTorch and the other wheels from the "
             "machine's local package mirror), then `make demo`: SmolLM2-135M to 3 bits/weight on average, "
             "evolutionary search against uniform 3-bit, CPU defaults (levels 2/3/4 with GPTQ g64"
             + (f", all calibrated on the {r['sequential_level']}-bit model's inputs" if r.get("sequential_level") else "")
-            + f", 32 x 512 calibration tokens, {r['generations']} generations"
+            + f", {r['data']['n_samples']} x {r['data']['seq_len']} calibration tokens of `{r['data']['corpus']}`, "
+            f"{r['generations']} generations"
             + (f" on {'/'.join(map(str, r['tokens']))} tokens per selection stage" if r.get("tokens") else "")
-            + ", 16 held-out evaluation windows). "
-            f"Wall time of the whole command: **{r['wall_s'] / 60:.1f} min** ({r['wall_s']:.0f} s; target < 15 min), "
+            + f"; evaluation: {', '.join(ev['domains'])}, {max(ev['windows_per_domain'].values())} held-out windows "
+            "each). "
+            + val
+            + ("The searched plan beats uniform on every domain. " if beats else
+               "The searched plan does **not** beat uniform on every domain. " if beats is False else "")
+            + f"Wall time of the whole command: **{r['wall_s'] / 60:.1f} min** ({r['wall_s']:.0f} s; target < 15 min), "
             f"of which the pipeline took {r['pipeline_s']:.0f} s: database {r['database_s']:.0f} s, search "
             f"{r['search_s']:.0f} s; the rest is venv, install, model conversion and evaluation. "
             f"Commit {r['commit']}. Machine: {r['machine']}.\n\n" + md)

@@ -1,8 +1,9 @@
 """Uniform compression of smollm2-135m with every operator; writes a table into docs/benchmarks.md.
 
-Same calibration (128 x 512 tokens of pydoc) and evaluation windows (the held-out 40% of pydoc,
-88 x 512 tokens) for every row. Perplexity, KL to dense, real checkpoint size, effective bits,
-compression wall time (load + calibrate + compress + save). Rows are cached in .bench_cache/ so
+Same calibration (128 x 512 tokens of the default source, `mix+self`) and evaluation windows (16 x
+512 held-out tokens of each default domain: pydoc, austen, chitchat) for every row. Perplexity per
+domain, the worst ratio to dense, KL to dense, real checkpoint size, effective bits, compression
+wall time (calibrate + compress + save). Rows are cached in .bench_cache/uniform-domains.json so
 an interrupted run resumes; `--force` recomputes, `--only gptq` runs a subset.
 
     python bench/uniform.py [--only SUBSTRING] [--force]
@@ -18,28 +19,27 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
-from common import not_run_note, ROOT, RowCache, machine, print_table, write_section
+from common import not_run_note, RowCache, machine, print_table, write_section
 
 import modelpress as mp
-from modelpress.eval import ReferenceLogprobs, evaluate
+from modelpress.data.suites import SUITES, suite_windows
+from modelpress.eval.suite import SuiteReference, evaluate_suite, suite_row
 
 ROWS = [("dense", None, {}, 0)]
 ROWS += [(f"rtn w{b} g64", "rtn", dict(bits=b, group_size=64), 0) for b in (4, 3, 2)]
-ROWS += [(f"gptq w{b} g64", "gptq", dict(bits=b, group_size=64, mse=False), 0) for b in (4, 3, 2)]
+ROWS += [(f"gptq w{b} g64", "gptq", dict(bits=b, group_size=64), 0) for b in (4, 3, 2)]
+ROWS += [(f"gptq w{b} g64 no-mse", "gptq", dict(bits=b, group_size=64, mse=False), 0) for b in (4, 3)]
 for m in ("magnitude", "wanda", "sparsegpt"):
     ROWS += [(f"{m} {int(s * 100)}%", m, dict(sparsity=s), 0) for s in (0.5, 0.6, 0.7)]
     ROWS += [(f"{m} 2:4", m, dict(pattern="2:4"), 0)]
 ROWS += [(f"drop {n} sub-blocks", None, {}, n) for n in (2, 4, 8)]
-# GPTQ as it runs by default: with the clipping search (`--mse`)
-ROWS += [(f"gptq w{b} g64 mse", "gptq", dict(bits=b, group_size=64, mse=True), 0) for b in (4, 3, 2)]
-# SparseGPT as it ran before the refit of the kept weights (now the default, 30 steps)
 ROWS += [("sparsegpt 50% no refit", "sparsegpt", dict(sparsity=0.5, refit_iters=0), 0)]
 
-COLUMNS = [("label", "method"), ("ppl", "ppl"), ("ppl_ratio", "× dense"), ("kl", "KL to dense"),
-           ("size_mb", "size MB"), ("bits_per_weight", "bits/weight (layers)"), ("bits_per_param", "bits/param (file)"),
-           ("seconds", "compress s")]
+DOMAINS = SUITES["default"]
+COLUMNS = [("label", "method"), *[(f"ppl:{d}", f"ppl {d}") for d in DOMAINS], ("worst_ratio", "worst × dense"),
+           ("kl", "KL to dense"), ("size_mb", "size MB"), ("bits_per_weight", "bits/weight (layers)"),
+           ("bits_per_param", "bits/param (file)"), ("seconds", "compress s")]
 
 
 def main() -> None:
@@ -49,14 +49,15 @@ def main() -> None:
     ap.add_argument("--time-cli", action="store_true",
                     help="time `modelpress compress smollm2-135m --method gptq --bits 4` end to end (run it on an idle machine)")
     args = ap.parse_args()
-    cache = RowCache("uniform", force=args.force)
+    cache = RowCache("uniform-domains", force=args.force)
     if args.time_cli:
         cache.put("cli gptq w4 timing", time_cli())
         cache.put("cli gptq w4 no-mse timing", time_cli(["--no-mse"]))
         render(cache.everything())
         return
     base, tok = mp.load_model("smollm2-135m", device="cpu")
-    windows = mp.get_windows(tok, mp.DataConfig(n_samples=128, seq_len=512))
+    windows = mp.get_windows(tok, mp.DataConfig(n_samples=128, seq_len=512), model=base)
+    domains = suite_windows(tok, DOMAINS, seq_len=512, n_eval=16)
     ref = None
     for label, method, kw, drop in ROWS:
         if args.only and args.only not in label:
@@ -64,7 +65,7 @@ def main() -> None:
         if cache.get(label):
             continue
         if ref is None:
-            ref = ReferenceLogprobs(base, windows.eval)
+            ref = SuiteReference(base, domains)
         print(f"== {label}", flush=True)
         model = copy.deepcopy(base)
         t0 = time.time()
@@ -79,8 +80,8 @@ def main() -> None:
                 row = {"size_mb": info["weights_mb"], "bits_per_weight": info["bits_per_weight"],
                        "bits_per_param": info["bits_per_param"], "seconds": time.time() - t0,
                        "dropped": c.dropped}
-        r = evaluate(model, windows.eval, reference=ref)
-        row.update(label=label, ppl=r.ppl, kl=r.kl, tokens=r.n_tokens)
+        row.update(label=label, calibration=windows.config.corpus,
+                   **suite_row(evaluate_suite(model, domains, ref), ref.dense))
         cache.put(label, row)
         print(json.dumps(row), flush=True)
         del model
@@ -101,36 +102,25 @@ def time_cli(extra: list[str] = ()) -> dict:
 
 
 def render(cache: RowCache) -> None:
-    dense = cache.get("dense")
     rows = []
-    for label, *_ in ROWS + [("llm-compressor gptq w4a16 g64 (peer)",)]:
-        r = cache.get(label) or RowCache("peer_llmcompressor").get(label)
-        if r is None:
-            continue
-        r = dict(r)
-        if dense:
-            r["ppl_ratio"] = r["ppl"] / dense["ppl"]
-        rows.append(r)
+    for label, *_ in ROWS:
+        r = cache.get(label)
+        if r is not None:
+            rows.append(r)
     md = print_table(rows, COLUMNS)
     missing = [label for label, *_ in ROWS if not cache.get(label)]
-    if not RowCache("peer_llmcompressor").get("llm-compressor gptq w4a16 g64 (peer)"):
-        missing.append("the llm-compressor peer")
+    first = rows[0] if rows else {}
     body = (
         "## Uniform compression (`bench/uniform.py`)\n\n"
-        f"smollm2-135m (SmolLM2-135M-Instruct, float32 compute), calibration 128 x 512 tokens and evaluation "
-        f"{rows[0].get('tokens', '?') if rows else '?'} tokens of the held-out 40% of `pydoc`. "
+        f"smollm2-135m (SmolLM2-135M-Instruct, float32 compute), calibration 128 x 512 tokens of "
+        f"`{first.get('calibration', 'mix+self')}`; evaluation {first.get('eval_tokens', '?')} held-out tokens, "
+        f"16 windows of 512 from each of {', '.join(DOMAINS)}; worst = the largest perplexity ratio to dense. "
         "Size = weights file on disk (embeddings and norms in float16). bits/weight counts codes, scales, zeros, "
         "masks and permutations of the compressed Linear layers; bits/param divides the whole weights file by all "
-        "134.5M parameters. compress s = calibrate + compress + save on the machine below (eval excluded); the "
-        "2026-11-27 rows and the SparseGPT rows ran while other benchmarks shared the 2 cores (the SparseGPT rows "
-        "at 1 thread), so their times are inflated (up to ~3x for `sparsegpt 50% no refit`) and only the "
-        "quality columns are comparable. "
-        "The `gptq w* g64` rows ran without GPTQ's clipping search (the default until 2026-11-28); "
-        "The `gptq w* g64 mse` rows are GPTQ as it now runs by default (`--mse`, a per-group range search), "
-        "measured after the 2026-11-28 speed-ups (faster clipping search, XᵀX and OBS sweep; the w3 row ran "
-        "beside a test run for ~1 minute). "
-        "The `sparsegpt` rows refit the kept weights on the final mask (30 conjugate-gradient steps, the default "
-        "since 2026-11-28); `sparsegpt 50% no refit` is the plain OBS sweep (`--refit-iters 0`). "
+        "134.5M parameters. compress s = calibrate + compress + save on the machine below (eval excluded). "
+        "`gptq w* g64` rows run GPTQ as it runs by default (act-order, the per-group clipping search); the "
+        "`no-mse` rows without the clipping search. The `sparsegpt` rows refit the kept weights on the final mask "
+        "(30 conjugate-gradient steps, the default); `sparsegpt 50% no refit` is the plain OBS sweep. "
         + timing_note(cache.get("cli gptq w4 timing"), cache.get("cli gptq w4 no-mse timing"))
         + not_run_note(missing, "uniform.py")
         + f"Machine: {machine()}.\n\n" + md

@@ -232,8 +232,7 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
         "database": {"path": str(database.path), "build_seconds": build_s},
         "history": chosen.history, "fitness": chosen.fitness_stats, "seconds": time.time() - t_start,
         "checkpoint": str(out),
-        "evaluation": ({"suite": eval_suite, "domains": domains.names, "skipped": domains.skipped,
-                        "windows_per_domain": n_eval} if domains else None),
+        "evaluation": domains.info(eval_suite) if domains else None,
         "columns": [("label", "allocator"), *suite_columns(domains.names if domains else []),
                     ("size_mb", "size MB"), ("bits_per_weight", "bits/weight (layers)"), ("search", "search s")],
     }

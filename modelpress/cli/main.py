@@ -79,13 +79,6 @@ def _data_config(data: str, n_samples: int, seq_len: int, seed: int, n_eval: Opt
     return DataConfig(corpus=data, n_samples=n_samples, seq_len=seq_len, seed=seed, n_eval=n_eval)
 
 
-def _evaluation_info(eval_suite: str, domains) -> Optional[dict]:
-    if domains is None:
-        return None
-    return {"suite": eval_suite, "domains": domains.names, "skipped": domains.skipped,
-            "windows_per_domain": {d: len(w) for d, w in domains.windows.items()}}
-
-
 def _suite(tok, eval_suite: str, seq_len: int, n_eval: Optional[int]):
     from ..data import suite_windows
 
@@ -194,7 +187,7 @@ def compress_cmd(
     rows.append(row)
     columns = report_columns(domains.names if domains else [])
     report = {"model": model, "method": c.plan["method"], "budget": label, "data": c.plan["data"],
-              "evaluation": _evaluation_info(eval_suite, domains), "checkpoint": info, "rows": rows,
+              "evaluation": domains.info(eval_suite) if domains else None, "checkpoint": info, "rows": rows,
               "compress_seconds": c.seconds, "columns": columns}
     write_report(out, report)
     print_rows(rows, columns, title=f"{model} → {out}")

@@ -40,6 +40,12 @@ class EvalDomains:
     def n_tokens(self) -> int:
         return sum(w.numel() for w in self.windows.values())
 
+    def info(self, suite) -> dict:
+        """What a report says of its evaluation."""
+        return {"suite": suite, "domains": self.names, "skipped": self.skipped,
+                "windows_per_domain": {d: len(w) for d, w in self.windows.items()},
+                "seq_len": next(iter(self.windows.values())).shape[1]}
+
 
 def suite_names(suite: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """The domains of a suite: a suite name, or a comma-separated list of corpora / paths."""

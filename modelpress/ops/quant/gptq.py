@@ -8,8 +8,9 @@ from typing import ClassVar
 import torch
 
 from ...calib.stats import LinearStats
+from ...errors import ConfigError
 from ..base import OPERATORS, WeightOperator, check_bits, check_group_size
-from ..obs import obs_sweep, to_packed
+from ..obs import obs_sweep, shrink_hessian, to_packed
 from ..packed import PackedWeight
 
 
@@ -21,6 +22,7 @@ class GPTQ(WeightOperator):
     sym: bool = False
     act_order: bool = True  # columns with large activations first (groups follow that order)
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    shrink: float = 0.0  # blend H with its diagonal (obs.shrink_hessian): less fit to the calibration text
     mse: bool = True  # clipping search for each group's range (3-bit smollm2: 1.69x -> 1.33x of dense ppl)
     block_size: int = 128
 
@@ -29,9 +31,12 @@ class GPTQ(WeightOperator):
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_group_size(self.group_size)
+        if not 0.0 <= self.shrink <= 1.0:
+            raise ConfigError(f"shrink must be in [0, 1], got {self.shrink!r}")
 
     def compress(self, weight: torch.Tensor, stats: LinearStats | None) -> PackedWeight:
-        res = obs_sweep(weight, stats.hessian, bits=self.bits, group_size=self.group_size, sym=self.sym,
+        h = shrink_hessian(stats.hessian, self.shrink)
+        res = obs_sweep(weight, h, bits=self.bits, group_size=self.group_size, sym=self.sym,
                         mse=self.mse, act_order=self.act_order, damp=self.damp, block_size=self.block_size)
         return to_packed(res, self.bits, self.group_size, self.sym)
 

@@ -47,3 +47,15 @@ def test_gptq_is_deterministic():
     a = OPERATORS.build("gptq", bits=3).compress(w, st).dequantize()
     b = OPERATORS.build("gptq", bits=3).compress(w, st).dequantize()
     assert torch.equal(a, b)
+
+
+def test_shrunk_hessian_sits_between_gptq_and_a_diagonal_hessian():
+    """On the calibration inputs, output error grows with the shrink (less fit to them), and a
+    diagonal Hessian (shrink 1) is still no worse than plain rounding."""
+    w, x, st = layer_problem()
+    errs = [rel_out_err(w, OPERATORS.build("gptq", bits=3, group_size=64, shrink=s, mse=False)
+                        .compress(w, st).dequantize(), x) for s in (0.0, 0.3, 1.0)]
+    rtn = rel_out_err(w, OPERATORS.build("rtn", bits=3, group_size=64).compress(w, None).dequantize(), x)
+    assert errs[0] < errs[1] < errs[2] <= rtn * 1.05, (errs, rtn)
+    with pytest.raises(Exception, match="shrink"):
+        OPERATORS.build("gptq", shrink=2.0)
