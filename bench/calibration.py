@@ -47,6 +47,7 @@ def rows() -> list[tuple[str, str, int, str, dict]]:
         ("gptq w3 g64 shrink 0.1", "gptq", dict(bits=3, group_size=64, shrink=0.1)),
         ("gptq w3 g64 damp 0.1", "gptq", dict(bits=3, group_size=64, damp=0.1)),
         ("gptq w3 g64 no mse", "gptq", dict(bits=3, group_size=64, mse=False)),
+        ("gptq w3 g64 clip by activations", "gptq", dict(bits=3, group_size=64, clip_by="activations")),
         ("gptq w3 g64 no act-order", "gptq", dict(bits=3, group_size=64, act_order=False)),
         ("sparsegpt 50% refit 5", "sparsegpt", dict(sparsity=0.5, refit_iters=5)),
         ("sparsegpt 50% shrink 0.1", "sparsegpt", dict(sparsity=0.5, shrink=0.1)),

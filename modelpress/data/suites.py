@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import torch
 
 from ..errors import DataError
+from .corpora import CORPORA
 from .defaults import DEFAULT_SUITE, N_EVAL
 from .windows import eval_windows
 
@@ -67,12 +69,13 @@ def suite_windows(tokenizer, suite: str | list[str] | tuple[str, ...] = DEFAULT_
     windows, skipped = {}, {}
     names = suite_names(suite)
     for name in names:
+        label = Path(name).stem if name not in CORPORA and Path(name).exists() else name  # a file: its name
         try:
-            windows[name] = eval_windows(tokenizer, name, seq_len, n_eval)
+            windows[label] = eval_windows(tokenizer, name, seq_len, n_eval)
         except DataError as e:
             if len(names) == 1:
                 raise
-            skipped[name] = str(e)
+            skipped[label] = str(e)
             log.warning("evaluation domain %r skipped: %s", name, e)
     if not windows:
         raise DataError("no evaluation domain could be loaded: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))

@@ -37,7 +37,7 @@ def suite_row(results: dict[str, EvalResult], dense: dict[str, EvalResult] | Non
         ratios = {d: r.ppl / dense[d].ppl for d, r in results.items() if d in dense}
         row.update({f"ratio:{d}": v for d, v in ratios.items()})
         worst = max(ratios, key=ratios.get)
-        row.update(worst_ratio=ratios[worst], worst_domain=worst)
+        row.update(worst_ratio=ratios[worst], worst_domain=None if results is dense else worst)
     row["eval_tokens"] = sum(r.n_tokens for r in results.values())
     return row
 

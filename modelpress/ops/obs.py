@@ -72,8 +72,14 @@ class SweepResult:
 
 def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, group_size: int | None = None,
               sym: bool = False, mse: bool = False, n_prune: int | None = None, nm: tuple[int, int] | None = None,
-              act_order: bool = False, damp: float = 0.01, block_size: int = 128) -> SweepResult:
-    """Compress `w` (out, in) given H = XᵀX/n (in, in). Returns the result in sweep order."""
+              act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+              clip_by: str = "weights") -> SweepResult:
+    """Compress `w` (out, in) given H = XᵀX/n (in, in). Returns the result in sweep order.
+
+    `clip_by` weighs the clipping search's squared error (`mse`) per input column: "weights"
+    equally, "activations" by the column's input energy diag(H)."""
+    if clip_by not in ("weights", "activations"):
+        raise ValueError(f"clip_by is weights or activations, got {clip_by!r}")
     w = w.float().clone()
     h, dead = live_hessian(h)
     out_f, in_f = w.shape
@@ -85,6 +91,7 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
         w = w[:, perm]
         h = h[perm][:, perm]
     u = inverse_hessian_factor(h, damp)
+    energy = torch.diagonal(h).clone() if clip_by == "activations" else None
     del h
 
     gs = group_size or in_f
@@ -107,7 +114,7 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
     mq = (1 << bits) - 1 if quant else 0
     scale1 = zero1 = None
     if quant and not group_size:
-        scale, zero = find_params(w, bits, sym, mse=mse)
+        scale, zero = find_params(w, bits, sym, mse=mse, col_weight=energy)
         scales[:, 0:1], zeros[:, 0:1] = scale, zero
         scale1, zero1 = scale.squeeze(1), zero.squeeze(1)
 
@@ -147,7 +154,8 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
                     grp = w1[i:i + gs]
                     if m1 is not None:
                         grp = grp * m1[i:i + gs]
-                    scale, zero = find_params(grp.t().contiguous(), bits, sym, mse=mse)
+                    scale, zero = find_params(grp.t().contiguous(), bits, sym, mse=mse,
+                                              col_weight=None if energy is None else energy[col:col + gs])
                     scales[:, col // gs:col // gs + 1], zeros[:, col // gs:col // gs + 1] = scale, zero
                     scale1, zero1 = scale.squeeze(1), zero.squeeze(1)
                 qc = wc if m1 is None else wc * m1[i]

@@ -59,3 +59,13 @@ def test_shrunk_hessian_sits_between_gptq_and_a_diagonal_hessian():
     assert errs[0] < errs[1] < errs[2] <= rtn * 1.05, (errs, rtn)
     with pytest.raises(Exception, match="shrink"):
         OPERATORS.build("gptq", shrink=2.0)
+
+
+def test_clipping_weighted_by_activations_runs_and_differs():
+    w, x, st = layer_problem()
+    a = OPERATORS.build("gptq", bits=3, group_size=64, clip_by="activations").compress(w, st).dequantize()
+    b = OPERATORS.build("gptq", bits=3, group_size=64).compress(w, st).dequantize()
+    rtn = OPERATORS.build("rtn", bits=3, group_size=64).compress(w, None).dequantize()
+    assert not torch.equal(a, b) and rel_out_err(w, a, x) < 0.7 * rel_out_err(w, rtn, x)
+    with pytest.raises(Exception, match="clip_by"):
+        OPERATORS.build("gptq", clip_by="bytes")
