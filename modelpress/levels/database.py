@@ -409,7 +409,8 @@ class LevelDB:
                     names_here = [kind.name(b, sp, r) for r in kind.ranks]
                     if not set(want).intersection(names_here):
                         continue
-                    op = (OPERATORS.build("gptq", bits=b, group_size=kind.group_size, damp=kind.damp, mse=kind.mse)
+                    op = (OPERATORS.build("gptq", bits=b, group_size=kind.group_size, damp=kind.damp, mse=kind.mse,
+                                                    shrink=0.0)
                           if not sp else
                           OPERATORS.build("sparsegpt", sparsity=sp, bits=b, group_size=kind.group_size, damp=kind.damp))
                     base = op.compress(w, st)

@@ -67,6 +67,7 @@ class QuantKind(Kind):
     act_order: bool = True
     damp: float = 0.01
     mse: bool = True
+    shrink: float = 0.1  # GPTQ's Hessian blended with its diagonal (the operator's default)
     sequential: bool = True  # each level's pass sees inputs from blocks compressed at that level
     # one pass for all levels instead: every level of a layer is computed on the inputs it sees when the
     # blocks before it are at this bit-width (the level nearest the budget), as the mixed plans will be
@@ -74,7 +75,7 @@ class QuantKind(Kind):
 
     budgets = ("bits", "mb")
     tensors_per_unit = 4
-    legacy = {"sequential_level": None}
+    legacy = {"sequential_level": None, "shrink": 0.0}
 
     def __post_init__(self) -> None:
         self.levels = tuple(sorted(set(int(b) for b in self.levels)))
@@ -92,7 +93,7 @@ class QuantKind(Kind):
         from ..ops import OPERATORS
 
         return OPERATORS.build("gptq", bits=bits, group_size=self.group_size, sym=self.sym,
-                               act_order=self.act_order, damp=self.damp, mse=self.mse)
+                               act_order=self.act_order, damp=self.damp, mse=self.mse, shrink=self.shrink)
 
 
 @KINDS.register("sparsity")
