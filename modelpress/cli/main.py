@@ -115,6 +115,8 @@ def compress_cmd(
     sym: Optional[bool] = typer.Option(None, "--sym/--asym"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order"),
     mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="clipping search for quantization ranges"),
+    shrink: Optional[float] = typer.Option(None, "--shrink", help="gptq/sparsegpt: blend the Hessian with its "
+                                           "diagonal, 0..1 (gptq default 0.1, sparsegpt 0)"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured sparsity 0..0.95"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M sparsity, e.g. 2:4"),
     refit_iters: Optional[int] = typer.Option(None, "--refit-iters",
@@ -153,7 +155,7 @@ def compress_cmd(
     if export not in (None, "hf"):
         raise ConfigError(f"unknown export format {export!r}; use --export hf (GGUF: `modelpress export gguf`)")
     kw = {k: v for k, v in dict(bits=bits, sym=sym, act_order=act_order, mse=mse, sparsity=sparsity,
-                                pattern=pattern, refit_iters=refit_iters).items() if v is not None}
+                                pattern=pattern, refit_iters=refit_iters, shrink=shrink).items() if v is not None}
     if method in ("svd", "asvd"):
         kw["rank"] = rank
     if group_size is not None:
