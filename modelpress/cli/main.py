@@ -83,9 +83,13 @@ def _suite(tok, eval_suite: str, seq_len: int, n_eval: Optional[int]):
     from ..data import suite_windows
 
     domains = suite_windows(tok, eval_suite, seq_len=seq_len, n_eval=n_eval or N_EVAL)
-    for name, why in domains.skipped.items():
-        err_console.print(f"[yellow]evaluation domain {name} skipped:[/] {why}", highlight=False, soft_wrap=True)
+    _warn_skipped(domains.skipped)
     return domains
+
+
+def _warn_skipped(skipped: dict) -> None:
+    for name, why in skipped.items():
+        err_console.print(f"[yellow]evaluation domain {name} skipped:[/] {why}", highlight=False, soft_wrap=True)
 
 
 DataOpt = typer.Option(DEFAULT_CALIBRATION, "--data",
@@ -229,8 +233,7 @@ def _run_search(model_name, *, kind, kind_settings, budget, allocator, allocator
                                                                validation_windows=validation_windows),
                        evaluate=evaluate, plan_file=plan, device=device, eval_suite=eval_suite,
                        n_eval=n_eval or N_EVAL)
-    for name, why in (rep.get("evaluation") or {}).get("skipped", {}).items():
-        err_console.print(f"[yellow]evaluation domain {name} skipped:[/] {why}", highlight=False, soft_wrap=True)
+    _warn_skipped((rep.get("evaluation") or {}).get("skipped", {}))
     print_rows(rep["rows"], [tuple(c) for c in rep["columns"]], title=f"{model_name} @ {budget.label()} → {out}")
     fit = rep.get("fitness") or {}
     if fit.get("final_validation") is not None:

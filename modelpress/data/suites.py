@@ -39,9 +39,6 @@ class EvalDomains:
     def names(self) -> list[str]:
         return list(self.windows)
 
-    def n_tokens(self) -> int:
-        return sum(w.numel() for w in self.windows.values())
-
     def info(self, suite) -> dict:
         """What a report says of its evaluation."""
         return {"suite": suite, "domains": self.names, "skipped": self.skipped,
