@@ -21,6 +21,7 @@ from .ops import COMPENSATORS, OPERATORS, PackedWeight, WeightOperator
 from .ops.drop.influence import subblock_influence
 from .registry import config_dict
 from .report import write_report
+from .utils.device import forward_dtype, takes_compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def choose_drops(model, calib_ids: torch.Tensor, n: int, batch_size: int = 8) ->
     return sorted(scores, key=scores.get)[:n]
 
 
+@takes_compute_dtype
 @torch.no_grad()
 def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq", *,
              data: DataConfig | Windows | None = None, drop: int | list[str] = 0, sequential: bool = True,
@@ -90,7 +92,9 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
     `compensate="eora"` adds a rank-`rank` (default 16) error correction on top of every compressed
     layer; without compensation, `rank` goes to the operator (`method="svd", rank=8`).
     Calibration windows come from `data` (default: 128 x 512 tokens of the default calibration
-    source, `DataConfig().corpus`).
+    source, `DataConfig().corpus`). The model's forwards run in `compute_dtype` ("auto": bfloat16
+    where the device does it fast, else float32; see utils.device); statistics and the operators'
+    solves are float32 in every case.
     """
     t0 = time.time()
     if rank is not None and not compensate:
@@ -146,7 +150,8 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
     plan = {"method": config_dict(op) if op is not None else None, "label": label,
             "compensate": config_dict(comp) if comp is not None else None,
             "dropped": dropped, "sequential": sequential,
-            "data": dataclasses.asdict(windows.config) if windows is not None else None}
+            "data": dataclasses.asdict(windows.config) if windows is not None else None,
+            "compute_dtype": str(forward_dtype(model)).removeprefix("torch.")}
     return Compressed(model=model, tokenizer=tokenizer, units=units, dropped=dropped, plan=plan,
                       total_params=total_params, seconds=time.time() - t0)
 
@@ -183,6 +188,7 @@ def info(path: str | Path) -> dict:
     return checkpoint_info(path)
 
 
+@takes_compute_dtype
 def evaluate_model(model, tokenizer=None, data: DataConfig | Windows | None = None, reference=None,
                    batch_size: int | None = None) -> EvalResult:
     """Perplexity (and KL to `reference`) on the held-out windows of `data`'s corpus (one domain;
@@ -191,6 +197,7 @@ def evaluate_model(model, tokenizer=None, data: DataConfig | Windows | None = No
     return evaluate(model, w.eval, reference=reference, batch_size=batch_size)
 
 
+@takes_compute_dtype
 def evaluate_domains(model, tokenizer, suite: str | list[str] = "default", *, reference=None, seq_len: int = 512,
                      n_eval: int | None = 16, batch_size: int | None = None) -> dict:
     """Perplexity per evaluation domain of `suite` and, with a dense `reference` model, KL and the

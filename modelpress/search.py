@@ -18,6 +18,7 @@ from .export.checkpoint import round_to_storage
 from .levels import KINDS, LevelDB, PlanState
 from .levels.kinds import DepthKind, Kind
 from .registry import config_dict
+from .utils.device import takes_compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def make_kind(kind: str | Kind, **settings) -> Kind:
     return KINDS.build(kind, **settings)
 
 
+@takes_compute_dtype
 def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataConfig | Windows | None = None,
                   db: str | Path | None = None, batch_size: int = 8, device=None, **kind_settings) -> LevelDB:
     """Open (building or resuming as needed) the level database of `model` for `kind`."""
@@ -71,6 +73,7 @@ def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataCon
     return d
 
 
+@takes_compute_dtype
 def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary", *,
              data: DataConfig | Windows | None = None, tokenizer=None, settings: SearchSettings | None = None,
              state: PlanState | None = None, **allocator_settings) -> SearchResult:
@@ -144,6 +147,7 @@ def load_plan(path: str | Path, db: LevelDB) -> Plan:
 
 
 
+@takes_compute_dtype
 def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings: dict, budget: Budget,
                  allocator: str = "evolutionary", allocator_settings: dict | None = None,
                  compare: list[str] = (), data: DataConfig | Windows | None = None, db: str | Path | None = None,

@@ -25,6 +25,17 @@ def _databases_in_a_temporary_folder(tmp_path_factory):
         os.environ["MODELPRESS_DB"] = old
 
 
+@pytest.fixture
+def float32_forwards():
+    """For tests of exact plumbing (a runner's inputs equal the model's own hidden states): the
+    forwards in float32, whatever the machine's default compute dtype (tests/utils/test_device.py
+    and the bf16 tests check the other path)."""
+    from modelpress.utils.device import compute_dtype
+
+    with compute_dtype("float32"):
+        yield
+
+
 def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 3, vocab: int = 256):
     """A deterministic random causal LM of a few blocks."""
     import transformers as tf

@@ -16,11 +16,16 @@ import torch
 from torch import nn
 
 from ..models.arch import Arch
+from ..utils.device import forward_dtype, forwards
 from ..utils.progress import progress
 from .stats import LinearStats, StatsCollector
 from .streaming import streaming_block_pass
 
 log = logging.getLogger(__name__)
+
+
+# XᵀX products per batch: in the compute dtype (on the matrix units, summed in float32) or float32.
+XTX_PRODUCTS = "compute"
 
 
 class _Captured(Exception):
@@ -62,7 +67,8 @@ def capture_block_inputs(model: nn.Module, arch: Arch, ids: torch.Tensor, batch_
         model_dev = next(model.parameters()).device
         for s in range(0, len(ids), batch_size):
             try:
-                model(input_ids=ids[s:s + batch_size].to(model_dev), use_cache=False)
+                with forwards(model):
+                    model(input_ids=ids[s:s + batch_size].to(model_dev), use_cache=False)
             except _Captured:
                 pass
     finally:
@@ -90,7 +96,8 @@ class BlockStep:
     def forward(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Run the block (as it is now) on `inputs` (default: its calibration inputs)."""
         inputs = self.runner.inputs if inputs is None else inputs
-        return [_first(self.module(h, **kw)) for h, kw in zip(inputs, self.runner.kwargs)]
+        with forwards(self.runner.model):
+            return [_first(self.module(h, **kw)) for h, kw in zip(inputs, self.runner.kwargs)]
 
     @torch.no_grad()
     def collect(self, kinds: dict[str, str] | str = "xtx", names: list[str] | None = None) -> dict[str, LinearStats]:
@@ -104,7 +111,7 @@ class BlockStep:
             kinds = {n: kinds for n in names}
         mods = {n: self.linears[n] for n in names}
         outs = []
-        with StatsCollector(mods, kinds) as col:
+        with StatsCollector(mods, kinds, self.runner.product_dtype) as col, forwards(self.runner.model):
             for h, kw in zip(self.runner.inputs, self.runner.kwargs):
                 outs.append(_first(self.module(h, **kw)))
                 col.end_batch()
@@ -122,7 +129,7 @@ class BlockStep:
             kinds = {n: kinds for n in names}
         mods = {n: self.linears[n] for n in names}
         self.runner.inputs = streaming_block_pass(self.module, self.runner.inputs, self.runner.kwargs,
-                                                  mods, kinds, compress)
+                                                  mods, kinds, compress, self.runner.product_dtype)
         self.dense_outputs = None
         self._advanced = True
 
@@ -150,8 +157,14 @@ class LayerwiseRunner:
     """
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8,
-                 sequential: bool = True, device: torch.device | str | None = None):
+                 sequential: bool = True, device: torch.device | str | None = None,
+                 xtx_products: str = XTX_PRODUCTS):
         self.model = model
+        if xtx_products not in ("compute", "float32"):
+            raise ValueError(f"xtx_products must be 'compute' or 'float32', got {xtx_products!r}")
+        # the forwards' dtype is read here, outside any greenlet (see utils.device)
+        fwd = forward_dtype(model)
+        self.product_dtype = fwd if xtx_products == "compute" else torch.float32
         self.arch = Arch(model)
         self.ids = ids
         self.batch_size = batch_size

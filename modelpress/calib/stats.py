@@ -1,25 +1,44 @@
-"""Per-Linear input statistics gathered by forward hooks: XᵀX (float32) and squared column norms."""
+"""Per-Linear input statistics gathered by forward hooks: XᵀX (float32) and squared column norms.
+
+XᵀX is always *summed* in float32. With a 16-bit compute dtype the products of one batch may
+run on the matrix units in that dtype (`product_dtype`): each batch's block products are rounded
+once to 16 bits, then added to the float32 sum, so the relative error stays ~1e-3 however many
+batches are summed (a 16-bit running sum would stall once it is ~256x a batch's contribution).
+The inputs are then rounded to the compute dtype first, which is what the Linear computes with
+under autocast anyway.
+"""
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 from torch import nn
+
+from ..utils.device import full_precision
 
 KINDS = ("none", "norms", "xtx")
 
 
+def _add_product_(acc: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+    if u.dtype == acc.dtype:
+        acc.addmm_(u.t(), v)
+    else:  # 16-bit product (float32 inside the kernel), rounded once, summed in float32
+        acc.add_(torch.mm(u.t(), v))
+
+
 def _tri_(acc: torch.Tensor, x: torch.Tensor, a: int, b: int, leaf: int) -> None:
     if b - a <= leaf:
-        acc[a:b, a:b].addmm_(x[:, a:b].t(), x[:, a:b])
+        _add_product_(acc[a:b, a:b], x[:, a:b], x[:, a:b])
         return
     m = (a + b) // 2
-    acc[a:m, m:b].addmm_(x[:, a:m].t(), x[:, m:b])
+    _add_product_(acc[a:m, m:b], x[:, a:m], x[:, m:b])
     _tri_(acc, x, a, m, leaf)
     _tri_(acc, x, m, b, leaf)
 
 
 def syrk_upper_(acc: torch.Tensor, x: torch.Tensor, leaf: int = 200) -> None:
-    """acc += xᵀx on the upper triangle (the lower is filled by `symmetrize_`).
+    """acc += xᵀx on the upper triangle (the lower is filled by `symmetrize_`); acc is float32,
+    x float32 or 16-bit (see the module docstring).
 
     XᵀX is symmetric and accumulating it is as costly as the forward pass itself, so only the
     upper triangle is computed: recursively, the off-diagonal half as one large matmul and the two
@@ -45,18 +64,24 @@ class LinearStats:
     sqnorm: torch.Tensor | None = None  # Σ x², (in,) float32
     n: int = 0
     _sym: bool = True
+    product_dtype: torch.dtype = torch.float32  # what one batch's XᵀX products are computed in
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        with full_precision(x.device):  # hooks run inside autocast forwards
+            self._add(x)
+
+    def _add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
         if self.sqnorm is None:
             self.sqnorm = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
             if self.want_xtx:
                 self._xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
         if self.want_xtx:
-            syrk_upper_(self._xtx, x)
+            syrk_upper_(self._xtx, x.to(self.product_dtype))
             self._sym = False
             self.sqnorm = torch.diagonal(self._xtx).clone()
         else:
+            x = x.float()
             self.sqnorm += (x * x).sum(0)
         self.n += x.shape[0]
 
@@ -88,7 +113,9 @@ class StatsCollector:
     Use as a context manager: hooks are removed on exit, whatever happens.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], kinds: dict[str, str]):
+    def __init__(self, modules: dict[str, nn.Module], kinds: dict[str, str],
+                 product_dtype: torch.dtype = torch.float32):
+        self.product_dtype = product_dtype
         self.modules = {n: m for n, m in modules.items() if kinds.get(n, "none") != "none"}
         self.kinds = kinds
         self.stats: dict[str, LinearStats] = {}
@@ -108,7 +135,7 @@ class StatsCollector:
                 if prev is not None and (prev[0] is x or torch.equal(prev[0], x)) and (prev[1].want_xtx or not want_xtx):
                     self.stats[name] = prev[1]
                     return
-                st = LinearStats(x.shape[-1], want_xtx=want_xtx)
+                st = LinearStats(x.shape[-1], want_xtx=want_xtx, product_dtype=self.product_dtype)
                 self.stats[name] = st
                 self._owners.add(name)
                 self._seen[key] = (x, st)

@@ -8,6 +8,9 @@ layer is compressed; then the batches continue *through the compressed layer*. S
 compressed before o_proj sees its inputs, gate/up before down_proj, and the block's outputs come
 from the compressed block: "true sequential" GPTQ for any architecture at the cost of a single
 forward pass per block. Layers fed the same input tensor share one XᵀX.
+
+The whole pass runs under the compute dtype's autocast (torch's autocast state is per OS thread,
+so every greenlet sees it); statistics and compression step out of it into float32.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 from greenlet import greenlet
 from torch import nn
 
+from ..utils.device import forwards, full_precision
 from .stats import LinearStats
 
 
@@ -26,7 +30,8 @@ def _first(out):
 
 def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
                          linears: dict[str, nn.Module], kinds: dict[str, str],
-                         compress: Callable[[str, LinearStats | None], None]) -> list[torch.Tensor]:
+                         compress: Callable[[str, LinearStats | None], None],
+                         product_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """Run `block` on every batch, compressing each layer of `linears` (via `compress(name, stats)`)
     as soon as all batches have produced its input. Returns the compressed block's outputs."""
     n = len(inputs)
@@ -45,7 +50,7 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
         for prev_xs, st in shared:
             if len(prev_xs) == len(xs) and all(a is b for a, b in zip(prev_xs, xs)) and (st.want_xtx or kind != "xtx"):
                 return st
-        st = LinearStats(xs[0].shape[-1], want_xtx=(kind == "xtx"))
+        st = LinearStats(xs[0].shape[-1], want_xtx=(kind == "xtx"), product_dtype=product_dtype)
         for x in xs:
             st.add(x)
         shared.append((xs, st))
@@ -66,23 +71,25 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
 
     lets = [greenlet(lambda b=b: body(b)) for b in range(n)]
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in linears.items()]
+    done: set[str] = set()
     try:
-        runnable = list(range(n))
-        done: set[str] = set()
-        while runnable:
-            for b in runnable:  # run each batch until it parks at a layer or finishes
-                current["b"] = b
-                lets[b].switch()
-            live = [b for b in range(n) if not lets[b].dead]
-            if not live:
-                break
-            # the earliest layer (in definition order) some live batch waits at: all live batches are there
-            waiting = {parked[b] for b in live}
-            name = next(nm for nm in linears if nm in waiting and nm not in done)
-            compress(name, stats_for(name))
-            done.add(name)
-            arrived[name] = {}
-            runnable = [b for b in live if parked[b] == name]
+        with forwards(next(block.parameters())):
+            runnable = list(range(n))
+            while runnable:
+                for b in runnable:  # run each batch until it parks at a layer or finishes
+                    current["b"] = b
+                    lets[b].switch()
+                live = [b for b in range(n) if not lets[b].dead]
+                if not live:
+                    break
+                # the earliest layer (in definition order) some live batch waits at: all live batches are there
+                waiting = {parked[b] for b in live}
+                name = next(nm for nm in linears if nm in waiting and nm not in done)
+                with full_precision(inputs[0].device):
+                    compress(name, stats_for(name))
+                done.add(name)
+                arrived[name] = {}
+                runnable = [b for b in live if parked[b] == name]
     finally:
         for h in handles:
             h.remove()

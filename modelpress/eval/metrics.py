@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..utils.device import forwards
 from ..utils.progress import progress
 
 
@@ -20,7 +21,8 @@ def auto_batch_size(model: torch.nn.Module, seq_len: int, budget_bytes: int = 1 
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids.to(model_device(model)), use_cache=False)
+    with forwards(model):  # the compute dtype; log-softmax and the sums below stay float32
+        out = model(input_ids=ids.to(model_device(model)), use_cache=False)
     return out.logits.float()
 
 

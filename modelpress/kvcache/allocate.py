@@ -17,6 +17,7 @@ from ..allocate import ALLOCATORS, Problem
 from ..errors import BudgetError
 from ..allocate.base import Fitness
 from ..models.arch import cache_kwarg
+from ..utils.device import forwards
 from .base import make_cache, use_kv_cache
 from .quant import KIVI, quant_keys, quant_values
 
@@ -28,7 +29,8 @@ def head_errors(model, ids: torch.Tensor, levels: tuple[int, ...], group: int = 
 
     dev = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids.to(dev), use_cache=True, **{cache_kwarg(model): cache})
+    with forwards(model):
+        model(input_ids=ids.to(dev), use_cache=True, **{cache_kwarg(model): cache})
     out = []
     for layer in cache.layers:
         k = layer.keys.float().permute(1, 0, 2, 3).reshape(layer.keys.shape[1], -1, layer.keys.shape[3])
@@ -92,7 +94,7 @@ class KVFitness(Fitness):
         batch = batch.to(dev)
         cache = make_cache(self.model, method, **settings)
         ck = {cache_kwarg(self.model): cache}
-        with use_kv_cache(self.model, cache):
+        with use_kv_cache(self.model, cache), forwards(self.model):
             self.model(input_ids=batch[:, : self.prefill], use_cache=True, **ck)
             outs = []
             for t in range(self.prefill, batch.shape[1], self.step):

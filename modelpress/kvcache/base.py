@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..registry import Registry
+from ..utils.device import full_precision
 
 KV_METHODS: Registry = Registry("kv method")
 ATTN_NAME = "modelpress_kv"
@@ -115,6 +116,10 @@ class KVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        with full_precision(key_states.device):  # the cache's own arithmetic: not the forward's autocast
+            return self._update(key_states, value_states)
+
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, n, d = key_states.shape
@@ -246,13 +251,14 @@ def kv_attention(module, query, key, value, attention_mask, scaling: float | Non
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a padding query sees nothing
     out = torch.matmul(probs.reshape(b, hkv, n_rep * nq, m).to(value.dtype), value).reshape(b, hq, nq, d)
     if layer is not None and layer._entry_pos is not None:
-        grouped = probs.sum(2) if cache.method.scores else None
-        qpos = layer.query_positions(b)
-        valid = cache.new_token_mask(b, nq, query.device)
-        for r, row in enumerate(layer.rows[:b]):
-            if grouped is not None:
-                row.observe(grouped[r][:, valid[r], : layer.row_m[r]], qpos[r][valid[r]])
-            row.compact()
+        with full_precision(query.device):
+            grouped = probs.sum(2) if cache.method.scores else None
+            qpos = layer.query_positions(b)
+            valid = cache.new_token_mask(b, nq, query.device)
+            for r, row in enumerate(layer.rows[:b]):
+                if grouped is not None:
+                    row.observe(grouped[r][:, valid[r], : layer.row_m[r]], qpos[r][valid[r]])
+                row.compact()
     return out.transpose(1, 2).contiguous(), None
 
 

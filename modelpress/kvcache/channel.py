@@ -10,6 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.arch import cache_kwarg
+from ..utils.device import forwards
 from .base import KV_METHODS, KVMethod, RowStore
 
 
@@ -23,7 +24,8 @@ def fit_bases(model, ids: torch.Tensor, batch_size: int = 4) -> dict:
     dev = next(model.parameters()).device
     for s in range(0, len(ids), batch_size):
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids[s:s + batch_size].to(dev), use_cache=True, **{cache_kwarg(model): cache})
+        with forwards(model):
+            model(input_ids=ids[s:s + batch_size].to(dev), use_cache=True, **{cache_kwarg(model): cache})
         for li, layer in enumerate(cache.layers):
             for name, t in (("k", layer.keys), ("v", layer.values)):
                 x = t.float().permute(1, 0, 2, 3).reshape(t.shape[1], -1, t.shape[3])  # (H, N, D)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..utils.progress import progress
 from ..models.arch import cache_kwarg
+from ..utils.device import forwards, takes_compute_dtype
 from .base import KVCache, KVMethod, make_cache, use_kv_cache
 
 
@@ -21,6 +22,7 @@ def kv_session(model, method: str | KVMethod, **settings):
         yield cache
 
 
+@takes_compute_dtype
 @torch.no_grad()
 def kv_evaluate(model, ids: torch.Tensor, method: str | KVMethod, *, prefill: int = 256, step: int = 1,
                 batch_size: int = 4, reference=None, desc: str = "kv eval", **settings) -> dict:
@@ -38,7 +40,7 @@ def kv_evaluate(model, ids: torch.Tensor, method: str | KVMethod, *, prefill: in
         batch = ids[s:s + batch_size].to(dev)
         b, L = batch.shape
         cache = make_cache(model, method, **settings) if isinstance(method, str) else make_cache(model, method)
-        with use_kv_cache(model, cache):
+        with use_kv_cache(model, cache), forwards(model):
             ck = {cache_kwarg(model): cache}
             out = model(input_ids=batch[:, :prefill], use_cache=True, **ck)
             last = out.logits[:, -1:]
@@ -66,12 +68,13 @@ def kv_evaluate(model, ids: torch.Tensor, method: str | KVMethod, *, prefill: in
             "tokens_per_s": n_decode / max(t_decode, 1e-9), "n_tokens": n_tok, "logprobs": logits_out}
 
 
+@takes_compute_dtype
 @torch.no_grad()
 def kv_generate(model, input_ids: torch.Tensor, method: str | KVMethod, *, attention_mask=None,
                 max_new_tokens: int = 32, **settings) -> tuple[torch.Tensor, KVCache]:
     """Greedy generation with the compressed cache; returns (sequences, cache)."""
     cache = make_cache(model, method, **settings) if isinstance(method, str) else make_cache(model, method)
-    with use_kv_cache(model, cache):
+    with use_kv_cache(model, cache), forwards(model):
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=0, **{cache_kwarg(model): cache})
     return out, cache

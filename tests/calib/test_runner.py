@@ -16,6 +16,7 @@ def _hooks_left(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+@pytest.mark.usefixtures("float32_forwards")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_block_inputs_and_outputs_match_the_model(arch, ids):
     m = tiny_model(arch)
@@ -31,6 +32,7 @@ def test_block_inputs_and_outputs_match_the_model(arch, ids):
     assert n == 3 and _hooks_left(m) == before
 
 
+@pytest.mark.usefixtures("float32_forwards")
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_stats_equal_manual_xtx(arch, ids):
     m = tiny_model(arch)
@@ -71,6 +73,7 @@ def test_hooks_removed_on_error(ids):
     assert _hooks_left(m) == 0
 
 
+@pytest.mark.usefixtures("float32_forwards")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_streaming_pass_is_true_sequential(arch, ids):
     """Each layer is compressed once all batches reach it, with statistics of inputs that already
@@ -111,3 +114,23 @@ def test_linearstats_accumulates():
     st.add(x[:3])
     st.add(x[3:])
     assert torch.allclose(st.hessian, x.t() @ x / 10, atol=1e-5)
+
+
+def test_bf16_forwards_keep_xtx_within_1e_2():
+    from modelpress.utils.device import compute_dtype
+
+    m = tiny_model("llama")
+    ids = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+
+    def xtx(dt):
+        with compute_dtype(dt):
+            out = {}
+            for step in LayerwiseRunner(m, ids, batch_size=2, sequential=False).blocks():
+                out.update({k: v.xtx.clone() for k, v in step.collect("xtx").items()})
+        return out
+
+    a, b = xtx("float32"), xtx("bfloat16")
+    errs = {k: float((a[k] - b[k]).norm() / a[k].norm()) for k in a}
+    assert max(e for k, e in errs.items() if ".layers.0." in k) < 1e-2, errs  # the same inputs
+    assert max(errs.values()) < 3e-2, errs  # later blocks: the bf16 forwards' drift adds up
+    assert min(errs.values()) > 0  # the forwards really ran in bf16

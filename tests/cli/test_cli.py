@@ -54,8 +54,17 @@ def test_other_methods(model_dir, tmp_path, args):
     assert (tmp_path / "o" / "modelpress.json").is_file()
 
 
+def test_compute_dtype_option(model_dir, tmp_path):
+    for dt in ("float32", "bfloat16"):
+        r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--method", "gptq", "--bits", "4", "--no-eval",
+                                "--compute-dtype", dt, "--out", str(tmp_path / dt), *small(model_dir)])
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / dt / "modelpress.json").read_text())["plan"]["compute_dtype"] == dt
+
+
 @pytest.mark.parametrize("args,msg", [
     (["compress", "no-such-model"], "unknown model"),
+    (["compress", "{tiny}", "--compute-dtype", "int8"], "unknown compute dtype"),
     (["compress", "{tiny}", "--bits", "11"], "bits must be"),
     (["compress", "{tiny}", "--method", "wanda", "--bits", "4"], "has no setting bits"),
     (["compress", "{tiny}", "--method", "nope"], "unknown operator"),

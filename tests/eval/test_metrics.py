@@ -13,6 +13,7 @@ def ids():
     return torch.randint(0, 256, (6, 20), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.usefixtures("float32_forwards")
 def test_perplexity_matches_cross_entropy(ids):
     m = tiny_model("llama")
     with torch.no_grad():

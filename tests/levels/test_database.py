@@ -212,3 +212,16 @@ def test_default_location_follows_modelpress_db(tmp_path, w, monkeypatch):
     monkeypatch.delenv("MODELPRESS_DB")
     monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path / "cache"))
     assert LevelDB.default_path(m, QuantKind(levels=(2, 3)), w).parent == tmp_path / "cache" / "db"
+
+
+def test_database_records_its_compute_dtype(tmp_path, w):
+    from modelpress.utils.device import compute_dtype
+
+    m = tiny_model("llama")
+    with compute_dtype("bfloat16"):
+        open_database(m, None, "quant", data=w, db=tmp_path / "db", **QK)
+        bf16_path = LevelDB.default_path(m, QuantKind(**QK), w)
+    with compute_dtype("float32"):
+        with pytest.raises(ConfigError, match="compute dtype bfloat16.*--compute-dtype bfloat16"):
+            LevelDB.open_or_create(tmp_path / "db", m, QuantKind(**QK), w)
+        assert LevelDB.default_path(m, QuantKind(**QK), w) != bf16_path
