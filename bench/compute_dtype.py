@@ -40,7 +40,8 @@ COMPRESS = {
 }
 LEVELS = dict(levels=(2, 3, 4), group_size=64, sequential_level=3)  # the CPU demo's database
 SEARCH = dict(generations=1, offspring=8, tokens=(1024, 4096), survivors=(2, 1))  # one generation of the CPU default
-ROWS = [*COMPRESS, "level database 2/3/4", "fitness evaluation", "search generation", "eval (dense, 3 domains)"]
+ROWS = ["eval (dense, 3 domains)", "GPTQ 4-bit g64", "SparseGPT 50%", "level database 2/3/4", "fitness evaluation",
+        "search generation", "GPTQ 3-bit g64"]  # the order they run in
 
 
 class Ctx:
