@@ -23,6 +23,7 @@ from common import RowCache, machine, not_run_note, print_table, write_section
 import modelpress as mp
 from modelpress.data.suites import SUITES, suite_windows
 from modelpress.eval.suite import SuiteReference, evaluate_suite, suite_row
+from modelpress.utils.device import compute_dtype
 
 # GPTQ rows run with shrink 0 (plain XᵀX), the setting the `shrink` rows are compared with; the
 # library's default became shrink 0.1 from those rows.
@@ -74,8 +75,9 @@ def main() -> None:
     cache = RowCache("calibration", force=args.force)
     if not args.render:
         todo = [r for r in rows() if (not args.only or args.only in r[0]) and not cache.get(r[0])]
-        if todo:
-            run(todo, cache, args.n_eval)
+        if todo:  # every cached row was measured with float32 forwards: new rows match them
+            with compute_dtype("float32"):
+                run(todo, cache, args.n_eval)
     render(cache.everything())
 
 
