@@ -19,7 +19,6 @@ import shutil
 import time
 
 import numpy as np
-import torch
 
 from common import CACHE, RowCache, machine, not_run_note, print_table, write_section
 

@@ -21,7 +21,7 @@ from .ops import COMPENSATORS, OPERATORS, PackedWeight, WeightOperator
 from .ops.drop.influence import subblock_influence
 from .registry import config_dict
 from .report import write_report
-from .utils.device import forward_dtype, takes_compute_dtype
+from .utils.device import forward_dtype_name, takes_compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
             "compensate": config_dict(comp) if comp is not None else None,
             "dropped": dropped, "sequential": sequential,
             "data": dataclasses.asdict(windows.config) if windows is not None else None,
-            "compute_dtype": str(forward_dtype(model)).removeprefix("torch.")}
+            "compute_dtype": forward_dtype_name(model)}
     return Compressed(model=model, tokenizer=tokenizer, units=units, dropped=dropped, plan=plan,
                       total_params=total_params, seconds=time.time() - t0)
 

@@ -33,7 +33,7 @@ from ..export.checkpoint import SEP, dense_tensors, storage_dtype_for
 from ..models.arch import Arch, get_weight, set_weight
 from ..ops.base import output_error
 from ..ops.packed import PackedWeight, load_weight
-from ..utils.device import forward_dtype
+from ..utils.device import forward_dtype_name
 from ..utils.io import atomic_file, cache_root, write_json
 from .kinds import KINDS, DepthKind, GGUFKind, JointKind, Kind, LowRankKind, QuantKind, SparsityKind, UnitInfo
 
@@ -41,12 +41,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "modelpress-leveldb"
 VERSION = 1
-
-
-def _compute_name(model) -> str:
-    """The dtype this model's forwards run in now (utils.device), as a name: levels built in
-    another compute dtype differ in their last bits, so a database records its own."""
-    return str(forward_dtype(model)).removeprefix("torch.")
 
 
 def model_fingerprint(model) -> str:
@@ -118,8 +112,9 @@ class LevelDB:
     @classmethod
     def default_path(cls, model, kind: Kind, windows: Windows) -> Path:
         parts = [model_fingerprint(model), kind.registered_name, kind.settings(), dataclasses.asdict(windows.config)]
-        if _compute_name(model) != "float32":  # float32 databases keep the folders they had before
-            parts.append(_compute_name(model))
+        compute = forward_dtype_name(model)
+        if compute != "float32":  # float32 databases keep the folders they had before
+            parts.append(compute)
         key = json.dumps(parts, sort_keys=True, default=str)
         root = Path(os.environ["MODELPRESS_DB"]) if os.environ.get("MODELPRESS_DB") else cache_root() / "db"
         return root / f"{kind.registered_name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -145,10 +140,12 @@ class LevelDB:
                                   f"({meta['kind']}); use another --db folder")
             if meta["data"] != json.loads(json.dumps(dataclasses.asdict(windows.config))):
                 raise ConfigError(f"level database {path} was built on other calibration data; use another --db folder")
-            built = meta.get("compute_dtype", "float32")  # databases from before the setting were float32
-            if built != _compute_name(model):
+            # levels built in another compute dtype differ in their last bits; databases from
+            # before the setting were float32
+            built = meta.get("compute_dtype", "float32")
+            if built != (compute := forward_dtype_name(model)):
                 raise ConfigError(f"level database {path} was built with compute dtype {built}, not "
-                                  f"{_compute_name(model)}; pass --compute-dtype {built} or use another --db folder")
+                                  f"{compute}; pass --compute-dtype {built} or use another --db folder")
             if kind.tensors_per_unit and "fixed_header_bytes" not in meta:  # a database from before it was counted
                 meta["fixed_header_bytes"], meta["fixed_tensors"] = _fixed_header_bytes(model, discover_units(model, kind))
                 write_json(mf, meta)
@@ -167,7 +164,7 @@ class LevelDB:
             "format": FORMAT, "version": VERSION, "fingerprint": fp,
             "kind": {"name": kind.registered_name, "settings": json.loads(json.dumps(kind.settings()))},
             "data": json.loads(json.dumps(dataclasses.asdict(windows.config))),
-            "compute_dtype": _compute_name(model),
+            "compute_dtype": forward_dtype_name(model),
             "fixed_bytes": fixed,
             **(dict(zip(("fixed_header_bytes", "fixed_tensors"), _fixed_header_bytes(model, units)))
                if kind.tensors_per_unit else {}),

@@ -86,17 +86,29 @@ def compute_dtype(dtype: str | torch.dtype | None):
         _ACTIVE.reset(token)
 
 
+_compute_dtype_context = compute_dtype  # for wrappers whose keyword of the same name shadows it
+
+
 def active_compute_dtype(device: torch.device | str) -> torch.dtype:
     return resolve_compute_dtype(_ACTIVE.get(), device)
+
+
+def _param(model_or_param) -> torch.Tensor:
+    return model_or_param if torch.is_tensor(model_or_param) else next(model_or_param.parameters())
 
 
 def forward_dtype(model_or_param) -> torch.dtype:
     """What a forward of this model computes in now: the compute dtype for a float32 model, the
     model's own dtype for a model already held in 16 bits (its weights are not cast again)."""
-    p = model_or_param if torch.is_tensor(model_or_param) else next(model_or_param.parameters())
+    p = _param(model_or_param)
     if p.dtype != torch.float32:
         return p.dtype
     return active_compute_dtype(p.device)
+
+
+def forward_dtype_name(model_or_param) -> str:
+    """`forward_dtype` as recorded in plans and level databases ("bfloat16", "float32", ...)."""
+    return str(forward_dtype(model_or_param)).removeprefix("torch.")
 
 
 def forwards(model_or_param):
@@ -104,9 +116,9 @@ def forwards(model_or_param):
 
     The autocast weight cache is off: weights change between forwards (levels applied by a
     search, layers compressed mid-pass) and a cached cast would be stale."""
-    p = model_or_param if torch.is_tensor(model_or_param) else next(model_or_param.parameters())
+    p = _param(model_or_param)
     dt = forward_dtype(p)
-    if p.dtype != torch.float32 or dt == torch.float32:
+    if dt == p.dtype:  # float32 compute, or a model already in 16 bits
         return contextlib.nullcontext()
     return torch.autocast(p.device.type, dtype=dt, cache_enabled=False)
 
@@ -122,7 +134,7 @@ def takes_compute_dtype(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, compute_dtype: str | torch.dtype | None = None, **kwargs):
-        with globals()["compute_dtype"](compute_dtype):
+        with _compute_dtype_context(compute_dtype):
             return fn(*args, **kwargs)
 
     return wrapper
