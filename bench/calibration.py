@@ -5,7 +5,7 @@ calibration windows from one source (`pydoc`, `mix`, `self`, `mix+self`; see mod
 then measures perplexity on the held-out windows of every domain of the default suite (pydoc,
 austen, chitchat) against the dense model on the same windows. `worst × dense` is the largest
 perplexity ratio over the domains. The operator-settings rows vary one setting of GPTQ-3 /
-SparseGPT-50 at the default source. Rows are cached (.bench_cache/calibration.json): an
+SparseGPT-50 at the default source. Rows are cached (bench/results/calibration.json): an
 interrupted run resumes, `--only SUBSTRING` runs a subset, rows run in the order listed.
 
     python bench/calibration.py [--only SUBSTRING] [--force] [--n-eval 16] [--render]

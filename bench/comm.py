@@ -1,7 +1,7 @@
 """Compressed data-parallel training: 2 gloo processes, same model, data and steps for every row.
 
 Each row is `torchrun --nproc_per_node 2 -m modelpress.comm.train ...` on a small Llama-style byte
-LM trained on `pydoc`; rows are cached in .bench_cache/comm.json (an interrupted run resumes).
+LM trained on `pydoc`; rows are cached in bench/results/comm.json (an interrupted run resumes).
 Writes the table into docs/benchmarks.md and the loss-vs-bytes plot into docs/comm_loss_bytes.png.
 
     python bench/comm.py [--steps 400] [--force]

@@ -17,7 +17,8 @@ from modelpress.report import markdown_table  # noqa: E402
 from modelpress.utils.io import atomic_file, write_json  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
-CACHE = ROOT / ".bench_cache"
+CACHE = ROOT / "bench" / "results"  # committed: every table re-renders from a fresh clone
+SCRATCH = ROOT / ".bench_cache"  # large intermediates (level databases, BitStack folders), not committed
 
 
 class RowCache:

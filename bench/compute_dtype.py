@@ -5,7 +5,7 @@ Every row runs the same work twice, back to back in one process, once with `comp
 reports both times and their ratio (absolute times vary between machines; the ratio much less).
 Quality rows compress with the default calibration (mix+self, 128 windows) and evaluate each
 model in its own compute dtype against the dense model in that dtype, on every domain of the
-default suite. Rows are cached (.bench_cache/compute_dtype.json); `--only SUBSTRING` runs a
+default suite. Rows are cached (bench/results/compute_dtype.json); `--only SUBSTRING` runs a
 subset.
 
     python bench/compute_dtype.py [--only SUBSTRING] [--force] [--n-eval 16] [--render]
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from common import CACHE, RowCache, machine, not_run_note, print_table, write_section
+from common import SCRATCH, RowCache, machine, not_run_note, print_table, write_section
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget, make_problem
@@ -54,7 +54,7 @@ class Ctx:
 
     @staticmethod
     def db_path(dt: str):
-        return CACHE / "compute_dtype-db" / dt
+        return SCRATCH / "compute_dtype-db" / dt
 
     def ref(self, dt: str) -> SuiteReference:
         if dt not in self.refs:

@@ -5,7 +5,7 @@ Every method's setting is picked from a small grid as the one whose measured byt
 prefill/step schedule on a 1-layer model with smollm2's attention shape) is closest to the target,
 so rows compare at (nearly) equal bytes; the table shows the ratio measured on the real run.
 Perplexity is teacher-forced with the cache built incrementally (256-token prompt, then 32 tokens
-per forward, compressed between forwards). Rows are cached in .bench_cache/kvcache.json.
+per forward, compressed between forwards). Rows are cached in bench/results/kvcache.json.
 
     python bench/kvcache.py [--windows 2] [--force]
 """

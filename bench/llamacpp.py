@@ -4,7 +4,7 @@ Presets are made by llama.cpp's quantizer (llama_model_quantize, no importance m
 F32 GGUF export of smollm2-135m; each searched mix is an evolutionary search over GGML types per
 tensor (`--kind gguf`) with the preset's file size as the budget. Perplexity is computed by
 llama.cpp itself on the held-out `pydoc` windows, tokens/s is llama.cpp's greedy decoding. Rows
-are cached in .bench_cache/gguf.json; an interrupted run resumes.
+are cached in bench/results/gguf.json; an interrupted run resumes.
 
     python bench/llamacpp.py [--generations 12] [--force]
 """
@@ -16,7 +16,7 @@ import gc
 import time
 from pathlib import Path
 
-from common import ROOT, RowCache, machine, print_table, write_section
+from common import SCRATCH, RowCache, machine, print_table, write_section
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget
@@ -25,7 +25,7 @@ from modelpress.search import SearchSettings, allocate, materialize, open_databa
 
 PRESETS = ["Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M"]
 N_EVAL = 40
-WORK = ROOT / ".bench_cache" / "gguf"
+WORK = SCRATCH / "gguf"
 COLUMNS = [("label", "file"), ("size_mb", "size MB"), ("ppl", "ppl (llama.cpp)"), ("vs_preset", "ppl vs preset"),
            ("tok_s", "tokens/s"), ("search_s", "search s")]
 

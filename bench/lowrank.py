@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DOCS, ROOT, RowCache, machine, print_table, section_tables, write_section
+from common import DOCS, SCRATCH, RowCache, machine, print_table, section_tables, write_section
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget
@@ -101,7 +101,7 @@ def main() -> None:
         run_compress("gptq w3 g64", *EORA[0])  # the target size
         target = cache.get("gptq w3 g64")["size_mb"]
 
-    bs_dir = ROOT / ".bench_cache" / "bitstack-smollm2"
+    bs_dir = SCRATCH / "bitstack-smollm2"
     if args.only in (None, "bitstack", "plot"):
         if not (bs_dir / "modelpress.json").is_file():
             t = time.time()

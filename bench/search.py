@@ -1,7 +1,7 @@
 """Budget-optimal compression of smollm2-135m: uniform vs dp/owl/block-influence vs evolutionary.
 
 Same calibration (128 x 512 tokens of pydoc) for the databases and the fitness, same held-out
-evaluation (88 x 512 tokens) as bench/uniform.py. Rows are cached (.bench_cache/search.json),
+evaluation (88 x 512 tokens) as bench/uniform.py. Rows are cached (bench/results/search.json),
 so an interrupted run resumes; level databases live in the modelpress cache and resume too.
 
     python bench/search.py [--only quant|sparsity|depth|speed] [--generations 30] [--force] [--extend quant:3:60]

@@ -3,7 +3,7 @@
 Same calibration (128 x 512 tokens of the default source, `mix+self`) and evaluation windows (16 x
 512 held-out tokens of each default domain: pydoc, austen, chitchat) for every row. Perplexity per
 domain, the worst ratio to dense, KL to dense, real checkpoint size, effective bits, compression
-wall time (calibrate + compress + save). Rows are cached in .bench_cache/uniform-domains.json so
+wall time (calibrate + compress + save). Rows are cached in bench/results/uniform-domains.json so
 an interrupted run resumes; `--force` recomputes, `--only gptq` runs a subset.
 
     python bench/uniform.py [--only SUBSTRING] [--force]

@@ -115,7 +115,8 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
     if fitness is not None:
         stats = {"evaluations": fitness.evaluations, "seconds": fitness.seconds, "blocks_run": fitness.blocks_run,
                  "validation_windows": len(fitness.validation), "start_validation": fitness.first_validation,
-                 "final_validation": fitness.validate(choice)}
+                 "final_validation": fitness.validate(choice),
+                 "selected_generation": getattr(alloc, "selected_generation", None)}
     return SearchResult(plan=plan, problem=problem, db=db, history=list(getattr(alloc, "history", [])),
                         seconds={"reference": t1 - t0, "search": t2 - t1}, fitness_stats=stats,
                         resumed_at=getattr(alloc, "resumed_at", 0))

@@ -1,6 +1,6 @@
 """Peer row: llm-compressor GPTQ W4A16 (symmetric int4) at group 64 on smollm2-135m, with the same
 calibration windows and the same evaluation as bench/uniform.py. Runs in its own venv
-(bench/peers/setup_llmcompressor.sh); the row lands in .bench_cache/peer_llmcompressor.json and is
+(bench/peers/setup_llmcompressor.sh); the row lands in bench/results/peer_llmcompressor.json and is
 rendered by bench/uniform.py.
 """
 from __future__ import annotations

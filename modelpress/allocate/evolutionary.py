@@ -6,7 +6,10 @@ total cost. Duplicates are rejected. Selection runs in stages: all offspring are
 small token sample, the best few are rescored on more tokens, ...; the parent competes only in the
 last stage. Since every generation's fitness is on a fresh sample, it wanders; where the fitness
 keeps validation windows, each generation's parent is also scored on them (the same windows every
-time, never used for selection), which is the curve to read. Fitness is measured on the whole model (KL to the dense model) by a fitness object;
+time, never used to pick offspring), which is the curve to read; with `select="validation"` the
+plan returned is the one of those parents (the start included) with the lowest validation KL, so a
+search that overfits its fitness windows hands back its last plan that still generalized. Fitness
+is measured on the whole model (KL to the dense model) by a fitness object;
 this allocator never touches a model. A checkpoint after every generation makes an interrupted
 search resume exactly where it stopped (same seed ⇒ same plan, interrupted or not).
 """
@@ -29,6 +32,7 @@ from .problem import Problem, fill
 log = logging.getLogger(__name__)
 
 INITS = ("uniform", "dp", "best", "sensitivity")
+SELECTS = ("validation", "last")
 
 
 def sensitivity_cache(checkpoint: str | Path) -> Path:
@@ -99,6 +103,9 @@ class Evolutionary(Allocator):
     init: str = "best"
     sensitivity_tokens: int = 2048  # init="sensitivity": tokens of its one measurement sample
     checkpoint: str | None = None  # JSON written every generation; an existing one is resumed
+    # "validation": return the parent (start included) with the lowest validation KL; "last": the
+    # last parent. Without validation windows both return the last parent.
+    select: str = "validation"
 
     needs_fitness = True
 
@@ -111,15 +118,20 @@ class Evolutionary(Allocator):
             raise ConfigError("the last stage keeps exactly one survivor")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}")
+        if self.select not in SELECTS:
+            raise ConfigError(f"select must be one of {', '.join(SELECTS)}, got {self.select!r}")
         if self.generations < 0 or self.offspring < 1:
             raise ConfigError("generations >= 0 and offspring >= 1")
         self.history: list[dict] = []
         self.start_validation: float | None = None  # validation KL of the starting plan
+        self.start_plan: list[int] | None = None
+        self.selected_generation: int | None = None  # which parent was returned (0 = the start)
 
     def _key(self, p: Problem, with_generations: bool = False) -> str:
         """What a checkpoint must match to be resumed. The number of generations is not part of it,
         so a finished search can be extended (checkpoints written before 2026-11-28 included it)."""
         cfg = dataclasses.asdict(self) | {"checkpoint": None}
+        cfg.pop("select")  # which parent is returned does not change the search
         if not with_generations:
             cfg.pop("generations")
         h = hashlib.sha256(json.dumps([p.units, p.costs, p.budget, cfg], default=str).encode())
@@ -148,6 +160,7 @@ class Evolutionary(Allocator):
                 self.resumed_at = start
                 self.history = state["history"]
                 self.start_validation = state.get("start_validation")
+                self.start_plan = state.get("start_plan")
                 if start > self.generations:  # a longer search of this problem: its plan at that point
                     kept = self.history[self.generations - 1].get("parent") if self.generations else None
                     if kept is None:
@@ -155,7 +168,7 @@ class Evolutionary(Allocator):
                                           f"after {self.generations}; ask for >= {start} or use another checkpoint")
                     log.info("checkpoint ran %d generations; taking its plan after %d", start, self.generations)
                     self.history = self.history[:self.generations]
-                    return fill(problem, kept)
+                    return fill(problem, self._selected(kept))
                 rng.bit_generator.state = state["rng"]
                 log.info("resuming evolutionary search at generation %d", start)
             elif state:  # kept aside, not overwritten: it holds another search's work
@@ -171,6 +184,7 @@ class Evolutionary(Allocator):
             else:
                 parent = self._best_start(problem, fitness, rng, measured=self.init == "sensitivity",
                                           cache=sensitivity_cache(ck) if ck else None)
+            self.start_plan = list(parent)
             self.start_validation = fitness.validate(parent)
             self._save(ck, key, 0, parent, None, rng)
 
@@ -209,7 +223,23 @@ class Evolutionary(Allocator):
                 bar.set_postfix(kl=f"{best_fit:.5f}", **({"val": f"{val:.5f}"} if val is not None else {}))
                 log.info("generation %d: fitness %.6f%s%s", gen + 1, best_fit,
                          f", validation {val:.6f}" if val is not None else "", " (new parent)" if improved else "")
-        return fill(problem, parent)  # no-op with equal-cost partners; uses slack left by compensating ones
+        return fill(problem, self._selected(parent))  # fill: no-op with equal-cost partners; uses slack left by compensating ones
+
+    def _selected(self, last: list[int]) -> list[int]:
+        """The plan to return: `last`, or with select="validation" the parent with the lowest
+        validation KL (ties go to the later one; the start counts as generation 0)."""
+        self.selected_generation = len(self.history)
+        if self.select == "last" or self.start_validation is None or self.start_plan is None:
+            return last
+        seen = [(0, self.start_validation, self.start_plan)] + [
+            (h["generation"], h["validation"], h["parent"]) for h in self.history
+            if h.get("validation") is not None and h.get("parent") is not None]
+        gen, val, plan = min(seen, key=lambda t: (t[1], -t[0]))
+        if gen != len(self.history):
+            log.info("returning generation %d's plan (validation KL %.6f; last parent %.6f)", gen, val,
+                     self.history[-1]["validation"] if self.history else float("nan"))
+        self.selected_generation = gen
+        return list(plan)
 
     def _best_start(self, problem: Problem, fitness, rng, measured: bool = False, cache: Path | None = None) -> list[int]:
         """The model-free allocators' plans (and with `measured` the sensitivity allocator's), scored
@@ -246,4 +276,4 @@ class Evolutionary(Allocator):
             return
         write_json(ck, {"key": key, "generation": gen, "parent": parent, "fitness": fit,
                         "rng": rng.bit_generator.state, "history": self.history,
-                        "start_validation": self.start_validation})
+                        "start_validation": self.start_validation, "start_plan": self.start_plan})

@@ -235,6 +235,32 @@ def test_search_resumes_after_interruption(tmp_path):
     assert len(resumed.history) == 25
 
 
+class OverfitFitness(PairFitness):
+    """The held-out validation says the opposite of the fitness, as when a search fits its few
+    fitness windows and loses elsewhere."""
+
+    def validate(self, choice):
+        return -self(choice, None)
+
+
+def test_select_validation_returns_the_parent_that_generalized():
+    p = pair_problem()
+    kw = dict(generations=20, offspring=6, tokens=(1, 2), survivors=(2, 1), seed=3, init="uniform")
+    last = ALLOCATORS.build("evolutionary", select="last", **kw)
+    evolved = last.allocate(p, OverfitFitness(p))
+    chosen = ALLOCATORS.build("evolutionary", **kw)
+    picked = chosen.allocate(p, OverfitFitness(p))
+    uniform = ALLOCATORS.build("uniform").allocate(p)
+    assert PairFitness(p)(evolved, None) < PairFitness(p)(uniform, None)  # the search did move
+    assert picked == uniform and chosen.selected_generation < 20  # validation was best before the search moved
+    assert last.selected_generation == 20
+    plain = ALLOCATORS.build("evolutionary", **kw)  # no validation windows: the last parent
+    assert plain.allocate(p, SumFitness(p)) == ALLOCATORS.build("evolutionary", select="last", **kw).allocate(
+        p, SumFitness(p))
+    with pytest.raises(ConfigError, match="select"):
+        ALLOCATORS.build("evolutionary", select="best")
+
+
 def test_evolutionary_settings_validated():
     with pytest.raises(ConfigError):
         ALLOCATORS.build("evolutionary", survivors=(2, 2), tokens=(1, 2))
