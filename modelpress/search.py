@@ -154,10 +154,11 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
                  compare: list[str] = (), data: DataConfig | Windows | None = None, db: str | Path | None = None,
                  out: str | Path, settings: SearchSettings | None = None, evaluate: bool = True,
                  plan_file: str | Path | None = None, device=None, eval_suite: str | list[str] = "default",
-                 n_eval: int | None = 16) -> dict:
+                 n_eval: int | None = 16, export_hf_dir: str | Path | None = None) -> dict:
     """Build/resume the database, allocate (and the `compare` baselines), evaluate every plan on
     every domain of `eval_suite` (`n_eval` held-out windows each), save the chosen one as a
-    checkpoint with plan.json, report.json/.md and two PNG plots."""
+    checkpoint with plan.json, report.json/.md and two PNG plots (and, with `export_hf_dir`, as a
+    plain dequantized Hugging Face folder)."""
     from .data.suites import suite_windows
     from .eval.suite import SuiteReference, evaluate_suite, suite_columns, suite_row
     from .plots import plot_fitness, plot_levels
@@ -165,6 +166,8 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
 
     t_start = time.time()
     out = Path(out)
+    if export_hf_dir is not None and out.suffix == ".gguf":
+        raise ConfigError("a .gguf --out is the export; --export hf needs a checkpoint folder for --out")
     windows = as_windows(tokenizer, data, model)
     t0 = time.time()
     database = open_database(model, tokenizer, kind, data=windows, db=db, device=device, **kind_settings)
@@ -222,7 +225,7 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
                                                        for u, v in chosen.plan.levels.items())
         chosen.plan.info.update(file_bytes=out.stat().st_size, predicted_bytes=predicted)
     else:
-        c.save(out)
+        c.save(out, export_hf_dir=export_hf_dir)
     out_files = report_dir
     chosen.plan.save(out_files / "plan.json")
     problem = chosen.problem
@@ -236,7 +239,7 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
         "budget": budget.label(), "data": dataclasses.asdict(windows.config), "rows": rows,
         "database": {"path": str(database.path), "build_seconds": build_s},
         "history": chosen.history, "fitness": chosen.fitness_stats, "seconds": time.time() - t_start,
-        "checkpoint": str(out),
+        "checkpoint": str(out), **({"export_hf": str(export_hf_dir)} if export_hf_dir is not None else {}),
         "evaluation": domains.info(eval_suite) if domains else None,
         "columns": [("label", "allocator"), *suite_columns(domains.names if domains else []),
                     ("size_mb", "size MB"), ("bits_per_weight", "bits/weight (layers)"), ("search", "search s")],

@@ -1,6 +1,8 @@
 """The search pipeline end to end on a tiny model, through the CLI."""
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from modelpress.cli.main import app
@@ -39,12 +41,15 @@ def test_search_cli_writes_plan_checkpoint_report_plots(model_dir, tmp_path):  #
 
 def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
     r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--target-bits", "3.5", "--out", str(tmp_path / "o"),
+                            "--sym", "--no-act-order", "--export", "hf",
                             "--data", str(model_dir / "text.txt"), "--eval-suite", str(model_dir / "text.txt"),
                             "--n-samples", "4", "--seq-len", "64", "--n-eval", "2"])
     assert r.exit_code == 0, r.output
     assert "uniform" in r.output and "evolutionary" in r.output
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["method"]["sequential_level"] == 3  # levels calibrated on the level nearest 3.5 bits (ties: lower)
+    assert rep["method"]["sym"] is True and rep["method"]["act_order"] is False  # the quantizer's settings apply
+    assert (tmp_path / "o-hf" / "config.json").is_file() and rep["export_hf"] == str(tmp_path / "o-hf")
     for args, msg in [(["--target-bits", "9"], "outside the database levels"),
                       (["--target-bits", "3", "--target-mb", "1"], "exactly one budget"),
                       (["--drop", "2", "--kind", "quant"], "does not apply"),
@@ -57,6 +62,25 @@ def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
         r = runner.invoke(app, ["search", str(model_dir / "tiny"), *args, "--levels", "2,3,4", "--no-eval",
                                 "--db", str(tmp_path / "db2"), *small(model_dir)])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--target-bits", "3", "--method", "gptq"], "--method does not apply with a budget"),
+    (["--target-bits", "3", "--bits", "4"], "--bits does not apply"),
+    (["--target-bits", "3", "--compensate", "eora"], "--kind joint --ranks"),
+    (["--target-bits", "3", "--rank", "8"], "--rank does not apply"),
+    (["--target-bits", "3", "--no-sequential"], "--no-sequential does not apply"),
+    (["--target-bits", "3", "--drop", "1"], "--drop does not apply"),
+    (["--target-bits", "3", "--refit-iters", "5"], "applies to --target-sparsity"),
+    (["--target-sparsity", "0.5", "--sym"], "--sym does not apply"),
+    (["--target-sparsity", "0.5", "--shrink", "0.2"], "--shrink does not apply"),
+    (["--target-sparsity", "0.5", "--group-size", "32"], "--group-size does not apply"),
+    (["--target-bits", "3", "--export", "gguf"], "unknown export format"),
+])
+def test_compress_refuses_options_its_path_ignores(model_dir, tmp_path, args, msg):  # noqa: F811
+    r = runner.invoke(app, ["compress", str(model_dir / "tiny"), *args, "--out", str(tmp_path / "o"), *small(model_dir)])
+    assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def test_quant_levels_on_one_reference_level_cli(model_dir, tmp_path):  # noqa: F811

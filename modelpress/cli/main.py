@@ -38,7 +38,8 @@ def _setup(verbose: bool) -> None:
         transformers.logging.disable_progress_bar()
     except Exception:  # pragma: no cover
         pass
-    enable_progress(sys.stderr.isatty() or verbose)
+    # a terminal gets bars; a pipe or a file (make demo | tee log, CI) gets timestamped lines
+    enable_progress("bars" if sys.stderr.isatty() else "lines")
 
 
 def command(fn):
@@ -133,7 +134,8 @@ def compress_cmd(
                                               help="sparsegpt: refit steps for the kept weights (default 30, 0 = off)"),
     drop: int = typer.Option(0, "--drop", help="remove this many attention/MLP sub-blocks (lowest influence)"),
     compensate: Optional[str] = typer.Option(None, "--compensate", help="low-rank error correction: eora"),
-    rank: int = typer.Option(16, "--rank", help="rank of the --compensate correction, or of --method svd/asvd"),
+    rank: Optional[int] = typer.Option(None, "--rank",
+                                       help="rank of the --compensate correction, or of --method svd/asvd (default 16)"),
     target_bits: Optional[float] = typer.Option(None, "--target-bits",
                                                 help="budget mode: searched per-layer bit-widths averaging this"),
     target_mb: Optional[float] = typer.Option(None, "--target-mb", help="budget mode: total size in MB"),
@@ -152,19 +154,39 @@ def compress_cmd(
     """Compress MODEL: one method for every Linear of its decoder blocks, or — with a budget
     (--target-bits / --target-mb / --target-sparsity) — per-layer levels found by evolutionary search."""
     _setup(verbose)
-    n_samples_given, n_samples = n_samples, (n_samples or 128)
+    if export not in (None, "hf"):
+        raise ConfigError(f"unknown export format {export!r}; use --export hf (GGUF: `modelpress export gguf`)")
+    quant = dict(sym=sym, act_order=act_order, mse=mse, shrink=shrink)
     if target_bits is not None or target_mb is not None or target_sparsity is not None:
-        if method or bits or sparsity or pattern or drop:
-            raise ConfigError("give either a budget (--target-bits/--target-mb/--target-sparsity) or a method, not both")
+        sparse = target_sparsity is not None
+        _refuse("a budget (--target-bits/--target-mb/--target-sparsity)", {
+            "--method": (method is not None, "the budget search chooses the method per layer"),
+            "--bits": (bits is not None, "the budget sets the bits; levels are 2/3/4 (GPU: up to 6)"),
+            "--sparsity": (sparsity is not None, "use --target-sparsity"),
+            "--pattern": (pattern is not None, "N:M patterns are not searched; use --method sparsegpt --pattern"),
+            "--drop": (bool(drop), "for searched depth use `modelpress search --drop N`"),
+            "--compensate": (compensate is not None,
+                             "for EoRA levels in a search use `modelpress search --kind joint --ranks 0,16`"),
+            "--rank": (rank is not None, "--rank goes with --compensate or --method svd/asvd"),
+            "--no-sequential": (not sequential, "the search's levels are always calibrated sequentially"),
+            **{f"--{k.replace('_', '-')}": (v is not None and sparse, "it applies to quantization budgets")
+               for k, v in quant.items()},
+            "--refit-iters": (refit_iters is not None and not sparse, "it applies to --target-sparsity"),
+            "--group-size": (group_size is not None and sparse, "it applies to quantization budgets"),
+        })
+        level_settings = {k: v for k, v in quant.items() if v is not None}
+        if refit_iters is not None:
+            level_settings["refit_iters"] = refit_iters
         return _budget_compress(model, target_bits, target_mb, target_sparsity, group_size, out, evaluate, data,
-                                n_samples_given, seq_len, seed, n_eval, device, eval_suite)
+                                n_samples, seq_len, seed, n_eval, device, eval_suite, level_settings=level_settings,
+                                export=export)
+    n_samples = n_samples or 128
+    rank = 16 if rank is None else rank
     from .. import api
     from ..eval.suite import SuiteReference, evaluate_suite, suite_row
     from ..models import load_model
     from ..report import report_columns, write_report
 
-    if export not in (None, "hf"):
-        raise ConfigError(f"unknown export format {export!r}; use --export hf (GGUF: `modelpress export gguf`)")
     kw = {k: v for k, v in dict(bits=bits, sym=sym, act_order=act_order, mse=mse, sparsity=sparsity,
                                 pattern=pattern, refit_iters=refit_iters, shrink=shrink).items() if v is not None}
     if method in ("svd", "asvd"):
@@ -208,6 +230,14 @@ def compress_cmd(
         console.print(f"plain HF folder: {out.with_name(out.name + '-hf')}")
 
 
+def _refuse(path: str, options: dict[str, tuple[bool, str]]) -> None:
+    """One place per verb that says which given options do not apply to the path taken:
+    `options` maps an option to (given and inapplicable, what to do instead)."""
+    for opt, (bad, hint) in options.items():
+        if bad:
+            raise ConfigError(f"{opt} does not apply with {path}: {hint}")
+
+
 def _parse_list(s: Optional[str], cast=int) -> Optional[tuple]:
     if s is None:
         return None
@@ -228,7 +258,7 @@ def _budget(target_bits, target_mb, target_sparsity, drop):
 
 
 def _run_search(model_name, *, kind, kind_settings, budget, allocator, allocator_settings, compare, data_cfg, db,
-                out, evaluate, plan, fitness_windows, device, eval_suite, n_eval, validation_windows=4):
+                out, evaluate, plan, fitness_windows, device, eval_suite, n_eval, validation_windows=4, export=None):
     from ..models import load_model
     from ..search import SearchSettings, run_pipeline
 
@@ -239,7 +269,8 @@ def _run_search(model_name, *, kind, kind_settings, budget, allocator, allocator
                        db=db, out=out, settings=SearchSettings(fitness_windows=fitness_windows,
                                                                validation_windows=validation_windows),
                        evaluate=evaluate, plan_file=plan, device=device, eval_suite=eval_suite,
-                       n_eval=n_eval or N_EVAL)
+                       n_eval=n_eval or N_EVAL,
+                       export_hf_dir=out.with_name(out.name + "-hf") if export == "hf" else None)
     _warn_skipped((rep.get("evaluation") or {}).get("skipped", {}))
     print_rows(rep["rows"], [tuple(c) for c in rep["columns"]], title=f"{model_name} @ {budget.label()} → {out}")
     fit = rep.get("fitness") or {}
@@ -248,10 +279,12 @@ def _run_search(model_name, *, kind, kind_settings, budget, allocator, allocator
                       f"start {fit['start_validation']:.5f} → final {fit['final_validation']:.5f}")
     console.print(f"plan: {out / 'plan.json'}   report: {out / 'report.md'}   "
                   f"database: {rep['database']['path']} (built in {rep['database']['build_seconds']:.0f} s)")
+    if rep.get("export_hf"):
+        console.print(f"plain HF folder: {rep['export_hf']}")
 
 
 def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size, out, evaluate, data, n_samples,
-                     seq_len, seed, n_eval, device, eval_suite):
+                     seq_len, seed, n_eval, device, eval_suite, level_settings, export):
     """The whole budget pipeline with defaults sized for the machine: on a CPU (2 cores) it finishes
     in minutes; on a GPU it uses the full database and a longer search."""
     import torch
@@ -259,9 +292,9 @@ def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size,
     gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     budget = _budget(target_bits, target_mb, target_sparsity, None)
     kind = "sparsity" if budget.kind == "sparsity" else "quant"
-    kind_settings = {} if kind == "sparsity" else {
+    kind_settings = dict(level_settings) if kind == "sparsity" else {
         "levels": (2, 3, 4, 5, 6) if gpu else (2, 3, 4),
-        "group_size": 64 if group_size is None else (group_size or None)}
+        "group_size": 64 if group_size is None else (group_size or None), **level_settings}
     if budget.kind == "bits":  # every level on the inputs of the level nearest the budget: one pass, and on
         # smollm2 at 3 bits better plans than calibrating each level on its own level's model (docs/benchmarks.md)
         kind_settings["sequential_level"] = min(kind_settings["levels"], key=lambda b: (abs(b - budget.value), b))
@@ -274,7 +307,7 @@ def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size,
                 data_cfg=_data_config(data, n_samples if n_samples is not None else (128 if gpu else 32), seq_len,
                                       seed, None),
                 db=None, out=out, evaluate=evaluate, plan=None, fitness_windows=64 if gpu else 16, device=device,
-                eval_suite=eval_suite, n_eval=n_eval)
+                eval_suite=eval_suite, n_eval=n_eval, export=export)
 
 
 @app.command("search")

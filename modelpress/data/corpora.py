@@ -216,10 +216,13 @@ class C4:
         return "\n\n".join(train["text"][:n]), "\n\n".join(val["text"][: max(1, n // 10)])
 
 
+def known_corpus(name: str) -> None:
+    """Raise DataError unless `name` is a registered corpus or an existing path."""
+    if name not in CORPORA and not Path(name).exists():
+        raise DataError(f"unknown corpus {name!r}: use one of {', '.join(CORPORA.names())} or a path to .txt files")
+
+
 def get_corpus(name: str):
     """A registered corpus by name, or text files at a path."""
-    if name in CORPORA:
-        return CORPORA.build(name)
-    if Path(name).exists():
-        return TextFiles(name)
-    raise DataError(f"unknown corpus {name!r}: use one of {', '.join(CORPORA.names())} or a path to .txt files")
+    known_corpus(name)
+    return CORPORA.build(name) if name in CORPORA else TextFiles(name)

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import DataError
 from ..utils.io import atomic_file, cache_root
-from .corpora import get_corpus
+from .corpora import get_corpus, known_corpus
 from .defaults import DEFAULT_CALIBRATION
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ class DataConfig:
             raise DataError("eval_fraction must be in (0, 1)")
         if self.n_eval is not None and self.n_eval < 1:
             raise DataError("n_eval must be at least 1")
+        for part in parse_source(self.corpus):  # an unknown name fails here, before any long work
+            if part != "self":
+                known_corpus(part)
 
 
 @dataclasses.dataclass

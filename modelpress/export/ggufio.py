@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 from ..ops.ggmlweight import GGMLWeight
-from . import ggml
+from ..ops import ggml
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ restores the model's attention implementation and removes its hook on exit.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import ClassVar, Iterator
@@ -233,7 +234,7 @@ class Buffer:
 def kv_attention(module, query, key, value, attention_mask, scaling: float | None = None, dropout: float = 0.0,
                  **kwargs):
     """Attention over a KVCache's entries with a mask made from their positions."""
-    cache = _ACTIVE.get("cache")
+    cache = _ACTIVE_CACHE.get()
     layer = cache.layers[module.layer_idx] if cache is not None else None
     b, hq, nq, d = query.shape
     hkv, m = key.shape[1], key.shape[2]
@@ -262,7 +263,10 @@ def kv_attention(module, query, key, value, attention_mask, scaling: float | Non
     return out.transpose(1, 2).contiguous(), None
 
 
-_ACTIVE: dict = {}
+# The cache `kv_attention` reads: transformers calls the attention function without it, so
+# `use_kv_cache` binds it for the duration of its block (a ContextVar, so threads don't share it).
+_ACTIVE_CACHE: contextvars.ContextVar["KVCache | None"] = contextvars.ContextVar("modelpress_kv_cache",
+                                                                             default=None)
 
 
 def check_supported(model) -> None:
@@ -287,7 +291,6 @@ def use_kv_cache(model, cache: KVCache) -> Iterator[KVCache]:
     if ATTN_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTN_NAME, kv_attention)
     previous = model.config._attn_implementation
-    prev_cache = _ACTIVE.get("cache")
 
     def grab_mask(mod, args, kwargs):
         am = kwargs.get("attention_mask")
@@ -296,11 +299,13 @@ def use_kv_cache(model, cache: KVCache) -> Iterator[KVCache]:
     handle = model.register_forward_pre_hook(grab_mask, with_kwargs=True)
     try:
         model.set_attn_implementation(ATTN_NAME)
-        _ACTIVE["cache"] = cache
-        yield cache
+        token = _ACTIVE_CACHE.set(cache)
+        try:
+            yield cache
+        finally:
+            _ACTIVE_CACHE.reset(token)
     finally:
         handle.remove()
-        _ACTIVE["cache"] = prev_cache
         model.set_attn_implementation(previous)
 
 
@@ -311,35 +316,3 @@ def make_cache(model, method: str | KVMethod, **settings) -> KVCache:
         raise ConfigError("settings given with a method object")
     n = model.config.get_text_config(decoder=True).num_hidden_layers
     return KVCache(method, n)
-
-
-# ---- shared quantization helpers (asymmetric, codes counted at their bit-width) -------------------
-
-def quant_groups(x: torch.Tensor, bits: int, dim: int, group: int):
-    """Asymmetric quantization of x along `dim` in groups of `group` elements.
-    Returns (codes uint8, scale fp16, zero fp16) with the group axis reduced."""
-    mq = (1 << bits) - 1
-    xt = x.float().transpose(dim, -1)
-    shape = xt.shape
-    n = shape[-1]
-    pad = (-n) % group
-    if pad:
-        xt = torch.cat([xt, xt[..., -1:].expand(*shape[:-1], pad)], dim=-1)
-    g = xt.reshape(*shape[:-1], -1, group)
-    lo = g.amin(-1, keepdim=True)
-    hi = g.amax(-1, keepdim=True)
-    scale = ((hi - lo) / mq).clamp_min(1e-8).half()
-    zero = lo.half()
-    codes = torch.clamp(torch.round((g - zero.float()) / scale.float()), 0, mq).to(torch.uint8)
-    return codes, scale, zero, (dim, n, shape)
-
-
-def dequant_groups(codes, scale, zero, meta) -> torch.Tensor:
-    dim, n, shape = meta
-    g = codes.float() * scale.float() + zero.float()
-    x = g.reshape(*shape[:-1], -1)[..., :n]
-    return x.transpose(dim, -1)
-
-
-def quant_nbytes(codes: torch.Tensor, bits: int, scale: torch.Tensor) -> int:
-    return -(-codes.numel() * bits // 8) + 2 * scale.numel() * 2  # codes + fp16 scale and zero

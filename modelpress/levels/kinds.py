@@ -246,12 +246,12 @@ class GGUFKind(Kind):
     budgets = ("mb",)
 
     def __post_init__(self) -> None:
-        from ..export import ggml
+        from ..ops import ggml
 
         self.types = tuple(ggml.qtype(t).name for t in self.types)
 
     def values(self, unit: UnitInfo) -> list:
-        from ..export import ggml
+        from ..ops import ggml
 
         ok = [t for t in self.types if ggml.supported(ggml.qtype(t), unit.shape[1])]
         if not ok:

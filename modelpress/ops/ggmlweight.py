@@ -32,7 +32,7 @@ class GGMLWeight:
 
     @classmethod
     def quantize(cls, w: torch.Tensor, type_name: str, heads: int | None = None) -> "GGMLWeight":
-        from ..export import ggml
+        from . import ggml
 
         rows = to_gguf_rows(w.float(), heads) if heads else w.float()
         data = ggml.quantize(rows.detach().cpu().numpy(), ggml.qtype(type_name))
@@ -40,7 +40,7 @@ class GGMLWeight:
 
     def gguf_rows(self) -> torch.Tensor:
         """The decoded weight in GGUF row order."""
-        from ..export import ggml
+        from . import ggml
 
         w = ggml.dequantize(self.data.cpu().numpy(), ggml.qtype(self.type), self.shape)
         return torch.from_numpy(np.ascontiguousarray(w))

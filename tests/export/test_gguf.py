@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import modelpress as mp
 from modelpress.allocate.budget import Budget, make_problem
 from modelpress.errors import ConfigError, UnsupportedArchitectureError
-from modelpress.export import ggml
+from modelpress.ops import ggml
 from modelpress.export.ggufio import export_gguf
 from modelpress.models.arch import Arch, get_weight, set_weight
 from modelpress.ops.ggmlweight import GGMLWeight
