@@ -12,7 +12,6 @@ per forward, compressed between forwards). Rows are cached in bench/results/kvca
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 
 import torch
@@ -210,7 +209,7 @@ def targets(cache: RowCache) -> str:
     if at4:
         best = at4[0]
         ok = [f"{lab} ({q:.4f}x at {ra:.2f}x bytes)" for q, ra, lab in at4 if q <= 1.03]
-        out.append(f"- at >= 3.95x fewer bytes, within 3% of the full cache's perplexity: "
+        out.append("- at >= 3.95x fewer bytes, within 3% of the full cache's perplexity: "
                    + ("; ".join(ok) if ok else f"none (best {best[2]}: {best[0]:.4f}x)") + ".")
     pairs = []
     for kk, gk in (("eq|kivi-2b-g32", "eq|gear-2b-g64-r1"), ("eq|kivi-2b-g128", "eq|gear-2b-g64")):

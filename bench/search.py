@@ -9,7 +9,6 @@ so an interrupted run resumes; level databases live in the modelpress cache and 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import logging
@@ -18,7 +17,7 @@ import time
 
 import numpy as np
 
-from common import DOCS, ROOT, RowCache, machine, not_run_note, print_table, published_rows, same_machine, write_section
+from common import DOCS, RowCache, machine, not_run_note, print_table, published_rows, same_machine, write_section
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget, make_problem

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .calib.runner import LayerwiseRunner
+from .calib.driver import calibrate
 from .data.windows import DataConfig, Windows, get_windows
 from .errors import BudgetError, ConfigError
 from .eval.metrics import EvalResult, evaluate
@@ -135,17 +135,11 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
                 if not skipped(name):
                     do(name, mod, None)
         else:
-            runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=sequential, device=device)
-            for step in runner.blocks(desc=label):
-                names = [n for n in step.linears if not skipped(n)]
-                if sequential:  # one pass: each layer compressed once all batches reach it
-                    step.compress_streaming(need, lambda n, st: do(n, step.linears[n], st), names=names)
-                else:  # statistics from the dense block, dense outputs fed forward
-                    stats = step.collect(need, names=names)
-                    for n in names:
-                        do(n, step.linears[n], stats[n])
-                    del stats
-                    step.advance(sequential=False)
+            # sequential: one pass, each layer compressed once all batches reach it; otherwise
+            # statistics from the dense block, dense outputs fed forward
+            calibrate(model, windows.calib, do, stats=need, sequential=sequential,
+                      layers=lambda step: [n for n in step.linears if not skipped(n)], batch_size=batch_size,
+                      device=device, desc=label)
     round_to_storage(model, units)
     plan = {"method": config_dict(op) if op is not None else None, "label": label,
             "compensate": config_dict(comp) if comp is not None else None,

@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .eval.fitness import KLFitness
 from .export.checkpoint import round_to_storage
 from .levels import KINDS, LevelDB, PlanState
-from .levels.kinds import DepthKind, Kind
+from .levels.kinds import Kind
 from .registry import config_dict
 from .utils.device import takes_compute_dtype
 
@@ -82,8 +82,10 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
     settings = settings or SearchSettings()
     problem = make_problem(db, budget)
     alloc = ALLOCATORS.build(allocator, **allocator_settings)
-    if db.kind.registered_name not in alloc.kinds:
-        raise ConfigError(f"allocator {allocator!r} does not apply to kind {db.kind.registered_name!r}")
+    lacking = [k for k in alloc.needs if k not in problem.extra]
+    if lacking:
+        raise ConfigError(f"allocator {allocator!r} does not apply to kind {db.kind.registered_name!r} "
+                          f"(it needs {', '.join(lacking)} per unit)")
     fitness = None
     t0 = time.time()
     if alloc.needs_fitness:
@@ -127,7 +129,7 @@ def materialize(model, tokenizer, db: LevelDB, plan: Plan, state: PlanState | No
     plan.validate(db)
     state = state or PlanState(model, db, cache=False)
     state.apply(plan.levels)
-    if isinstance(db.kind, DepthKind):
+    if db.kind.module_levels:
         units = {}
         dropped = [u for u, v in plan.levels.items() if v == "dropped"]
     else:
@@ -230,8 +232,7 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
     chosen.plan.save(out_files / "plan.json")
     problem = chosen.problem
     plot_levels(out_files / "levels.png", {n: r.plan.levels for n, r in results.items()}, problem.units,
-                problem.groups or [], ylabel={"quant": "bits", "sparsity": "pruned weights", "depth": "kept / dropped",
-                                              "joint": "level", "gguf": "GGML type"}.get(kind, "level"))
+                problem.groups or [], ylabel=database.kind.ylabel)
     plot_fitness(out_files / "fitness.png", chosen.history)
     report = {
         "model": model_name, "method": {"kind": kind, **kind_settings, "allocator": allocator,
@@ -256,7 +257,7 @@ def _plan_mb(db: LevelDB, res: SearchResult) -> float:
 
 
 def _plan_bits(db: LevelDB, res: SearchResult) -> float | None:
-    if isinstance(db.kind, DepthKind):
+    if db.kind.module_levels:
         return None
     n = sum(db.units[u].numel for u in res.plan.levels)
     return 8.0 * sum(int(db.level_meta(u, v)["nbytes"]) for u, v in res.plan.levels.items()) / n

@@ -18,7 +18,6 @@ from common import RowCache  # noqa: E402
 
 import modelpress as mp  # noqa: E402
 from modelpress.eval import evaluate  # noqa: E402
-from modelpress.utils.io import dir_size  # noqa: E402
 
 LABEL = "llm-compressor gptq w4a16 g64 (peer)"
 

@@ -29,7 +29,8 @@ class Fitness:
 
 class Allocator:
     registered_name: ClassVar[str]
-    kinds: ClassVar[tuple[str, ...]] = ("quant", "sparsity", "depth", "gguf", "joint", "lowrank", "kv")
+    # per-unit data (Problem.extra keys) the allocator reads: it applies to the databases that hold them
+    needs: ClassVar[tuple[str, ...]] = ()
     needs_fitness: ClassVar[bool] = False
 
     def allocate(self, problem: Problem, fitness=None) -> list[int]:  # pragma: no cover

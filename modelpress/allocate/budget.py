@@ -71,14 +71,10 @@ def make_problem(db, budget: Budget) -> Problem:
     numel = [db.units[u].numel for u in units]
     total_numel = sum(numel)
     v = budget.value
+    db.kind.check_budget(budget)
     if budget.kind == "bits":
-        lo, hi = min(db.kind.levels), max(db.kind.levels)
-        if not lo <= v <= hi:
-            raise BudgetError(f"target of {v:g} bits is outside the database levels {lo}..{hi}")
         total = int(v * total_numel)
     elif budget.kind == "sparsity":
-        if not 0 <= v <= db.kind.max_sparsity:
-            raise BudgetError(f"target sparsity {v:g} is outside 0..{db.kind.max_sparsity:g}")
         total = int((1 - v) * total_numel)
     elif budget.kind == "drop":
         if v != int(v) or not 0 <= v <= len(units):
@@ -95,12 +91,7 @@ def make_problem(db, budget: Budget) -> Problem:
         if total < sum(c[0] for c in costs):
             raise BudgetError(f"{v:g} MB is below the smallest model these levels can make ({floor:.2f} MB, "
                               "embeddings and norms included); raise --target-mb or allow cheaper levels")
-    labels = []
-    for u, vs in zip(units, values):
-        if db.kind.registered_name == "sparsity":
-            labels.append([int(x) / db.units[u].numel for x in vs])
-        else:
-            labels.append(list(vs))
+    labels = [db.kind.labels(db.units[u], vs) for u, vs in zip(units, values)]
     extra = {"block": [db.units[u].block for u in units], "numel": numel, "values": values}
     for key in ("outlier_ratio", "influence"):
         if all(key in db.units[u].extra for u in units):

@@ -12,7 +12,7 @@ from .problem import Problem, fit
 @ALLOCATORS.register("block-influence")
 @dataclasses.dataclass
 class BlockInfluence(Allocator):
-    kinds = ("depth",)
+    needs = ("influence",)
 
     def allocate(self, problem: Problem, fitness=None) -> list[int]:
         infl = problem.extra.get("influence")

@@ -15,7 +15,7 @@ from .problem import Problem, fit
 class OWL(Allocator):
     lam: float = 0.08
 
-    kinds = ("sparsity",)
+    needs = ("outlier_ratio",)
 
     def allocate(self, problem: Problem, fitness=None) -> list[int]:
         ratio = problem.extra.get("outlier_ratio")

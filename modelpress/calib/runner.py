@@ -19,7 +19,7 @@ from ..models.arch import Arch
 from ..utils.device import forward_dtype, forwards
 from ..utils.progress import progress
 from .stats import LinearStats, StatsCollector
-from .streaming import streaming_block_pass
+from .streaming import first_output, streaming_block_pass
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,6 @@ def _to(x, device):
     if isinstance(x, dict):
         return {k: _to(v, device) for k, v in x.items()}
     return x
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
@@ -97,7 +93,7 @@ class BlockStep:
         """Run the block (as it is now) on `inputs` (default: its calibration inputs)."""
         inputs = self.runner.inputs if inputs is None else inputs
         with forwards(self.runner.model):
-            return [_first(self.module(h, **kw)) for h, kw in zip(inputs, self.runner.kwargs)]
+            return [first_output(self.module(h, **kw)) for h, kw in zip(inputs, self.runner.kwargs)]
 
     @torch.no_grad()
     def collect(self, kinds: dict[str, str] | str = "xtx", names: list[str] | None = None) -> dict[str, LinearStats]:
@@ -113,7 +109,7 @@ class BlockStep:
         outs = []
         with StatsCollector(mods, kinds, self.runner.product_dtype) as col, forwards(self.runner.model):
             for h, kw in zip(self.runner.inputs, self.runner.kwargs):
-                outs.append(_first(self.module(h, **kw)))
+                outs.append(first_output(self.module(h, **kw)))
                 col.end_batch()
         if self.dense_outputs is None:
             self.dense_outputs = outs

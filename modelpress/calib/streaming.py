@@ -24,7 +24,8 @@ from ..utils.device import forwards, full_precision
 from .stats import LinearStats
 
 
-def _first(out):
+def first_output(out):
+    """A module's main output (transformers blocks return a tuple or the hidden states)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -67,7 +68,7 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
 
     def body(b: int):
         with torch.no_grad():
-            outputs[b] = _first(block(inputs[b], **kwargs[b]))
+            outputs[b] = first_output(block(inputs[b], **kwargs[b]))
 
     lets = [greenlet(lambda b=b: body(b)) for b in range(n)]
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in linears.items()]

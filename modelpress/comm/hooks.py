@@ -10,7 +10,6 @@ returns a completed future (no overlap with the backward pass; correctness first
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.distributed as dist

@@ -12,7 +12,6 @@ gradient's size, so an absolutely small error can still move that layer a lot.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch

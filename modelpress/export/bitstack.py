@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..calib.runner import LayerwiseRunner
+from ..calib.driver import calibrate
 from ..data.windows import Windows
 from ..errors import BudgetError, CheckpointError
 from ..models.arch import Arch, get_weight, set_weight
@@ -31,7 +31,7 @@ from ..ops.base import output_error
 from ..ops.lowrank.factor import truncated
 from ..ops.packing import pack_mask, unpack_mask
 from ..utils.io import atomic_dir, sha256_file
-from .checkpoint import MANIFEST, WEIGHTS, _empty_model, dense_tensors, read_manifest, storage_dtype_for, verify_files
+from .checkpoint import MANIFEST, WEIGHTS, empty_model, dense_tensors, storage_dtype_for, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +74,20 @@ def build_bitstack(model, tokenizer, windows: Windows, out_dir: str | Path, cfg:
                    batch_size: int = 8) -> dict:
     """Decompose every Linear of the decoder blocks and write the BitStack checkpoint."""
     cfg = cfg or BitStackConfig()
-    arch = Arch(model)
     tensors: dict[str, torch.Tensor] = {}
     units: dict[str, dict] = {}
-    runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=False)
-    for step in runner.blocks(desc="bitstack"):
-        stats = step.collect("xtx")
-        for name, mod in step.linears.items():
-            w = get_weight(mod).float()
-            scale, blocks, errors = decompose(w, stats[name].hessian, cfg)
-            tensors[f"{name}::scale"] = scale.cpu()
-            for j, (sign, b, a) in enumerate(blocks):
-                tensors[f"{name}::{j}::signs"] = pack_mask(sign.cpu())
-                tensors[f"{name}::{j}::u"] = b.cpu().contiguous()
-                tensors[f"{name}::{j}::v"] = a.cpu().contiguous()
-            units[name] = {"shape": list(w.shape), "errors": errors, "block_bytes": block_bytes(tuple(w.shape), cfg.rank)}
-        step.advance(sequential=False)
+
+    def per_layer(name, mod, st) -> None:
+        w = get_weight(mod).float()
+        scale, blocks, errors = decompose(w, st.hessian, cfg)
+        tensors[f"{name}::scale"] = scale.cpu()
+        for j, (sign, b, a) in enumerate(blocks):
+            tensors[f"{name}::{j}::signs"] = pack_mask(sign.cpu())
+            tensors[f"{name}::{j}::u"] = b.cpu().contiguous()
+            tensors[f"{name}::{j}::v"] = a.cpu().contiguous()
+        units[name] = {"shape": list(w.shape), "errors": errors, "block_bytes": block_bytes(tuple(w.shape), cfg.rank)}
+
+    calibrate(model, windows.calib, per_layer, sequential=False, batch_size=batch_size, desc="bitstack")
     order = importance_order(units, cfg)
     dense, tied = dense_tensors(model, {u: None for u in units})  # type: ignore[arg-type]
     for name, t in dense.items():
@@ -169,7 +167,7 @@ def load_bitstack(path: str | Path, max_memory_mb: float | None = None, *, devic
     counts: dict[str, int] = {u: 0 for u in manifest["units"]}
     for u, _ in manifest["order"][:n]:
         counts[u] += 1
-    model = _empty_model(manifest["config"], torch.float32)
+    model = empty_model(manifest["config"], torch.float32)
     linears = Arch(model).all_linears()
     with safe_open(str(path / WEIGHTS), "pt") as sf:
         dense = {k: sf.get_tensor(k) for k in sf.keys() if "::" not in k}

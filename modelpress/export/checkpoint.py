@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from ..models.arch import Arch, drop_subblock, get_weight, set_weight
+from ..models.arch import drop_subblock, set_weight
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.io import atomic_dir, dir_size, sha256_file
 
@@ -148,7 +148,8 @@ def verify_files(path: str | Path, manifest: dict) -> None:
                                   "(truncated or modified); re-run the compression that wrote it")
 
 
-def _empty_model(config_dict: dict, dtype: torch.dtype):
+def empty_model(config_dict: dict, dtype: torch.dtype):
+    """A randomly initialized model of the stored config, its weights to be loaded."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(config_dict)
@@ -175,7 +176,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
         tensors = load_file(str(path / WEIGHTS))
     except Exception as e:
         raise CheckpointError(f"could not read {path / WEIGHTS}: {e}") from None
-    model = _empty_model(manifest["config"], dtype)
+    model = empty_model(manifest["config"], dtype)
     for name in manifest.get("dropped", []):
         drop_subblock(model, name)
     linears = dict(model.named_modules())

@@ -142,7 +142,6 @@ def export_gguf(model, out: str | Path, *, weights: dict | None = None, default_
     n_layers = cfg.num_hidden_layers
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     dt = ggml.qtype(default_type)
-    emb = embedding_name(model)
     tied = getattr(cfg, "tie_word_embeddings", False)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)

@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 from ..utils.io import atomic_dir
-from .checkpoint import _empty_model
+from .checkpoint import empty_model
 
 
 @torch.no_grad()
 def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    plain = _empty_model(config, dtype)
+    plain = empty_model(config, dtype)
     have = model.state_dict()
     sd = {}
     for name, t in plain.state_dict().items():

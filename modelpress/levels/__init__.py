@@ -1,5 +1,6 @@
-from .database import LevelDB, PlanState, discover_units, model_fingerprint
-from .kinds import KINDS, DepthKind, GGUFKind, JointKind, LowRankKind, QuantKind, SparsityKind, UnitInfo
+from .database import LevelDB, discover_units, model_fingerprint
+from .kinds import KINDS, DepthKind, GGUFKind, JointKind, Kind, LowRankKind, QuantKind, SparsityKind, UnitInfo
+from .state import PlanState
 
-__all__ = ["KINDS", "DepthKind", "GGUFKind", "JointKind", "LevelDB", "LowRankKind", "PlanState", "QuantKind", "SparsityKind", "UnitInfo",
-           "discover_units", "model_fingerprint"]
+__all__ = ["KINDS", "DepthKind", "GGUFKind", "JointKind", "Kind", "LevelDB", "LowRankKind", "PlanState", "QuantKind",
+           "SparsityKind", "UnitInfo", "discover_units", "model_fingerprint"]

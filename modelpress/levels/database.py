@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections import OrderedDict
 import json
 import logging
 import os
@@ -24,23 +23,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from ..calib.runner import LayerwiseRunner
-from ..calib.stats import LinearStats
 from ..data.windows import Windows
 from ..errors import CheckpointError, ConfigError
 from ..allocate.budget import header_entry_bytes
 from ..export.checkpoint import SEP, dense_tensors, storage_dtype_for
-from ..models.arch import Arch, get_weight, set_weight
-from ..ops.base import output_error
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.device import forward_dtype_name
 from ..utils.io import atomic_file, cache_root, write_json
-from .kinds import KINDS, DepthKind, GGUFKind, JointKind, Kind, LowRankKind, QuantKind, SparsityKind, UnitInfo
+from .kinds import KINDS, Kind, UnitInfo
 
 log = logging.getLogger(__name__)
 
 FORMAT = "modelpress-leveldb"
-VERSION = 1
+VERSION = 2  # 2: compute_dtype and the fixed tensors' header bytes always present (see _migrate)
 
 
 def model_fingerprint(model) -> str:
@@ -69,32 +64,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def discover_units(model, kind: Kind) -> list[UnitInfo]:
-    arch = Arch(model)
-    if isinstance(kind, DepthKind):
-        out = []
-        for sb in arch.subblocks():
-            mod = getattr(arch.blocks[sb.block], sb.attr)
-            out.append(UnitInfo(sb.name, None, sum(p.numel() for p in mod.parameters()), sb.block, sb.kind))
-        return out
-    out = []
-    if isinstance(kind, GGUFKind) and kind.embedding:
-        from ..export.ggufio import embedding_name
-
-        emb = model.get_input_embeddings()
-        out.append(UnitInfo(embedding_name(model), tuple(emb.weight.shape), emb.weight.numel(), 0, "embedding"))
-        head = model.get_output_embeddings()
-        if head is not None and head.weight is not emb.weight:  # an untied lm_head is stored as output.weight
-            name = next(n for n, m in model.named_modules() if m is head)
-            out.append(UnitInfo(name, tuple(head.weight.shape), head.weight.numel(), len(arch) - 1, "output"))
-    for name, mod in arch.all_linears().items():
-        w = get_weight(mod)
-        extra = {}
-        if isinstance(kind, GGUFKind):
-            from ..export.ggufio import unit_heads
-
-            extra["heads"] = unit_heads(name, model)
-        out.append(UnitInfo(name, tuple(w.shape), w.numel(), arch.block_of(name), name.rsplit(".", 1)[-1], extra))
-    return out
+    return kind.discover(model)
 
 
 class LevelDB:
@@ -133,39 +103,27 @@ class LevelDB:
                 raise CheckpointError(f"{path} is not a modelpress level database")
             if meta["fingerprint"] != fp:
                 raise ConfigError(f"level database {path} was built for another model; use another --db folder")
-            if isinstance(kind, SparsityKind) and kind.step is None:  # the stored settings hold the resolved step
-                kind.resolve_step(discover_units(model, kind))
+            kind.resolve(model)
             if meta["kind"]["name"] != kind.registered_name or meta["kind"]["settings"] != json.loads(json.dumps(kind.settings())):
                 raise ConfigError(f"level database {path} was built with other settings "
                                   f"({meta['kind']}); use another --db folder")
             if meta["data"] != json.loads(json.dumps(dataclasses.asdict(windows.config))):
                 raise ConfigError(f"level database {path} was built on other calibration data; use another --db folder")
-            # levels built in another compute dtype differ in their last bits; databases from
-            # before the setting were float32
-            built = meta.get("compute_dtype", "float32")
-            if built != (compute := forward_dtype_name(model)):
-                raise ConfigError(f"level database {path} was built with compute dtype {built}, not "
-                                  f"{compute}; pass --compute-dtype {built} or use another --db folder")
-            if kind.tensors_per_unit and "fixed_header_bytes" not in meta:  # a database from before it was counted
-                meta["fixed_header_bytes"], meta["fixed_tensors"] = _fixed_header_bytes(model, discover_units(model, kind))
+            if _migrate(meta, model, kind, path):
                 write_json(mf, meta)
+            # levels built in another compute dtype differ in their last bits
+            if meta["compute_dtype"] != (compute := forward_dtype_name(model)):
+                raise ConfigError(f"level database {path} was built with compute dtype {meta['compute_dtype']}, not "
+                                  f"{compute}; pass --compute-dtype {meta['compute_dtype']} or use another --db folder")
             return cls(path, meta)
-        units = discover_units(model, kind)
-        if isinstance(kind, SparsityKind):
-            kind.resolve_step(units)
-        if isinstance(kind, GGUFKind):
-            from ..export.ggufio import check_architecture, gguf_fixed_bytes
-
-            check_architecture(model)
-            fixed = gguf_fixed_bytes(model, {u.name: u.shape for u in units}, tokenizer)
-        else:
-            fixed = _fixed_bytes(model, units, isinstance(kind, DepthKind))
+        kind.resolve(model)
+        units = kind.discover(model)
         meta = {
             "format": FORMAT, "version": VERSION, "fingerprint": fp,
             "kind": {"name": kind.registered_name, "settings": json.loads(json.dumps(kind.settings()))},
             "data": json.loads(json.dumps(dataclasses.asdict(windows.config))),
             "compute_dtype": forward_dtype_name(model),
-            "fixed_bytes": fixed,
+            "fixed_bytes": kind.fixed_bytes(model, units, tokenizer),
             **(dict(zip(("fixed_header_bytes", "fixed_tensors"), _fixed_header_bytes(model, units)))
                if kind.tensors_per_unit else {}),
             "units": {u.name: {"shape": list(u.shape) if u.shape else None, "numel": u.numel, "block": u.block,
@@ -246,245 +204,42 @@ class LevelDB:
 
     def values(self, unit: str) -> list:
         """Usable levels of `unit`, cheapest first."""
-        if isinstance(self.kind, DepthKind):
-            return self.kind.values(self.units[unit])
-        return self.kind.order(self.units[unit], self.levels_of(unit))
+        return self.kind.usable(self, unit)
 
     def missing(self) -> dict[str, list]:
         """unit -> level values not yet built."""
-        if isinstance(self.kind, DepthKind):
-            return {} if all("influence" in u.extra for u in self.units.values()) else {u: ["dropped"] for u in self.units}
-        out = {}
-        for u in self.units:
-            have = self.levels_of(u)
-            miss = [v for v in self.kind.values(self.units[u]) if str(v) not in have]
-            if miss:
-                out[u] = miss
-        return out
+        return self.kind.missing(self)
 
     def level_meta(self, unit: str, value) -> dict:
-        if isinstance(self.kind, DepthKind):
-            info = self.units[unit]
-            kept = value == "kept"
-            return {"nbytes": 2 * info.numel if kept else 0, "error": 0.0 if kept else info.extra["influence"]}
-        return self.levels_of(unit)[str(value)]
+        return self.kind.level_meta(self, unit, value)
+
+    def set_unit_extra(self, unit: str, **values) -> None:
+        """Per-unit data a build measures (kept in db.json; call save_meta to write it)."""
+        self.meta["units"][unit]["extra"].update(values)
+        self.units[unit].extra.update(values)
 
     # ---- building -----------------------------------------------------------------------
     def build(self, model, windows: Windows, *, batch_size: int = 8, device=None) -> None:
         """Fill every missing (unit, level). Resumable; a no-op when complete."""
-        if not self.missing():
-            return
-        builder = getattr(self, f"_build_{self.kind.registered_name}", None)
-        if builder is None:  # pragma: no cover
-            raise ConfigError(f"no builder for kind {self.kind.registered_name}")
-        builder(model, windows, batch_size, device)
+        if self.missing():
+            self.kind.build(self, model, windows, batch_size, device)
 
-    def _build_quant(self, model, windows, batch_size, device) -> None:
-        kind: QuantKind = self.kind  # type: ignore[assignment]
-        if kind.sequential_level is not None:
-            def levels(n, w, st: LinearStats, want) -> dict:
-                out = {}
-                for bits in want:
-                    pw = kind.operator(bits).compress(w, st)
-                    out[bits] = (pw, output_error(w, pw.dequantize(), st.hessian))
-                return out
 
-            self._build_on_shared_inputs(model, windows, batch_size, device, kind.sequential_level, levels,
-                                         f"database (levels on {kind.sequential_level}-bit inputs)")
-            return
-        arch = Arch(model)
-        linears = arch.all_linears()
-        dense = {n: get_weight(m).detach().clone() for n, m in linears.items() if n in self.units}
-        try:
-            for bits in kind.levels:
-                todo = {u for u, miss in self.missing().items() if bits in miss}
-                if not todo:
-                    continue
-                start = min(self.units[u].block for u in todo)
-                log.info("level database: GPTQ %d-bit pass from block %d", bits, start)
-                # blocks before `start` already have this level: put it in so their outputs are right
-                for n in dense:
-                    if self.units[n].block < start:
-                        set_weight(linears[n], self.load(n, bits).dequantize())
-                op = kind.operator(bits)
-                runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=kind.sequential,
-                                         device=device)
-                for step in runner.blocks(desc=f"database {bits}-bit", start=start):
-                    names = [n for n in step.linears if n in self.units]
-
-                    def do(n, st: LinearStats | None, step=step):
-                        w = get_weight(step.linears[n]).float()
-                        pw = op.compress(w, st)
-                        w_hat = pw.dequantize()
-                        err = output_error(w, w_hat, st.hessian)
-                        set_weight(step.linears[n], w_hat)
-                        if n in todo:
-                            self.add_levels(n, {bits: (pw, err)})
-
-                    if kind.sequential:
-                        step.compress_streaming("xtx", do, names=names)
-                    else:
-                        stats = step.collect("xtx", names=names)
-                        for n in names:
-                            do(n, stats[n])
-                        step.advance(sequential=False)
-                for n, w in dense.items():
-                    set_weight(linears[n], w)
-        finally:
-            for n, w in dense.items():
-                set_weight(linears[n], w)
-
-    def _blocks_on_dense_inputs(self, model, windows, batch_size, device, desc: str, missing: dict):
-        """Block by block: (step, the block's missing layers, their XᵀX statistics on the dense
-        model's inputs); the next block's inputs are this block's dense outputs."""
-        runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=False, device=device)
-        for step in runner.blocks(desc=desc):
-            names = [n for n in step.linears if n in missing]
-            if names:
-                yield step, names, step.collect("xtx", names=names)
-            step.advance(sequential=False)
-
-    def _build_sparsity(self, model, windows, batch_size, device) -> None:
-        kind: SparsityKind = self.kind  # type: ignore[assignment]
-        missing = self.missing()
-        for step, names, stats in self._blocks_on_dense_inputs(model, windows, batch_size, device,
-                                                               "database sparsity", missing):
-            for n in names:
-                w = get_weight(step.linears[n]).float()
-                st = stats[n]
-                new = {}
-                for v in missing[n]:
-                    pw = kind.operator(int(v)).compress(w, st)
-                    new[v] = (pw, output_error(w, pw.dequantize(), st.hessian))
-                score = w.abs() * st.col_norms.unsqueeze(0)
-                ratio = float((score > kind.outlier_m * score.mean()).float().mean())
-                self.meta["units"][n]["extra"]["outlier_ratio"] = ratio
-                self.units[n].extra["outlier_ratio"] = ratio
-                self.add_levels(n, new)
-            self.save_meta()
-
-    def _build_on_shared_inputs(self, model, windows, batch_size, device, ref, levels_of_layer, desc: str) -> None:
-        """Every missing level of a layer from one set of input statistics: the dense model's (`ref` None),
-        or, in one true-sequential pass, those the layer sees when the layers before it hold level `ref`.
-        `levels_of_layer(name, weight, stats, wanted values)` returns {value: (packed weight, error)}."""
-        missing = self.missing()
-        linears = Arch(model).all_linears()
-        dense = {n: get_weight(linears[n]).detach().clone() for n in self.units} if ref is not None else {}
-        start = min(self.units[u].block for u in missing) if ref is not None else 0
-        for n in dense:  # resuming a sequential build: earlier blocks hold the reference level
-            if self.units[n].block < start:
-                set_weight(linears[n], self.load(n, ref).dequantize())
-
-        def one(n, lin, st: LinearStats) -> None:
-            if n not in missing:  # built before an interruption: only its reference level goes in
-                if ref is not None:
-                    set_weight(lin, self.load(n, ref).dequantize())
-                return
-            want = list(missing[n]) + ([ref] if ref is not None and ref not in missing[n] else [])
-            new = levels_of_layer(n, get_weight(lin).float(), st, want)
-            self.add_levels(n, {v: new[v] for v in missing[n]})
-            if ref is not None:
-                set_weight(lin, new[ref][0].dequantize())
-
-        log.info("level database: every level from %s inputs%s", "dense" if ref is None else f"level {ref}'s",
-                 f", from block {start}" if start else "")
-        try:
-            if ref is None:
-                for step, names, stats in self._blocks_on_dense_inputs(model, windows, batch_size, device, desc,
-                                                                       missing):
-                    for n in names:
-                        one(n, step.linears[n], stats[n])
-                return
-            runner = LayerwiseRunner(model, windows.calib, batch_size=batch_size, sequential=True, device=device)
-            for step in runner.blocks(desc=desc, start=start):
-                names = [n for n in step.linears if n in self.units]
-                step.compress_streaming("xtx", lambda n, st, step=step: one(n, step.linears[n], st), names=names)
-        finally:
-            for n, w in dense.items():
-                set_weight(linears[n], w)
-
-    def _build_joint(self, model, windows, batch_size, device) -> None:
-        from ..ops import COMPENSATORS, OPERATORS
-        from ..ops.lowrank.factor import eigen_root
-
-        kind: JointKind = self.kind  # type: ignore[assignment]
-
-        def levels(n, w, st: LinearStats, want) -> dict:
-            h = st.hessian
-            roots = eigen_root(h, kind.damp) if any(kind.ranks) else None
-            new = {}
-            if "drop" in want:
-                new["drop"] = (PackedWeight(shape=tuple(w.shape)), 1.0)
-            for b in kind.bits:
-                for sp in kind.sparsity:
-                    names_here = [kind.name(b, sp, r) for r in kind.ranks]
-                    if not set(want).intersection(names_here):
-                        continue
-                    op = (OPERATORS.build("gptq", bits=b, group_size=kind.group_size, damp=kind.damp, mse=kind.mse,
-                                                    shrink=0.0)
-                          if not sp else
-                          OPERATORS.build("sparsegpt", sparsity=sp, bits=b, group_size=kind.group_size, damp=kind.damp))
-                    base = op.compress(w, st)
-                    for r, v in zip(kind.ranks, names_here):
-                        pw = base if r == 0 else COMPENSATORS.build("eora", rank=r, damp=kind.damp).apply(
-                            w, base, st, roots=roots)
-                        new[v] = (pw, output_error(w, pw.dequantize(), h))
-            return new
-
-        self._build_on_shared_inputs(model, windows, batch_size, device, kind.sequential_level, levels,
-                                     "database joint")
-
-    def _build_lowrank(self, model, windows, batch_size, device) -> None:
-        from ..ops.lowrank.factor import activation_aware_ranks
-
-        kind: LowRankKind = self.kind  # type: ignore[assignment]
-        missing = self.missing()
-        for step, names, stats in self._blocks_on_dense_inputs(model, windows, batch_size, device,
-                                                               "database lowrank", missing):
-            for n in names:
-                w = get_weight(step.linears[n]).float()
-                h = stats[n].hessian
-                factors = activation_aware_ranks(w, h, [int(v[1:]) for v in missing[n] if v != "dense"], kind.damp)
-                new = {}
-                for v in missing[n]:
-                    if v == "dense":
-                        pw = PackedWeight(shape=tuple(w.shape), values=w.to(torch.float16).reshape(-1))
-                    else:
-                        b, a = factors[int(v[1:])]
-                        pw = PackedWeight(shape=tuple(w.shape), lr_b=b.to(torch.float16), lr_a=a.to(torch.float16))
-                    new[v] = (pw, output_error(w, pw.dequantize(), h))
-                self.add_levels(n, new)
-
-    def _build_gguf(self, model, windows, batch_size, device) -> None:
-        from ..ops.ggmlweight import GGMLWeight
-
-        missing = self.missing()
-        mods = dict(model.named_modules())
-        for u in [u for u in missing if self.units[u].group in ("embedding", "output")]:
-            w = get_weight(mods[u]).float()
-            new = {}
-            for t in missing[u]:
-                gw = GGMLWeight.quantize(w, t)
-                new[t] = (gw, float(((gw.dequantize() - w) ** 2).sum() / (w ** 2).sum()))
-            self.add_levels(u, new)
-        for step, names, stats in self._blocks_on_dense_inputs(model, windows, batch_size, device,
-                                                               "database gguf", missing):
-            for n in names:
-                w = get_weight(step.linears[n]).float()
-                new = {}
-                for t in missing[n]:
-                    gw = GGMLWeight.quantize(w, t, heads=self.units[n].extra.get("heads"))
-                    new[t] = (gw, output_error(w, gw.dequantize().to(w.device), stats[n].hessian))
-                self.add_levels(n, new)
-
-    def _build_depth(self, model, windows, batch_size, device=None) -> None:
-        from ..ops.drop.influence import subblock_influence
-
-        scores = subblock_influence(model, windows.calib, batch_size=batch_size)
-        for n in self.units:
-            self.meta["units"][n]["extra"]["influence"] = scores[n]
-            self.units[n].extra["influence"] = scores[n]
-        self.save_meta()
+def _migrate(meta: dict, model, kind: Kind, path: Path) -> bool:
+    """Bring the db.json of an older database up to VERSION in place (True if it changed).
+    Version 1 databases may lack the compute dtype (they were float32) and, for kinds that store
+    tensors, the checkpoint-header bytes of the fixed tensors."""
+    version = meta.get("version", 1)
+    if version > VERSION:
+        raise CheckpointError(f"level database {path} was written by a newer modelpress (format version "
+                              f"{version}, this one reads up to {VERSION}); upgrade modelpress or use another --db")
+    if version == VERSION:
+        return False
+    meta.setdefault("compute_dtype", "float32")
+    if kind.tensors_per_unit and "fixed_header_bytes" not in meta:
+        meta["fixed_header_bytes"], meta["fixed_tensors"] = _fixed_header_bytes(model, kind.discover(model))
+    meta["version"] = VERSION
+    return True
 
 
 def _serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -501,7 +256,7 @@ def _fixed_tensors(model, units: list[UnitInfo], depth: bool = False) -> dict[st
             if not ((depth and n.startswith(prefixes)) or (not depth and n in unit_weights))}
 
 
-def _fixed_bytes(model, units: list[UnitInfo], depth: bool) -> int:
+def fixed_bytes(model, units: list[UnitInfo], depth: bool = False) -> int:
     """Bytes of the fixed tensors as stored (float16)."""
     return sum(t.numel() * torch.empty(0, dtype=storage_dtype_for(t, torch.float16)).element_size()
                for t in _fixed_tensors(model, units, depth).values())
@@ -518,70 +273,3 @@ def _fixed_header_bytes(model, units: list[UnitInfo]) -> tuple[int, int]:
     and the number of those tensors."""
     fixed = _fixed_tensors(model, units)
     return 128 + sum(header_entry_bytes(n, tuple(t.shape)) for n, t in fixed.items()), len(fixed)
-
-
-class PlanState:
-    """Applies level choices to a model from a database, incrementally and reversibly.
-
-    Keeps the dense weights (or the original sub-block modules) so any unit can go back; caches
-    dequantized levels so switching during a search costs a copy, not a decode.
-    """
-
-    def __init__(self, model, db: LevelDB, cache: bool = True, cache_bytes: int = 2 << 30):
-        """The model must be dense (no plan applied) when the state is made. At most one PlanState
-        should drive a model at a time: each assumes it knows what the model holds."""
-        self.model = model
-        self.db = db
-        self.arch = Arch(model)
-        self.current: dict[str, object] = {u: None for u in db.units}  # None = dense / original
-        self.cache = cache
-        self.cache_bytes = cache_bytes
-        self._deq: "OrderedDict[tuple[str, str], torch.Tensor]" = OrderedDict()
-        self._deq_bytes = 0
-        if isinstance(db.kind, DepthKind):
-            self._orig = {sb.name: getattr(self.arch.blocks[sb.block], sb.attr) for sb in self.arch.subblocks()
-                          if sb.name in db.units}
-        else:
-            mods = dict(model.named_modules())
-            self._mods = {u: mods[u] for u in db.units}
-            self._dense = {u: get_weight(m).detach().clone() for u, m in self._mods.items()}
-
-    def _weight(self, unit: str, value) -> torch.Tensor:
-        key = (unit, str(value))
-        if key in self._deq:
-            self._deq.move_to_end(key)
-            return self._deq[key]
-        w = self.db.load(unit, value).dequantize()
-        if self.cache:  # least recently used levels are dropped beyond cache_bytes
-            self._deq[key] = w
-            self._deq_bytes += w.numel() * w.element_size()
-            while self._deq_bytes > self.cache_bytes and len(self._deq) > 1:
-                _, old = self._deq.popitem(last=False)
-                self._deq_bytes -= old.numel() * old.element_size()
-        return w
-
-    def set(self, unit: str, value) -> None:
-        if self.current[unit] == value:
-            return
-        if isinstance(self.db.kind, DepthKind):
-            from ..models.arch import Dropped
-
-            info = self.db.units[unit]
-            blk = self.arch.blocks[info.block]
-            attr = unit.rsplit(".", 1)[1]
-            orig = self._orig[unit]
-            if value == "dropped":
-                setattr(blk, attr, Dropped(info.group, getattr(orig, "layer_idx", info.block if info.group == "attn" else None)))
-            else:
-                setattr(blk, attr, orig)
-        else:
-            set_weight(self._mods[unit], self._dense[unit] if value is None else self._weight(unit, value))
-        self.current[unit] = value
-
-    def apply(self, values: dict[str, object]) -> None:
-        for u, v in values.items():
-            self.set(u, v)
-
-    def restore(self) -> None:
-        for u in list(self.current):
-            self.set(u, "kept" if isinstance(self.db.kind, DepthKind) else None)

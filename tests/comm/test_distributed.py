@@ -112,7 +112,6 @@ def test_every_compressor_averages_the_workers(tmp_path):
 
 
 def test_hook_state_survives_save_and_load(tmp_path):
-    from modelpress.comm.train import main
 
     common = ["--compressor", "topk", "--ratio", "0.05", "--ef", "ef21", "--hidden", "32", "--layers", "2",
               "--batch", "2", "--seq", "32"]

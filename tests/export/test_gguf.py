@@ -1,5 +1,4 @@
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch

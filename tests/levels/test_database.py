@@ -3,7 +3,7 @@ import torch
 
 import modelpress as mp
 from modelpress.errors import ConfigError
-from modelpress.levels import LevelDB, QuantKind, SparsityKind, DepthKind
+from modelpress.levels import LevelDB, QuantKind
 from modelpress.levels import database as dbmod
 from modelpress.search import open_database
 from tests.conftest import tiny_model

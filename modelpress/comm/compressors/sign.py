@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 
 from ...ops.packing import pack_mask, unpack_mask
 from .base import COMPRESSORS, Compressor

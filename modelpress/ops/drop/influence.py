@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...calib.runner import LayerwiseRunner, _first
+from ...calib.runner import LayerwiseRunner, first_output
 from ...models.arch import Arch
 
 
@@ -31,7 +31,7 @@ def subblock_influence(model, ids: torch.Tensor, batch_size: int = 8) -> dict[st
         subs = sorted(by_block.get(step.index, []), key=lambda s: s.kind != "attn")  # attention first
         captured: dict[str, list] = {sb.name: [] for sb in subs}
         handles = [getattr(step.module, sb.attr).register_forward_hook(
-            lambda m, a, out, n=sb.name: captured[n].append(_first(out).detach())) for sb in subs]
+            lambda m, a, out, n=sb.name: captured[n].append(first_output(out).detach())) for sb in subs]
         try:
             outs = step.forward()
         finally:

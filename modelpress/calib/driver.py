@@ -1,0 +1,67 @@
+"""The one calibration driver: for each decoder block, stream or collect the inputs' statistics,
+then call a function per layer.
+
+    calibrate(model, ids, per_layer, stats="xtx", sequential=True)
+
+`sequential=True`: one forward pass per block, each layer handed its statistics once every batch
+has reached it, and the next block sees the outputs of the block as `per_layer` left it
+(calib.streaming; GPTQ's true-sequential order). `sequential=False`: the statistics come from the
+block as it is, `per_layer` is called for each layer, and the next block sees that block's
+outputs from before the calls (every layer measured on the dense model's inputs). Everything that
+calibrates layer by layer (compress, the level database's builders, BitStack) goes through here.
+
+`kept_weights(modules)` snapshots weights and puts them back on exit, for passes that change the
+model only to see what later layers receive.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..models.arch import get_weight, set_weight
+from .runner import BlockStep, LayerwiseRunner
+from .stats import LinearStats
+
+PerLayer = Callable[[str, nn.Module, "LinearStats | None"], None]
+
+
+@torch.no_grad()
+def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dict[str, str] = "xtx",
+              sequential: bool = True, layers: Callable[[BlockStep], list[str]] | None = None, start: int = 0,
+              batch_size: int = 8, device=None, desc: str = "calibration",
+              after_block: Callable[[BlockStep], None] | None = None) -> None:
+    """Walk the blocks over calibration windows `ids`, calling `per_layer(name, module, stats)` for
+    every Linear that `layers(step)` names (default: all of the block's).
+
+    Blocks before `start` are only run forward, as they are (a resumed build puts the levels they
+    already have into them first). `after_block(step)` runs once a block's layers are done."""
+    runner = LayerwiseRunner(model, ids, batch_size=batch_size, sequential=sequential, device=device)
+    for step in runner.blocks(desc=desc, start=start):
+        names = list(step.linears) if layers is None else layers(step)
+        if not names:
+            step.advance(sequential=sequential)
+        elif sequential:
+            step.compress_streaming(stats, lambda n, st, step=step: per_layer(n, step.linears[n], st), names=names)
+        else:
+            collected = step.collect(stats, names=names)
+            for n in names:
+                per_layer(n, step.linears[n], collected[n])
+            del collected
+            step.advance(sequential=False)
+        if after_block is not None:
+            after_block(step)
+
+
+@contextlib.contextmanager
+def kept_weights(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Snapshot the weights of `modules` (name -> Linear-like); put them back on exit, however the
+    block exits. Yields the snapshot (name -> weight)."""
+    saved = {n: get_weight(m).detach().clone() for n, m in modules.items()}
+    try:
+        yield saved
+    finally:
+        for n, w in saved.items():
+            set_weight(modules[n], w)

@@ -1,0 +1,90 @@
+"""gguf: units = Linear layers and the embedding (and an untied output head); levels = llama.cpp
+(GGML) tensor types, each with its exact bytes in the GGUF file."""
+from __future__ import annotations
+
+import dataclasses
+
+from ...errors import ConfigError
+from ...models.arch import Arch, get_weight
+from ...ops.base import output_error
+from ..build import on_dense_inputs
+from .base import KINDS, Kind, UnitInfo, pareto
+
+
+@KINDS.register("gguf")
+@dataclasses.dataclass
+class GGUFKind(Kind):
+    """Levels are llama.cpp (GGML) tensor types, each with its exact bytes in the GGUF file. A unit
+    only gets the types its row width allows (K-quants need multiples of 256 weights per row).
+    The input embedding is a unit too (it is a fifth of a small model's file)."""
+
+    types: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+    embedding: bool = True
+
+    budgets = ("mb",)
+    ylabel = "GGML type"
+
+    def __post_init__(self) -> None:
+        from ...ops import ggml
+
+        self.types = tuple(ggml.qtype(t).name for t in self.types)
+
+    def discover(self, model) -> list[UnitInfo]:
+        out = []
+        if self.embedding:
+            from ...export.ggufio import embedding_name
+
+            arch = Arch(model)
+            emb = model.get_input_embeddings()
+            out.append(UnitInfo(embedding_name(model), tuple(emb.weight.shape), emb.weight.numel(), 0, "embedding"))
+            head = model.get_output_embeddings()
+            if head is not None and head.weight is not emb.weight:  # an untied lm_head is stored as output.weight
+                name = next(n for n, m in model.named_modules() if m is head)
+                out.append(UnitInfo(name, tuple(head.weight.shape), head.weight.numel(), len(arch) - 1, "output"))
+        return out + super().discover(model)
+
+    def unit_extra(self, name: str, model) -> dict:
+        from ...export.ggufio import unit_heads
+
+        return {"heads": unit_heads(name, model)}
+
+    def fixed_bytes(self, model, units, tokenizer=None) -> int:
+        from ...export.ggufio import check_architecture, gguf_fixed_bytes
+
+        check_architecture(model)
+        return gguf_fixed_bytes(model, {u.name: u.shape for u in units}, tokenizer)
+
+    def values(self, unit: UnitInfo) -> list:
+        from ...ops import ggml
+
+        ok = [t for t in self.types if ggml.supported(ggml.qtype(t), unit.shape[1])]
+        if not ok:
+            raise ConfigError(f"none of the GGML types {self.types} can store {unit.name} "
+                              f"(rows of {unit.shape[1]} weights)")
+        return sorted(ok, key=lambda t: (ggml.bytes_per_row(ggml.qtype(t), unit.shape[1]), t))
+
+    def order(self, unit: UnitInfo, built: dict[str, dict]) -> list:
+        return pareto(built)
+
+    def build(self, db, model, windows, batch_size, device) -> None:
+        from ...ops.ggmlweight import GGMLWeight
+
+        missing = db.missing()
+        mods = dict(model.named_modules())
+        for u in [u for u in missing if db.units[u].group in ("embedding", "output")]:
+            w = get_weight(mods[u]).float()
+            new = {}
+            for t in missing[u]:
+                gw = GGMLWeight.quantize(w, t)
+                new[t] = (gw, float(((gw.dequantize() - w) ** 2).sum() / (w ** 2).sum()))
+            db.add_levels(u, new)
+
+        def per_layer(n, mod, st, want) -> None:
+            w = get_weight(mod).float()
+            new = {}
+            for t in want:
+                gw = GGMLWeight.quantize(w, t, heads=db.units[n].extra.get("heads"))
+                new[t] = (gw, output_error(w, gw.dequantize().to(w.device), st.hessian))
+            db.add_levels(n, new)
+
+        on_dense_inputs(db, model, windows, batch_size, device, "database gguf", per_layer)
