@@ -110,6 +110,7 @@ def main() -> None:
             cache.put("dense", {"ppl": d.ppl, "kl": 0.0})
         settings = SearchSettings(fitness_windows=32)
         state = PlanState(model, db)
+        fit_ref = None  # the fitness's dense top-K, computed once per database
         if extend and not suffix:
             b = jobs[0][0]
             if not checkpoint(db, b, args.init).is_file():
@@ -122,7 +123,8 @@ def main() -> None:
             kw = dict(evo_kw, checkpoint=str(checkpoint(db, b, evo_kw.get("init")))) if a == "evolutionary" else {}
             if a == "sensitivity":  # its measurements are the ones the search's start reads back
                 kw = dict(evo_kw, cache=str(sensitivity_cache(checkpoint(db, b, "sensitivity"))))
-            res = allocate(model, db, b, a, data=windows, settings=settings, state=state, **kw)
+            res = allocate(model, db, b, a, data=windows, settings=settings, state=state, reference=fit_ref, **kw)
+            fit_ref = res.reference or fit_ref
             state.apply(res.plan.levels)
             r = evaluate(model, windows.eval, reference=ref)
             size = (db.meta["fixed_bytes"] + sum(int(db.level_meta(u, v)["nbytes"])

@@ -16,9 +16,10 @@ from .errors import ConfigError
 from .eval.fitness import KLFitness
 from .export.checkpoint import round_to_storage
 from .levels import KINDS, LevelDB, PlanState
-from .levels.kinds import Kind
+from .levels.kinds import Kind, kind_for_budget
 from .registry import config_dict
 from .utils.device import takes_compute_dtype
+from .utils.io import slug
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ class SearchSettings:
     topk: int = 512
     batch_size: int = 4
     reuse_prefix: bool = True
-    reference: list | None = None  # a KLFitness.ref from an earlier search on the same windows
 
     def __post_init__(self) -> None:
         if self.fitness_windows < 1:
@@ -49,6 +49,7 @@ class SearchResult:
     seconds: dict[str, float]
     fitness_stats: dict | None = None
     resumed_at: int = 0  # generation a checkpointed search resumed at (0: it started fresh)
+    reference: list | None = None  # the fitness's dense top-K cache: pass it to the next allocate on these windows
 
 
 def make_kind(kind: str | Kind, **settings) -> Kind:
@@ -76,9 +77,10 @@ def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataCon
 @takes_compute_dtype
 def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary", *,
              data: DataConfig | Windows | None = None, tokenizer=None, settings: SearchSettings | None = None,
-             state: PlanState | None = None, **allocator_settings) -> SearchResult:
+             state: PlanState | None = None, reference: list | None = None, **allocator_settings) -> SearchResult:
     """Choose a level per unit under `budget`. Measuring allocators run the model through `state`
-    (the caller's PlanState, if it keeps one) and leave it dense."""
+    (the caller's PlanState, if it keeps one) and leave it dense; `reference` is an earlier
+    result's `.reference` on the same windows (the dense model's top-K, not computed again)."""
     settings = settings or SearchSettings()
     problem = make_problem(db, budget)
     alloc = ALLOCATORS.build(allocator, **allocator_settings)
@@ -100,15 +102,15 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
             validation = validation if len(validation) else None
         fitness = KLFitness(model, state, problem, windows.calib[:fw], topk=settings.topk,
                             batch_size=settings.batch_size, reuse_prefix=settings.reuse_prefix,
-                            reference=settings.reference, validation=validation)
-        settings.reference = fitness.ref
+                            reference=reference, validation=validation)
     t1 = time.time()
     try:
-        choice = alloc.allocate(problem, fitness)
+        result = alloc.run(problem, fitness)
     finally:
         if fitness is not None:
             state.restore()
     t2 = time.time()
+    choice = result.choice
     plan = Plan.from_choice(problem, choice, db.kind.registered_name,
                             budget=dataclasses.asdict(budget), allocator=config_dict(alloc),
                             info={"cost": problem.cost(choice), "budget_cost": problem.budget,
@@ -117,11 +119,10 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
     if fitness is not None:
         stats = {"evaluations": fitness.evaluations, "seconds": fitness.seconds, "blocks_run": fitness.blocks_run,
                  "validation_windows": len(fitness.validation), "start_validation": fitness.first_validation,
-                 "final_validation": fitness.validate(choice),
-                 "selected_generation": getattr(alloc, "selected_generation", None)}
-    return SearchResult(plan=plan, problem=problem, db=db, history=list(getattr(alloc, "history", [])),
+                 "final_validation": fitness.validate(choice), "selected_generation": result.selected_generation}
+    return SearchResult(plan=plan, problem=problem, db=db, history=result.history,
                         seconds={"reference": t1 - t0, "search": t2 - t1}, fitness_stats=stats,
-                        resumed_at=getattr(alloc, "resumed_at", 0))
+                        resumed_at=result.resumed_at, reference=fitness.ref if fitness is not None else None)
 
 
 def materialize(model, tokenizer, db: LevelDB, plan: Plan, state: PlanState | None = None) -> Compressed:
@@ -150,62 +151,100 @@ def load_plan(path: str | Path, db: LevelDB) -> Plan:
 
 
 
+@dataclasses.dataclass
+class SearchConfig:
+    """Everything one budget search needs, for the CLI and Python alike.
+
+    >>> cfg = SearchConfig(Budget("bits", 3), kind_settings={"levels": (2, 3, 4)}, compare=("uniform",),
+    ...                    out="out/smollm2-3bit")
+    >>> report = modelpress.search(model, tokenizer, cfg)
+
+    `kind` defaults to the kind made for the budget (bits, mb: quant; sparsity; drop: depth).
+    Machine-sized defaults (CPU vs GPU) are named configs in `modelpress.presets`."""
+
+    budget: Budget
+    kind: str | None = None
+    kind_settings: dict = dataclasses.field(default_factory=dict)
+    allocator: str = "evolutionary"
+    allocator_settings: dict = dataclasses.field(default_factory=dict)
+    compare: tuple[str, ...] = ()  # allocators also run and evaluated (e.g. the uniform baseline)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    fitness: SearchSettings = dataclasses.field(default_factory=SearchSettings)
+    db: str | Path | None = None  # level database folder (default: in the cache)
+    out: str | Path | None = None  # checkpoint folder, or a .gguf file for kind gguf (default: out/<...>)
+    plan_file: str | Path | None = None  # apply this plan.json instead of allocating
+    evaluate: bool = True
+    eval_suite: str | list[str] = "default"
+    n_eval: int | None = 16  # held-out windows per evaluation domain
+    export_hf: bool = False  # also write the chosen model as a plain dequantized HF folder, OUT-hf
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, Budget):
+            self.budget = Budget(*self.budget) if isinstance(self.budget, (tuple, list)) else Budget(**self.budget)
+        self.kind = self.kind or kind_for_budget(self.budget.kind)
+        KINDS.get(self.kind)
+        for name in (self.allocator, *self.compare):
+            ALLOCATORS.get(name)
+        self.compare = tuple(self.compare)
+        if self.out is not None and Path(self.out).suffix == ".gguf" and self.export_hf:
+            raise ConfigError("a .gguf --out is the export; --export hf needs a checkpoint folder for --out")
+
+
 @takes_compute_dtype
-def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings: dict, budget: Budget,
-                 allocator: str = "evolutionary", allocator_settings: dict | None = None,
-                 compare: list[str] = (), data: DataConfig | Windows | None = None, db: str | Path | None = None,
-                 out: str | Path, settings: SearchSettings | None = None, evaluate: bool = True,
-                 plan_file: str | Path | None = None, device=None, eval_suite: str | list[str] = "default",
-                 n_eval: int | None = 16, export_hf_dir: str | Path | None = None) -> dict:
+def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = None, device=None) -> dict:
     """Build/resume the database, allocate (and the `compare` baselines), evaluate every plan on
-    every domain of `eval_suite` (`n_eval` held-out windows each), save the chosen one as a
-    checkpoint with plan.json, report.json/.md and two PNG plots (and, with `export_hf_dir`, as a
-    plain dequantized Hugging Face folder)."""
+    every domain of the evaluation suite, save the chosen one as a checkpoint with plan.json,
+    report.json/.md and two PNG plots; returns the report."""
     from .data.suites import suite_windows
     from .eval.suite import SuiteReference, evaluate_suite, suite_columns, suite_row
     from .plots import plot_fitness, plot_levels
     from .report import write_report
 
+    cfg = config
+    budget, kind, allocator = cfg.budget, cfg.kind, cfg.allocator
+    model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
     t_start = time.time()
-    out = Path(out)
-    if export_hf_dir is not None and out.suffix == ".gguf":
-        raise ConfigError("a .gguf --out is the export; --export hf needs a checkpoint folder for --out")
-    windows = as_windows(tokenizer, data, model)
+    out = Path(cfg.out) if cfg.out is not None else Path("out") / slug(
+        f"{Path(model_name).stem}-{kind}-{budget.label()}-{allocator}")
+    windows = as_windows(tokenizer, cfg.data, model)
     t0 = time.time()
-    database = open_database(model, tokenizer, kind, data=windows, db=db, device=device, **kind_settings)
+    database = open_database(model, tokenizer, kind, data=windows, db=cfg.db, device=device, **cfg.kind_settings)
     build_s = time.time() - t0
     rows: list[dict] = []
     ref = domains = None
-    if evaluate:
-        domains = suite_windows(tokenizer, eval_suite, seq_len=windows.config.seq_len, n_eval=n_eval)
+    if cfg.evaluate:
+        domains = suite_windows(tokenizer, cfg.eval_suite, seq_len=windows.config.seq_len, n_eval=cfg.n_eval)
         ref = SuiteReference(model, domains)
         rows.append({"label": "dense", **suite_row(ref.dense, ref.dense), "kl": 0.0,
                      "size_mb": (database.meta["fixed_bytes"] + sum(
                          2 * u.numel for u in database.units.values())) / 1e6})
     results: dict[str, SearchResult] = {}
     state = PlanState(model, database)
-    for name in [*compare, allocator]:
+    reference = None  # the fitness's dense top-K, computed once for every measuring allocator
+    for name in [*cfg.compare, allocator]:
         if name in results:
             continue
-        kw = (allocator_settings or {}) if name == allocator else {}
-        if name == allocator and plan_file is not None:
-            plan = load_plan(plan_file, database)
+        kw = dict(cfg.allocator_settings) if name == allocator else {}
+        if name == allocator and cfg.plan_file is not None:
+            plan = load_plan(cfg.plan_file, database)
             problem = make_problem(database, budget)
             results[name] = SearchResult(plan=plan, problem=problem, db=database, history=[], seconds={})
             continue
-        for field in ("checkpoint", "cache"):  # the long allocators resume from a file beside the database
-            if name == allocator and hasattr(ALLOCATORS.get(name), field) and field not in kw:
-                kw = {**kw, field: str(database.path / "searches" / f"{budget.kind}-{budget.value:g}-{name}.json")}
-        results[name] = allocate(model, database, budget, name, data=windows, settings=settings, state=state, **kw)
+        resume = ALLOCATORS.get(name).resume_setting
+        if name == allocator and resume and resume not in kw:  # long allocators resume from a file beside the db
+            kw[resume] = str(database.path / "searches" / f"{budget.kind}-{budget.value:g}-{name}.json")
+        results[name] = allocate(model, database, budget, name, data=windows, settings=cfg.fitness, state=state,
+                                 reference=reference, **kw)
+        reference = results[name].reference or reference
         log.info("%s: %s", name, results[name].plan.info)
     for name, res in results.items():
         row = {"label": name, **res.seconds, "cost": res.plan.info.get("cost"),
                "size_mb": _plan_mb(database, res), "bits_per_weight": _plan_bits(database, res)}
-        if evaluate:
+        if cfg.evaluate:
             state.apply(res.plan.levels)
             row.update(suite_row(evaluate_suite(model, domains, ref, desc=f"eval {name}"), ref.dense))
         rows.append(row)
-    if evaluate and "uniform" in results and allocator != "uniform":
+    if cfg.evaluate and "uniform" in results and allocator != "uniform":
         by = {r["label"]: r for r in rows}
         worse = [d for d in domains.names if by[allocator][f"ppl:{d}"] >= by["uniform"][f"ppl:{d}"]]
         if worse:
@@ -227,7 +266,7 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
                                                        for u, v in chosen.plan.levels.items())
         chosen.plan.info.update(file_bytes=out.stat().st_size, predicted_bytes=predicted)
     else:
-        c.save(out, export_hf_dir=export_hf_dir)
+        c.save(out, export_hf_dir=out.with_name(out.name + "-hf") if cfg.export_hf else None)
     out_files = report_dir
     chosen.plan.save(out_files / "plan.json")
     problem = chosen.problem
@@ -235,13 +274,13 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
                 problem.groups or [], ylabel=database.kind.ylabel)
     plot_fitness(out_files / "fitness.png", chosen.history)
     report = {
-        "model": model_name, "method": {"kind": kind, **kind_settings, "allocator": allocator,
-                                        "allocator_settings": allocator_settings or {}},
+        "model": model_name, "method": {"kind": kind, **cfg.kind_settings, "allocator": allocator,
+                                        "allocator_settings": cfg.allocator_settings},
         "budget": budget.label(), "data": dataclasses.asdict(windows.config), "rows": rows,
         "database": {"path": str(database.path), "build_seconds": build_s},
         "history": chosen.history, "fitness": chosen.fitness_stats, "seconds": time.time() - t_start,
-        "checkpoint": str(out), **({"export_hf": str(export_hf_dir)} if export_hf_dir is not None else {}),
-        "evaluation": domains.info(eval_suite) if domains else None,
+        "checkpoint": str(out), **({"export_hf": str(out.with_name(out.name + "-hf"))} if cfg.export_hf else {}),
+        "evaluation": domains.info(cfg.eval_suite) if domains else None,
         "columns": [("label", "allocator"), *suite_columns(domains.names if domains else []),
                     ("size_mb", "size MB"), ("bits_per_weight", "bits/weight (layers)"), ("search", "search s")],
     }
@@ -249,6 +288,8 @@ def run_pipeline(model, tokenizer, *, model_name: str, kind: str, kind_settings:
     with open(out_files / "report.md", "a") as f:
         f.write("\n![level per unit](levels.png)\n\n![fitness per generation](fitness.png)\n")
     return report
+
+
 
 
 def _plan_mb(db: LevelDB, res: SearchResult) -> float:
@@ -263,5 +304,5 @@ def _plan_bits(db: LevelDB, res: SearchResult) -> float | None:
     return 8.0 * sum(int(db.level_meta(u, v)["nbytes"]) for u, v in res.plan.levels.items()) / n
 
 
-__all__ = ["SearchResult", "SearchSettings", "allocate", "load_plan", "make_kind", "materialize", "open_database",
-           "run_pipeline"]
+__all__ = ["SearchConfig", "SearchResult", "SearchSettings", "allocate", "load_plan", "make_kind", "materialize",
+           "open_database", "search"]

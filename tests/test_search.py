@@ -56,7 +56,7 @@ def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
                       (["--target-bits", "3", "--allocator", "owl"], "does not apply to kind"),
                       (["--target-bits", "3", "--sequential-level", "w5"], "not one of the levels"),
                       (["--target-bits", "3", "--sequential-level", "three"], "give one of the bit-widths"),
-                      (["--target-sparsity", "0.5", "--sequential-level", "w3"], "applies to --kind joint or quant"),
+                      (["--target-sparsity", "0.5", "--sequential-level", "w3"], "does not apply to --kind sparsity"),
                       (["--target-bits", "3", "--allocator", "dp", "--init", "sensitivity"], "apply to the evolutionary"),
                       (["--target-bits", "3", "--init", "nope"], "init must be one of")]:
         r = runner.invoke(app, ["search", str(model_dir / "tiny"), *args, "--levels", "2,3,4", "--no-eval",
@@ -103,4 +103,4 @@ def test_lowrank_search_cli(model_dir, tmp_path):  # noqa: F811
     assert (out / "weights.safetensors").stat().st_size <= 0.22e6
     r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--kind", "quant", "--ratios", "0.5", "--target-bits", "3",
                             "--no-eval", *small(model_dir)])
-    assert r.exit_code == 2 and "--ratios applies to --kind lowrank" in r.output
+    assert r.exit_code == 2 and "--ratios does not apply to --kind quant" in r.output

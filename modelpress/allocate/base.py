@@ -3,6 +3,7 @@ returns one level index per unit; it never touches a model. Allocators that meas
 (evolutionary) receive a fitness object that does."""
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 from ..registry import Registry
@@ -27,11 +28,31 @@ class Fitness:
         return None
 
 
+@dataclasses.dataclass
+class Allocation:
+    """What an allocator returns from `run`: the choice and, for searches, how it got there."""
+
+    choice: list[int]
+    history: list[dict] = dataclasses.field(default_factory=list)  # one entry per generation
+    resumed_at: int = 0  # generation a checkpointed search resumed at (0: it started fresh)
+    selected_generation: int | None = None  # which generation's plan was returned (0 = the start)
+
+
 class Allocator:
     registered_name: ClassVar[str]
+    # the setting that names the file a long allocator resumes from (None: it does not resume)
+    resume_setting: ClassVar[str | None] = None
     # per-unit data (Problem.extra keys) the allocator reads: it applies to the databases that hold them
     needs: ClassVar[tuple[str, ...]] = ()
     needs_fitness: ClassVar[bool] = False
 
     def allocate(self, problem: Problem, fitness=None) -> list[int]:  # pragma: no cover
         raise NotImplementedError
+
+    def run(self, problem: Problem, fitness=None) -> Allocation:
+        """`allocate`, with what the allocator recorded on the way (searches override `_record`)."""
+        choice = self.allocate(problem, fitness)
+        return Allocation(choice, **self._record())
+
+    def _record(self) -> dict:
+        return {}

@@ -108,6 +108,7 @@ class Evolutionary(Allocator):
     select: str = "validation"
 
     needs_fitness = True
+    resume_setting = "checkpoint"
 
     def __post_init__(self) -> None:
         self.survivors = tuple(self.survivors)
@@ -224,6 +225,10 @@ class Evolutionary(Allocator):
                 log.info("generation %d: fitness %.6f%s%s", gen + 1, best_fit,
                          f", validation {val:.6f}" if val is not None else "", " (new parent)" if improved else "")
         return fill(problem, self._selected(parent))  # fill: no-op with equal-cost partners; uses slack left by compensating ones
+
+    def _record(self) -> dict:
+        return {"history": list(self.history), "resumed_at": self.resumed_at,
+                "selected_generation": self.selected_generation}
 
     def _selected(self, last: list[int]) -> list[int]:
         """The plan to return: `last`, or with select="validation" the parent with the lowest

@@ -44,6 +44,7 @@ class Sensitivity(Allocator):
     cache: str | None = None  # JSON of the measurements, written as they come; an existing one is resumed
 
     needs_fitness = True
+    resume_setting = "cache"
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or (self.reach is not None and self.reach < 1):

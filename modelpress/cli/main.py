@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from rich.table import Table
 
 from ..data.defaults import DEFAULT_CALIBRATION, DEFAULT_SUITE, N_EVAL
 from ..errors import ConfigError, ModelpressError
+from ..utils.io import slug
 from ..utils.progress import enable_progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -71,10 +71,6 @@ def print_rows(rows: list[dict], columns: list[tuple[str, str]], title: str | No
     for r in rows:
         t.add_row(*[fmt(r.get(k)) for k, _ in columns])
     console.print(t)
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", s).strip("-").lower()
 
 
 def _data_config(data: str, n_samples: int, seq_len: int, seed: int, n_eval: Optional[int]):
@@ -154,8 +150,7 @@ def compress_cmd(
     """Compress MODEL: one method for every Linear of its decoder blocks, or — with a budget
     (--target-bits / --target-mb / --target-sparsity) — per-layer levels found by evolutionary search."""
     _setup(verbose)
-    if export not in (None, "hf"):
-        raise ConfigError(f"unknown export format {export!r}; use --export hf (GGUF: `modelpress export gguf`)")
+    _export_hf(export)
     quant = dict(sym=sym, act_order=act_order, mse=mse, shrink=shrink)
     if target_bits is not None or target_mb is not None or target_sparsity is not None:
         sparse = target_sparsity is not None
@@ -174,12 +169,18 @@ def compress_cmd(
             "--refit-iters": (refit_iters is not None and not sparse, "it applies to --target-sparsity"),
             "--group-size": (group_size is not None and sparse, "it applies to quantization budgets"),
         })
+        from ..presets import budget_config, machine_for
+
         level_settings = {k: v for k, v in quant.items() if v is not None}
         if refit_iters is not None:
             level_settings["refit_iters"] = refit_iters
-        return _budget_compress(model, target_bits, target_mb, target_sparsity, group_size, out, evaluate, data,
-                                n_samples, seq_len, seed, n_eval, device, eval_suite, level_settings=level_settings,
-                                export=export)
+        if group_size is not None:
+            level_settings["group_size"] = group_size or None
+        config = budget_config(_budget(target_bits, target_mb, target_sparsity, None), machine=machine_for(device),
+                               corpus=data, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                               level_settings=level_settings, out=out, evaluate=evaluate, eval_suite=eval_suite,
+                               n_eval=n_eval or N_EVAL, export_hf=_export_hf(export))
+        return _run_search(model, config, device)
     n_samples = n_samples or 128
     rank = 16 if rank is None else rank
     from .. import api
@@ -199,7 +200,7 @@ def compress_cmd(
             kw["bits"] = 4
     op = api.make_operator(method, **kw) if method else None
     label = (op.label() if op else "dense") + (f" +eora r{rank}" if compensate else "") + (f" drop{drop}" if drop else "")
-    out = out or Path("out") / _slug(f"{Path(model).stem}-{label}")
+    out = out or Path("out") / slug(f"{Path(model).stem}-{label}")
 
     t0 = time.time()
     m, tok = load_model(model, device=device)
@@ -257,57 +258,33 @@ def _budget(target_bits, target_mb, target_sparsity, drop):
     return Budget(*given[0])
 
 
-def _run_search(model_name, *, kind, kind_settings, budget, allocator, allocator_settings, compare, data_cfg, db,
-                out, evaluate, plan, fitness_windows, device, eval_suite, n_eval, validation_windows=4, export=None):
+def _run_search(model_name: str, config, device) -> None:
     from ..models import load_model
-    from ..search import SearchSettings, run_pipeline
+    from ..search import search
 
     m, tok = load_model(model_name, device=device)
-    out = out or Path("out") / _slug(f"{Path(model_name).stem}-{kind}-{budget.label()}-{allocator}")
-    rep = run_pipeline(m, tok, model_name=model_name, kind=kind, kind_settings=kind_settings, budget=budget,
-                       allocator=allocator, allocator_settings=allocator_settings, compare=compare, data=data_cfg,
-                       db=db, out=out, settings=SearchSettings(fitness_windows=fitness_windows,
-                                                               validation_windows=validation_windows),
-                       evaluate=evaluate, plan_file=plan, device=device, eval_suite=eval_suite,
-                       n_eval=n_eval or N_EVAL,
-                       export_hf_dir=out.with_name(out.name + "-hf") if export == "hf" else None)
+    rep = search(m, tok, config, model_name=model_name, device=device)
+    out = Path(rep["checkpoint"])
     _warn_skipped((rep.get("evaluation") or {}).get("skipped", {}))
-    print_rows(rep["rows"], [tuple(c) for c in rep["columns"]], title=f"{model_name} @ {budget.label()} → {out}")
+    print_rows(rep["rows"], [tuple(c) for c in rep["columns"]], title=f"{model_name} @ {rep['budget']} → {out}")
     fit = rep.get("fitness") or {}
     if fit.get("final_validation") is not None:
         console.print(f"search validation KL ({fit['validation_windows']} held-out calibration windows): "
-                      f"start {fit['start_validation']:.5f} → final {fit['final_validation']:.5f}")
-    console.print(f"plan: {out / 'plan.json'}   report: {out / 'report.md'}   "
+                      f"start {fit['start_validation']:.5f} → returned plan {fit['final_validation']:.5f}"
+                      + (f" (generation {fit['selected_generation']})" if fit.get("selected_generation") is not None
+                         else ""))
+    report_dir = out.with_name(out.stem + ".report") if out.suffix == ".gguf" else out
+    console.print(f"plan: {report_dir / 'plan.json'}   report: {report_dir / 'report.md'}   "
                   f"database: {rep['database']['path']} (built in {rep['database']['build_seconds']:.0f} s)")
     if rep.get("export_hf"):
         console.print(f"plain HF folder: {rep['export_hf']}")
 
 
-def _budget_compress(model, target_bits, target_mb, target_sparsity, group_size, out, evaluate, data, n_samples,
-                     seq_len, seed, n_eval, device, eval_suite, level_settings, export):
-    """The whole budget pipeline with defaults sized for the machine: on a CPU (2 cores) it finishes
-    in minutes; on a GPU it uses the full database and a longer search."""
-    import torch
-
-    gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    budget = _budget(target_bits, target_mb, target_sparsity, None)
-    kind = "sparsity" if budget.kind == "sparsity" else "quant"
-    kind_settings = dict(level_settings) if kind == "sparsity" else {
-        "levels": (2, 3, 4, 5, 6) if gpu else (2, 3, 4),
-        "group_size": 64 if group_size is None else (group_size or None), **level_settings}
-    if budget.kind == "bits":  # every level on the inputs of the level nearest the budget: one pass, and on
-        # smollm2 at 3 bits better plans than calibrating each level on its own level's model (docs/benchmarks.md)
-        kind_settings["sequential_level"] = min(kind_settings["levels"], key=lambda b: (abs(b - budget.value), b))
-    alloc = ({"generations": 150, "offspring": 32, "tokens": (1024, 8192), "survivors": (4, 1)} if gpu else
-             # 1024/4096 tokens per stage: 512/1024 let sampling noise pick plans no better than uniform
-             # (smollm2, 3 bits: 19.756 vs uniform 19.807; 1024/4096: 19.480, ~270 s more)
-             {"generations": 12, "offspring": 8, "tokens": (1024, 4096), "survivors": (2, 1)})
-    _run_search(model, kind=kind, kind_settings=kind_settings, budget=budget, allocator="evolutionary",
-                allocator_settings=alloc, compare=["uniform"],
-                data_cfg=_data_config(data, n_samples if n_samples is not None else (128 if gpu else 32), seq_len,
-                                      seed, None),
-                db=None, out=out, evaluate=evaluate, plan=None, fitness_windows=64 if gpu else 16, device=device,
-                eval_suite=eval_suite, n_eval=n_eval, export=export)
+def _export_hf(export: Optional[str]) -> bool:
+    if export not in (None, "hf"):
+        raise ConfigError(f"unknown export format {export!r}; use --export hf (GGUF: `modelpress export gguf`, "
+                          "or `search --kind gguf --out FILE.gguf`)")
+    return export == "hf"
 
 
 @app.command("search")
@@ -343,45 +320,26 @@ def search_cmd(
     fitness_windows: int = typer.Option(16, "--fitness-windows", help="calibration windows the fitness samples"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="apply this plan.json instead of searching"),
     db: Optional[Path] = typer.Option(None, "--db", help="level database folder (default: in the cache)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="checkpoint folder, or FILE.gguf for --kind gguf"),
+    export: Optional[str] = typer.Option(None, "--export", help="also write `hf`: a plain dequantized HF folder"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval"), eval_suite: str = EvalSuiteOpt,
     validation_windows: int = typer.Option(4, "--validation-windows",
                                            help="calibration windows after the fitness windows that score each "
-                                                "generation's plan (never used for selection; 0 = none)"),
+                                                "generation's plan; the one scoring best is returned (0 = none)"),
     data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
     device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt, verbose: bool = VerboseOpt,
 ):
     """Per-unit levels under one exact budget: level database + allocator (EvoPress by default)."""
     _setup(verbose)
+    from ..levels.kinds import KINDS, kind_for_budget
+    from ..search import SearchConfig, SearchSettings
+
     budget = _budget(target_bits, target_mb, target_sparsity, drop)
-    kind = kind or {"bits": "quant", "mb": "quant", "sparsity": "sparsity", "drop": "depth"}[budget.kind]
-    ks: dict = {}
-    if levels is not None:
-        ks["bits" if kind == "joint" else "levels"] = _parse_list(levels)
-    if kind == "joint":
-        ks.update({k: v for k, v in dict(sparsity=_parse_list(sparsities, float), ranks=_parse_list(ranks),
-                                         allow_drop=allow_drop, sequential_level=sequential_level).items()
-                   if v is not None})
-    elif sparsities or ranks or allow_drop is not None:
-        raise ConfigError("--sparsities/--ranks/--allow-drop apply to --kind joint")
-    elif sequential_level and kind == "quant":
-        if not re.fullmatch(r"w?\d", sequential_level):
-            raise ConfigError(f"--sequential-level {sequential_level!r}: give one of the bit-widths, e.g. w3 or 3")
-        ks["sequential_level"] = int(sequential_level.lstrip("w"))
-    elif sequential_level:
-        raise ConfigError("--sequential-level applies to --kind joint or quant")
-    if ratios is not None:
-        if kind != "lowrank":
-            raise ConfigError("--ratios applies to --kind lowrank")
-        ks["ratios"] = _parse_list(ratios, float)
-    if types is not None:
-        if kind != "gguf":
-            raise ConfigError("--types applies to --kind gguf")
-        ks["types"] = _parse_list(types, str)
-    if group_size is not None:
-        ks["group_size"] = group_size or None
-    if max_sparsity is not None:
-        ks["max_sparsity"] = max_sparsity
+    kind = kind or kind_for_budget(budget.kind)
+    given = {"levels": levels, "sparsities": sparsities, "ranks": ranks, "allow-drop": allow_drop,
+             "sequential-level": sequential_level, "ratios": ratios, "types": types, "group-size": group_size,
+             "max-sparsity": max_sparsity}
+    ks = KINDS.get(kind).settings_from_options({k: v for k, v in given.items() if v is not None})
     al = {k: v for k, v in dict(generations=generations, offspring=offspring, survivors=_parse_list(survivors),
                                 tokens=_parse_list(tokens), init=init).items() if v is not None}
     if allocator == "evolutionary":
@@ -389,10 +347,14 @@ def search_cmd(
     elif al:
         raise ConfigError("--generations/--offspring/--survivors/--tokens/--init apply to the evolutionary allocator, "
                           f"not {allocator}")
-    _run_search(model, kind=kind, kind_settings=ks, budget=budget, allocator=allocator, allocator_settings=al,
-                compare=list(_parse_list(compare, str) or ()), data_cfg=_data_config(data, n_samples, seq_len, seed, None),
-                db=db, out=out, evaluate=evaluate, plan=plan, fitness_windows=fitness_windows, device=device,
-                eval_suite=eval_suite, n_eval=n_eval, validation_windows=validation_windows)
+    config = SearchConfig(budget=budget, kind=kind, kind_settings=ks, allocator=allocator, allocator_settings=al,
+                          compare=tuple(_parse_list(compare, str) or ()),
+                          data=_data_config(data, n_samples, seq_len, seed, None),
+                          fitness=SearchSettings(fitness_windows=fitness_windows,
+                                                 validation_windows=validation_windows),
+                          db=db, out=out, plan_file=plan, evaluate=evaluate, eval_suite=eval_suite,
+                          n_eval=n_eval or N_EVAL, export_hf=_export_hf(export))
+    _run_search(model, config, device)
 
 
 @app.command("bitstack")

@@ -79,3 +79,10 @@ def cache_root() -> Path:
     """modelpress's cache folder: $MODELPRESS_CACHE, else ~/.cache/modelpress."""
     env = os.environ.get("MODELPRESS_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "modelpress"
+
+
+def slug(s: str) -> str:
+    """A file-name-safe lower-case form of `s` (default output folder names)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.]+", "-", s).strip("-").lower()

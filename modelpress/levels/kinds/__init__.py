@@ -9,7 +9,7 @@ test row.
 - lowrank:  ranks of an activation-aware SVD, in bytes
 - gguf:     llama.cpp tensor types
 """
-from .base import KINDS, Kind, UnitInfo, pareto
+from .base import KINDS, Kind, UnitInfo, kind_for_budget, pareto
 from .depth import DepthKind
 from .gguf import GGUFKind
 from .joint import JointKind
@@ -18,4 +18,4 @@ from .quant import QuantKind
 from .sparsity import SparsityKind
 
 __all__ = ["KINDS", "DepthKind", "GGUFKind", "JointKind", "Kind", "LowRankKind", "QuantKind", "SparsityKind",
-           "UnitInfo", "pareto"]
+           "UnitInfo", "kind_for_budget", "pareto"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
+from ...errors import ConfigError
 from ...models.arch import Arch, get_weight
 from ...registry import Registry
 
@@ -44,6 +45,9 @@ class Kind:
     # reproduces the older behaviour: left out of stored settings and database keys at that value,
     # filled in when an older database is opened, so older databases keep opening as what they are
     legacy: ClassVar[dict] = {}
+    default_for: ClassVar[tuple[str, ...]] = ()  # budgets for which this kind is the default
+    # command-line options (without "--") -> the setting they give; lists are written "a,b,c"
+    options: ClassVar[dict[str, str]] = {}
 
     # ---- settings ----------------------------------------------------------------------------
     def settings(self) -> dict:
@@ -53,6 +57,20 @@ class Kind:
     @classmethod
     def from_settings(cls, settings: dict) -> "Kind":
         return cls(**{**cls.legacy, **settings})
+
+    @classmethod
+    def settings_from_options(cls, given: dict[str, object]) -> dict:
+        """Settings from the command-line options given ({option: value}); an option this kind
+        does not take is a ConfigError that names it."""
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        out = {}
+        for opt, value in given.items():
+            if opt not in cls.options:
+                takes = ", ".join(f"--{o}" for o in cls.options) or "no options"
+                raise ConfigError(f"--{opt} does not apply to --kind {cls.registered_name} (it takes {takes})")
+            setting = cls.options[opt]
+            out[setting] = _parse_option(opt, value, types[setting])
+        return out
 
     def resolve(self, model) -> None:
         """Fix settings that depend on the model (before they are compared with a stored database's)."""
@@ -112,6 +130,28 @@ class Kind:
 
     def check_budget(self, budget: "Budget") -> None:
         """Raise BudgetError if `budget` (one of `budgets`) is out of this kind's range."""
+
+
+def _parse_option(opt: str, value, annotation: str):
+    """A command-line value as the setting's type: "2,3,4" for tuples of int / float / str; 0 for
+    an optional int means none (e.g. --group-size 0: one group per row)."""
+    if annotation.startswith("tuple") and isinstance(value, str):
+        cast = next((c for name, c in (("int", int), ("float", float)) if f"[{name}" in annotation), str)
+        try:
+            return tuple(cast(x.strip()) for x in value.split(",") if x.strip())
+        except ValueError:
+            raise ConfigError(f"--{opt}: expected a comma-separated list, got {value!r}") from None
+    if annotation == "int | None" and value == 0:
+        return None
+    return value
+
+
+def kind_for_budget(budget: str) -> str:
+    """The kind a budget searches over when none is named (bits, mb: quant; sparsity; drop: depth)."""
+    for name in KINDS.names():
+        if budget in KINDS.get(name).default_for:
+            return name
+    raise ConfigError(f"no kind is the default for a {budget} budget; name one with --kind")
 
 
 def pareto(built: dict[str, dict]) -> list:

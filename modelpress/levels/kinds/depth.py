@@ -12,6 +12,7 @@ from .base import KINDS, Kind, UnitInfo
 @dataclasses.dataclass
 class DepthKind(Kind):
     budgets = ("drop", "mb")
+    default_for = ("drop",)
     ylabel = "kept / dropped"
     module_levels = True
 

@@ -22,6 +22,7 @@ class GGUFKind(Kind):
     embedding: bool = True
 
     budgets = ("mb",)
+    options = {"types": "types"}
     ylabel = "GGML type"
 
     def __post_init__(self) -> None:

@@ -33,6 +33,8 @@ class JointKind(Kind):
     sequential_level: str | None = None
 
     budgets = ("mb",)
+    options = {"levels": "bits", "sparsities": "sparsity", "ranks": "ranks", "allow-drop": "allow_drop",
+               "group-size": "group_size", "sequential-level": "sequential_level"}
     tensors_per_unit = 6
     legacy = {"sequential_level": None}
 

@@ -26,6 +26,7 @@ class LowRankKind(Kind):
     damp: float = 0.01
 
     budgets = ("mb",)
+    options = {"ratios": "ratios"}
     tensors_per_unit = 2
 
     def __post_init__(self) -> None:

@@ -35,6 +35,8 @@ class QuantKind(Kind):
     sequential_level: int | None = None
 
     budgets = ("bits", "mb")
+    default_for = ("bits", "mb")
+    options = {"levels": "levels", "group-size": "group_size", "sequential-level": "sequential_level"}
     tensors_per_unit = 4
     ylabel = "bits"
     legacy = {"sequential_level": None, "shrink": 0.0}
@@ -44,7 +46,11 @@ class QuantKind(Kind):
         if not self.levels or any(not 2 <= b <= 8 for b in self.levels):
             raise ConfigError(f"quantization levels must be bit-widths from 2 to 8, got {self.levels}")
         if self.sequential_level is not None:
-            self.sequential_level = int(self.sequential_level)
+            try:  # a bit-width, also as written on the command line ("w3")
+                self.sequential_level = int(str(self.sequential_level).lstrip("w"))
+            except ValueError:
+                raise ConfigError(f"sequential_level {self.sequential_level!r}: give one of the bit-widths, "
+                                  "e.g. w3 or 3") from None
             if self.sequential_level not in self.levels:
                 raise ConfigError(f"sequential_level {self.sequential_level} is not one of the levels {self.levels}")
 

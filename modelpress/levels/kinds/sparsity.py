@@ -24,6 +24,8 @@ class SparsityKind(Kind):
     refit_iters: int = 30  # SparseGPT's refit of the kept weights (0: the plain sweep)
 
     budgets = ("sparsity", "mb")
+    default_for = ("sparsity",)
+    options = {"max-sparsity": "max_sparsity"}
     tensors_per_unit = 2
     ylabel = "pruned weights"
     legacy = {"refit_iters": 0}
