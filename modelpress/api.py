@@ -150,12 +150,19 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
                       total_params=total_params, seconds=time.time() - t0)
 
 
-def load_compressed(path: str | Path, *, device: str | torch.device | None = None, return_tokenizer: bool = False,
-                    max_memory_mb: float | None = None):
-    """A working transformers model from a modelpress checkpoint (optionally with its tokenizer).
+@dataclasses.dataclass
+class Loaded:
+    """A compressed checkpoint loaded as a working model, with what was loaded."""
 
-    For a BitStack checkpoint, `max_memory_mb` picks the largest model that fits; for a packed
-    checkpoint it is only checked against the checkpoint's size."""
+    model: object
+    tokenizer: object
+    info: dict  # size_mb of the loaded weights; for a BitStack, the blocks loaded too
+
+
+def open_compressed(path: str | Path, *, device: str | torch.device | None = None,
+                    max_memory_mb: float | None = None) -> Loaded:
+    """Load a modelpress checkpoint. For a BitStack checkpoint, `max_memory_mb` picks the largest
+    model that fits; for a packed checkpoint it is only checked against the checkpoint's size."""
     from .export.bitstack import FORMAT as BITSTACK, load_bitstack
     from .export.checkpoint import MANIFEST
 
@@ -167,15 +174,22 @@ def load_compressed(path: str | Path, *, device: str | torch.device | None = Non
         except json.JSONDecodeError:
             fmt = None
     if fmt == BITSTACK:
-        model, tok, _ = load_bitstack(path, max_memory_mb, device=device)
-    else:
-        if max_memory_mb is not None:
-            size = checkpoint_info(path)["weights_mb"]
-            if size > max_memory_mb:
-                raise BudgetError(f"{path} needs {size:.1f} MB; only a BitStack checkpoint "
-                                  f"(`modelpress bitstack`) can load at any size")
-        model, tok, _, _ = load_checkpoint(path, device=device)
-    return (model, tok) if return_tokenizer else model
+        model, tok, loaded = load_bitstack(path, max_memory_mb, device=device)
+        return Loaded(model, tok, dict(loaded))
+    size = checkpoint_info(path)["weights_mb"]
+    if max_memory_mb is not None and size > max_memory_mb:
+        raise BudgetError(f"{path} needs {size:.1f} MB; only a BitStack checkpoint "
+                          f"(`modelpress bitstack`) can load at any size")
+    model, tok, _, _ = load_checkpoint(path, device=device)
+    return Loaded(model, tok, {"size_mb": size})
+
+
+def load_compressed(path: str | Path, *, device: str | torch.device | None = None, return_tokenizer: bool = False,
+                    max_memory_mb: float | None = None):
+    """A working transformers model from a modelpress checkpoint (optionally with its tokenizer);
+    see `open_compressed`."""
+    loaded = open_compressed(path, device=device, max_memory_mb=max_memory_mb)
+    return (loaded.model, loaded.tokenizer) if return_tokenizer else loaded.model
 
 
 def info(path: str | Path) -> dict:

@@ -14,28 +14,43 @@ def _plt():
 
 
 def plot_levels(path: str | Path, plans: dict[str, dict[str, object]], units: list[str], groups: list[str],
-                ylabel: str = "level") -> None:
-    """One line of markers per plan: x = unit (in model order), y = its level."""
+                blocks: list[int], ylabel: str = "level") -> None:
+    """A heat map per plan: rows = layer type (q_proj, ..., attn, mlp), columns = block, colour (and,
+    where the cells are wide enough, the text) = the unit's level. Levels that are not numbers
+    (GGML types, joint levels, kept / dropped) are coloured by their sorted order."""
+    import numpy as np
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(8, len(units) / 12), 3.6), dpi=110)
-    kinds = sorted(set(groups))
-    markers = "osD^v<>ph*"
-    for pi, (name, levels) in enumerate(plans.items()):
-        ys = [levels[u] for u in units]
-        numeric = all(isinstance(y, (int, float)) for y in ys)
-        if not numeric:
-            order = sorted(set(ys), key=str)
-            ys = [order.index(y) for y in ys]
-            ax.set_yticks(range(len(order)), [str(o) for o in order])
-        for gi, g in enumerate(kinds):
-            idx = [i for i, gg in enumerate(groups) if gg == g]
-            ax.scatter(idx, [ys[i] + 0.08 * (pi - (len(plans) - 1) / 2) for i in idx], s=12,
-                       marker=markers[gi % len(markers)], label=f"{name}: {g}" if len(plans) > 1 else g, alpha=0.8)
-    ax.set_xlabel("unit (model order)")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=6, ncol=min(len(kinds), 7), loc="upper center", bbox_to_anchor=(0.5, -0.2))
-    fig.tight_layout()
-    fig.savefig(path)
+    rows = list(dict.fromkeys(groups))  # layer types in model order
+    n_blocks = max(blocks) + 1 if blocks else 1
+    values = [levels[u] for levels in plans.values() for u in units]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    order = sorted({v for v in values}, key=(float if numeric else str))
+    code = {v: (float(v) if numeric else float(i)) for i, v in enumerate(order)}
+    fig, axes = plt.subplots(len(plans), 1, figsize=(max(6, 0.32 * n_blocks + 2), 0.36 * len(rows) * len(plans) + 1.4),
+                             dpi=110, squeeze=False)
+    lo, hi = min(code.values()), max(code.values())
+    annotate = n_blocks <= 40
+    for ax, (name, levels) in zip(axes[:, 0], plans.items()):
+        grid = np.full((len(rows), n_blocks), np.nan)
+        text: dict[tuple[int, int], tuple[str, float]] = {}
+        for u, g, b in zip(units, groups, blocks):
+            grid[rows.index(g), b] = code[levels[u]]
+            text[(rows.index(g), b)] = (str(levels[u]), (code[levels[u]] - lo) / ((hi - lo) or 1))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1,
+                       interpolation="nearest")
+        if annotate:
+            for (r, b), (t, shade) in text.items():  # dark text on the bright end of viridis
+                ax.text(b, r, t[:4], ha="center", va="center", fontsize=5, color="black" if shade > 0.6 else "white")
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.set_xticks(range(n_blocks), [str(b) if b % 5 == 0 else "" for b in range(n_blocks)], fontsize=7)
+        ax.set_title(name, fontsize=8, loc="left")
+    axes[-1, 0].set_xlabel("block")
+    bar = fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.03, pad=0.01)
+    bar.set_label(ylabel, fontsize=8)
+    if not numeric or len(order) <= 12:  # discrete levels: one tick each
+        bar.set_ticks([code[v] for v in order], labels=[str(v) for v in order])
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 

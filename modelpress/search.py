@@ -271,7 +271,7 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
     chosen.plan.save(out_files / "plan.json")
     problem = chosen.problem
     plot_levels(out_files / "levels.png", {n: r.plan.levels for n, r in results.items()}, problem.units,
-                problem.groups or [], ylabel=database.kind.ylabel)
+                problem.groups, problem.extra["block"], ylabel=database.kind.ylabel)
     plot_fitness(out_files / "fitness.png", chosen.history)
     report = {
         "model": model_name, "method": {"kind": kind, **cfg.kind_settings, "allocator": allocator,

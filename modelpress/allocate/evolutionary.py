@@ -130,7 +130,8 @@ class Evolutionary(Allocator):
 
     def _key(self, p: Problem, with_generations: bool = False) -> str:
         """What a checkpoint must match to be resumed. The number of generations is not part of it,
-        so a finished search can be extended (checkpoints written before 2026-11-28 included it)."""
+        so a finished search can be extended; `with_generations` gives the key of checkpoints whose
+        key did include it, which are still resumed."""
         cfg = dataclasses.asdict(self) | {"checkpoint": None}
         cfg.pop("select")  # which parent is returned does not change the search
         if not with_generations:

@@ -394,23 +394,14 @@ def load_cmd(
 ):
     """Load a checkpoint under a memory limit; optionally evaluate or export it."""
     _setup(verbose)
-    from ..api import load_compressed
+    from ..api import open_compressed
     from ..eval.suite import SuiteReference, evaluate_suite, suite_columns, suite_row
-    from ..export.bitstack import FORMAT, load_bitstack, read_manifest_any
     from ..export.hf import export_hf as do_export
     from ..models import load_model
 
-    try:
-        read_manifest_any(path, FORMAT)
-        m, tok, info = load_bitstack(path, max_mb, device=device)
-    except ModelpressError as e:
-        if "not a modelpress-bitstack" not in str(e):
-            raise
-        m, tok = load_compressed(path, device=device, return_tokenizer=True, max_memory_mb=max_mb)
-        from ..api import info as ck_info
-
-        info = {"size_mb": ck_info(path)["weights_mb"]}
-    row = {"label": str(path), **info}
+    loaded = open_compressed(path, device=device, max_memory_mb=max_mb)
+    m, tok = loaded.model, loaded.tokenizer
+    row = {"label": str(path), **loaded.info}
     domains = None
     if evaluate:
         domains = _suite(tok, eval_suite, seq_len, n_eval)
