@@ -13,6 +13,7 @@ from .allocate.budget import Budget
 from .data.defaults import DEFAULT_CALIBRATION
 from .data.windows import DataConfig
 from .errors import ConfigError
+from .levels.kinds import kind_for_budget
 from .search import SearchConfig, SearchSettings
 
 # per machine: the quant levels, the calibration windows, the fitness windows and the evolutionary search
@@ -51,7 +52,7 @@ def budget_config(budget: Budget, *, machine: str = "cpu", corpus: str = DEFAULT
         # better plans than calibrating each level on its own level's model (docs/presets.md)
         kind_settings["sequential_level"] = min(kind_settings["levels"], key=lambda b: (abs(b - budget.value), b))
     data = DataConfig(corpus=corpus, n_samples=n_samples or p["n_samples"], seq_len=seq_len, seed=seed)
-    return SearchConfig(budget=budget, kind="sparsity" if sparse else "quant", kind_settings=kind_settings,
+    return SearchConfig(budget=budget, kind=kind_for_budget(budget.kind), kind_settings=kind_settings,
                         allocator="evolutionary", allocator_settings={**p["search"], "seed": seed},
                         compare=("uniform",), data=data,
                         fitness=SearchSettings(fitness_windows=p["fitness_windows"],

@@ -104,3 +104,31 @@ def test_lowrank_search_cli(model_dir, tmp_path):  # noqa: F811
     r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--kind", "quant", "--ratios", "0.5", "--target-bits", "3",
                             "--no-eval", *small(model_dir)])
     assert r.exit_code == 2 and "--ratios does not apply to --kind quant" in r.output
+
+
+def test_search_verb_and_presets_in_python(model_dir, tmp_path):  # noqa: F811
+    """modelpress.search with a SearchConfig, and the CPU preset compress uses."""
+    import modelpress as mp
+    from modelpress.allocate.budget import Budget
+    from modelpress.data import DataConfig
+    from modelpress.errors import ConfigError
+    from modelpress.models import load_model
+    from modelpress.presets import budget_config
+
+    m, tok = load_model(str(model_dir / "tiny"))
+    data = DataConfig(corpus=str(model_dir / "text.txt"), n_samples=4, seq_len=64)
+    cfg = mp.SearchConfig(Budget("bits", 3), kind_settings={"levels": (2, 3, 4), "group_size": 32},
+                          allocator="dp", compare=("uniform",), data=data, out=tmp_path / "o", evaluate=False,
+                          db=tmp_path / "db")
+    assert cfg.kind == "quant"  # the default kind of a bits budget
+    rep = mp.search(m, tok, cfg)
+    assert [r["label"] for r in rep["rows"]] == ["uniform", "dp"] and (tmp_path / "o" / "plan.json").is_file()
+    preset = budget_config(Budget("bits", 3.5), machine="cpu", corpus=str(model_dir / "text.txt"), n_samples=4,
+                           seq_len=64)
+    assert preset.kind_settings["sequential_level"] == 3 and preset.compare == ("uniform",)
+    assert preset.allocator_settings["generations"] == 12 and preset.fitness.fitness_windows == 16
+    assert budget_config(Budget("sparsity", 0.5)).kind == "sparsity"
+    with pytest.raises(ConfigError, match="unknown allocator"):
+        mp.SearchConfig(Budget("bits", 3), allocator="nope")
+    with pytest.raises(ConfigError, match="machine preset"):
+        budget_config(Budget("bits", 3), machine="tpu")
