@@ -50,8 +50,10 @@ def render(r: dict) -> None:
     md = print_table(r["rows"], [tuple(c) for c in r["columns"]])
     ev = r["evaluation"]
     fit = r.get("fitness") or {}
-    val = (f"The search's validation KL ({fit['validation_windows']} calibration windows it never selected on) "
-           f"went from {fit['start_validation']:.4f} at its start to {fit['final_validation']:.4f}. "
+    gen = fit.get("selected_generation")
+    val = (f"The search's validation KL ({fit['validation_windows']} calibration windows that never pick offspring) "
+           f"went from {fit['start_validation']:.4f} at its start to {fit['final_validation']:.4f} for the plan it "
+           + (f"returned (generation {gen}). " if gen is not None else "returned. ")
            if fit.get("final_validation") is not None else "")
     beats = next((row.get("beats_uniform_on_every_domain") for row in r["rows"] if row["label"] == "evolutionary"), None)
     body = ("## `make demo` from a fresh clone (`bench/demo.py`)\n\n"

@@ -47,12 +47,38 @@ class Compressed:
             export_hf(self.model, self.tokenizer, export_hf_dir)
         return manifest
 
+    def export(self, fmt: str, out_dir: str | Path) -> Path:
+        """Write the model in an engine's format: "hf" (a plain dequantized Hugging Face folder) or
+        "compressed-tensors" (weights still packed; vLLM and transformers load it)."""
+        if fmt not in EXPORTS:
+            raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORTS)}")
+        EXPORTS[fmt](self, Path(out_dir))
+        return Path(out_dir)
+
     def nbytes(self) -> int:
         return sum(pw.nbytes() for pw in self.units.values())
 
     def bits_per_weight(self) -> float | None:
         n = sum(pw.numel for pw in self.units.values())
         return 8.0 * self.nbytes() / n if n else None
+
+
+def _export_compressed_tensors(c: Compressed, out: Path) -> None:
+    from .export.compressed_tensors import export_compressed_tensors
+
+    export_compressed_tensors(c.model, c.tokenizer, c.units, out, dropped=c.dropped)
+
+
+# format -> writer, and the suffix of the folder written beside a checkpoint (OUT-hf, OUT-ct)
+EXPORTS = {"hf": lambda c, out: export_hf(c.model, c.tokenizer, out),
+           "compressed-tensors": _export_compressed_tensors}
+EXPORT_SUFFIX = {"hf": "-hf", "compressed-tensors": "-ct"}
+
+
+def export_path(out: str | Path, fmt: str) -> Path:
+    """Where `--export FMT` writes beside the checkpoint folder `out`."""
+    out = Path(out)
+    return out.with_name(out.name + EXPORT_SUFFIX[fmt])
 
 
 def make_operator(method: str | WeightOperator | None, **kwargs) -> WeightOperator | None:

@@ -37,7 +37,7 @@ def budget_config(budget: Budget, *, machine: str = "cpu", corpus: str = DEFAULT
     budget, the evolutionary search against the uniform plan; calibration on `corpus`
     (`n_samples` windows, default the machine's). `level_settings` go to the kind
     (the quantizer's sym / act_order / mse / shrink / group_size, or sparsity's refit_iters);
-    `config` to SearchConfig (out, evaluate, eval_suite, n_eval, export_hf, ...)."""
+    `config` to SearchConfig (out, evaluate, eval_suite, n_eval, export, ...)."""
     if machine not in PRESETS:
         raise ConfigError(f"unknown machine preset {machine!r}; use one of {', '.join(PRESETS)}")
     p = PRESETS[machine]

@@ -10,7 +10,7 @@ from pathlib import Path
 from .allocate import ALLOCATORS, Problem
 from .allocate.budget import Budget, make_problem
 from .allocate.plan import Plan
-from .api import Compressed, as_windows
+from .api import Compressed, as_windows, export_path
 from .data.windows import DataConfig, Windows
 from .errors import ConfigError
 from .eval.fitness import KLFitness
@@ -176,7 +176,7 @@ class SearchConfig:
     evaluate: bool = True
     eval_suite: str | list[str] = "default"
     n_eval: int | None = 16  # held-out windows per evaluation domain
-    export_hf: bool = False  # also write the chosen model as a plain dequantized HF folder, OUT-hf
+    export: str | None = None  # also write the chosen model as "hf" (OUT-hf) or "compressed-tensors" (OUT-ct)
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, Budget):
@@ -186,8 +186,15 @@ class SearchConfig:
         for name in (self.allocator, *self.compare):
             ALLOCATORS.get(name)
         self.compare = tuple(self.compare)
-        if self.out is not None and Path(self.out).suffix == ".gguf" and self.export_hf:
-            raise ConfigError("a .gguf --out is the export; --export hf needs a checkpoint folder for --out")
+        if self.export is not None:
+            from .api import EXPORTS
+
+            if self.export not in EXPORTS:
+                raise ConfigError(f"unknown export format {self.export!r}; use one of {', '.join(EXPORTS)} "
+                                  "(GGUF: --kind gguf with --out FILE.gguf)")
+            if self.out is not None and Path(self.out).suffix == ".gguf":
+                raise ConfigError(f"a .gguf --out is the export; --export {self.export} needs a checkpoint "
+                                  "folder for --out")
 
 
 @takes_compute_dtype
@@ -266,7 +273,9 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
                                                        for u, v in chosen.plan.levels.items())
         chosen.plan.info.update(file_bytes=out.stat().st_size, predicted_bytes=predicted)
     else:
-        c.save(out, export_hf_dir=out.with_name(out.name + "-hf") if cfg.export_hf else None)
+        c.save(out)
+        if cfg.export is not None:
+            c.export(cfg.export, export_path(out, cfg.export))
     out_files = report_dir
     chosen.plan.save(out_files / "plan.json")
     problem = chosen.problem
@@ -279,7 +288,8 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
         "budget": budget.label(), "data": dataclasses.asdict(windows.config), "rows": rows,
         "database": {"path": str(database.path), "build_seconds": build_s},
         "history": chosen.history, "fitness": chosen.fitness_stats, "seconds": time.time() - t_start,
-        "checkpoint": str(out), **({"export_hf": str(out.with_name(out.name + "-hf"))} if cfg.export_hf else {}),
+        "checkpoint": str(out),
+        **({"export": {"format": cfg.export, "path": str(export_path(out, cfg.export))}} if cfg.export else {}),
         "evaluation": domains.info(cfg.eval_suite) if domains else None,
         "columns": [("label", "allocator"), *suite_columns(domains.names if domains else []),
                     ("size_mb", "size MB"), ("bits_per_weight", "bits/weight (layers)"), ("search", "search s")],

@@ -49,7 +49,7 @@ def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["method"]["sequential_level"] == 3  # levels calibrated on the level nearest 3.5 bits (ties: lower)
     assert rep["method"]["sym"] is True and rep["method"]["act_order"] is False  # the quantizer's settings apply
-    assert (tmp_path / "o-hf" / "config.json").is_file() and rep["export_hf"] == str(tmp_path / "o-hf")
+    assert (tmp_path / "o-hf" / "config.json").is_file() and rep["export"]["path"] == str(tmp_path / "o-hf")
     for args, msg in [(["--target-bits", "9"], "outside the database levels"),
                       (["--target-bits", "3", "--target-mb", "1"], "exactly one budget"),
                       (["--drop", "2", "--kind", "quant"], "does not apply"),

@@ -121,6 +121,10 @@ def compress_cmd(
     group_size: Optional[int] = typer.Option(None, "--group-size", help="quantization group (0 = per row)"),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order"),
+    static_groups: Optional[bool] = typer.Option(None, "--static-groups/--dynamic-groups",
+                                                 help="gptq act-order: groups as runs of columns in the original order "
+                                                      "(what compressed-tensors / vLLM store; default with "
+                                                      "--export compressed-tensors)"),
     mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="clipping search for quantization ranges"),
     shrink: Optional[float] = typer.Option(None, "--shrink", help="gptq/sparsegpt: blend the Hessian with its "
                                            "diagonal, 0..1 (gptq default 0.1, sparsegpt 0)"),
@@ -139,7 +143,8 @@ def compress_cmd(
     sequential: bool = typer.Option(True, "--sequential/--no-sequential",
                                     help="feed compressed blocks' outputs to the next block"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="checkpoint folder (default out/MODEL-METHOD)"),
-    export: Optional[str] = typer.Option(None, "--export", help="also write `hf`: a plain dequantized HF folder"),
+    export: Optional[str] = typer.Option(None, "--export", help="also write `hf` (a plain dequantized HF folder, OUT-hf) or `compressed-tensors` "
+                                               "(packed, for vLLM / transformers, OUT-ct)"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="perplexity and KL before/after"),
     eval_suite: str = EvalSuiteOpt,
     data: str = DataOpt, n_samples: Optional[int] = typer.Option(None, "--n-samples", help="calibration windows (default 128)"),
@@ -150,8 +155,14 @@ def compress_cmd(
     """Compress MODEL: one method for every Linear of its decoder blocks, or — with a budget
     (--target-bits / --target-mb / --target-sparsity) — per-layer levels found by evolutionary search."""
     _setup(verbose)
-    _export_hf(export)
-    quant = dict(sym=sym, act_order=act_order, mse=mse, shrink=shrink)
+    _export_format(export)
+    if export == "compressed-tensors":
+        if sparsity is not None or pattern is not None or target_sparsity is not None or compensate is not None:
+            raise ConfigError("--export compressed-tensors holds integer-quantized layers only (no sparsity or "
+                              "low-rank correction); use --export hf for a dense folder")
+        if static_groups is None and act_order is not False and (method or "gptq") == "gptq":
+            static_groups = True  # the only act-order groups the format stores
+    quant = dict(sym=sym, act_order=act_order, mse=mse, shrink=shrink, static_groups=static_groups)
     if target_bits is not None or target_mb is not None or target_sparsity is not None:
         sparse = target_sparsity is not None
         _refuse("a budget (--target-bits/--target-mb/--target-sparsity)", {
@@ -179,7 +190,7 @@ def compress_cmd(
         config = budget_config(_budget(target_bits, target_mb, target_sparsity, None), machine=machine_for(device),
                                corpus=data, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                level_settings=level_settings, out=out, evaluate=evaluate, eval_suite=eval_suite,
-                               n_eval=n_eval or N_EVAL, export_hf=_export_hf(export))
+                               n_eval=n_eval or N_EVAL, export=_export_format(export))
         return _run_search(model, config, device)
     n_samples = n_samples or 128
     rank = 16 if rank is None else rank
@@ -188,8 +199,9 @@ def compress_cmd(
     from ..models import load_model
     from ..report import report_columns, write_report
 
-    kw = {k: v for k, v in dict(bits=bits, sym=sym, act_order=act_order, mse=mse, sparsity=sparsity,
-                                pattern=pattern, refit_iters=refit_iters, shrink=shrink).items() if v is not None}
+    kw = {k: v for k, v in dict(bits=bits, sym=sym, act_order=act_order, mse=mse, sparsity=sparsity, pattern=pattern,
+                                refit_iters=refit_iters, shrink=shrink, static_groups=static_groups).items()
+          if v is not None}
     if method in ("svd", "asvd"):
         kw["rank"] = rank
     if group_size is not None:
@@ -214,7 +226,9 @@ def compress_cmd(
                      "size_mb": sum(p.numel() for p in m.parameters()) * 2 / 1e6, "bits_per_param": 16.0})
     c = api.compress(m, tok, op, data=calib, drop=drop, sequential=sequential, device=device,
                      compensate=compensate, rank=rank if compensate else None)
-    c.save(out, export_hf_dir=(out.with_name(out.name + "-hf") if export == "hf" else None))
+    c.save(out)
+    if export is not None:
+        c.export(export, api.export_path(out, export))
     info = api.info(out)
     row = {"label": label, "size_mb": info["size_mb"], "bits_per_weight": info["bits_per_weight"],
            "bits_per_param": info["bits_per_param"], "seconds": time.time() - t0}
@@ -227,8 +241,8 @@ def compress_cmd(
               "compress_seconds": c.seconds, "columns": columns}
     write_report(out, report)
     print_rows(rows, columns, title=f"{model} → {out}")
-    if export == "hf":
-        console.print(f"plain HF folder: {out.with_name(out.name + '-hf')}")
+    if export is not None:
+        console.print(f"{export} folder: {api.export_path(out, export)}")
 
 
 def _refuse(path: str, options: dict[str, tuple[bool, str]]) -> None:
@@ -276,15 +290,17 @@ def _run_search(model_name: str, config, device) -> None:
     report_dir = out.with_name(out.stem + ".report") if out.suffix == ".gguf" else out
     console.print(f"plan: {report_dir / 'plan.json'}   report: {report_dir / 'report.md'}   "
                   f"database: {rep['database']['path']} (built in {rep['database']['build_seconds']:.0f} s)")
-    if rep.get("export_hf"):
-        console.print(f"plain HF folder: {rep['export_hf']}")
+    if rep.get("export"):
+        console.print(f"{rep['export']['format']} folder: {rep['export']['path']}")
 
 
-def _export_hf(export: Optional[str]) -> bool:
-    if export not in (None, "hf"):
-        raise ConfigError(f"unknown export format {export!r}; use --export hf (GGUF: `modelpress export gguf`, "
-                          "or `search --kind gguf --out FILE.gguf`)")
-    return export == "hf"
+def _export_format(export: Optional[str]) -> Optional[str]:
+    from ..api import EXPORTS
+
+    if export is not None and export not in EXPORTS:
+        raise ConfigError(f"unknown export format {export!r}; use --export {' or '.join(EXPORTS)} "
+                          "(GGUF: `modelpress export gguf`, or `search --kind gguf --out FILE.gguf`)")
+    return export
 
 
 @app.command("search")
@@ -302,6 +318,9 @@ def search_cmd(
                                                         "model compressed at this level (e.g. w3), as GPTQ does"),
     ratios: Optional[str] = typer.Option(None, "--ratios", help="lowrank: ranks as shares of the dense bytes, e.g. 0.2,0.4,0.6"),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="quant: group size (0 = per row)"),
+    static_groups: Optional[bool] = typer.Option(None, "--static-groups/--dynamic-groups",
+                                                 help="quant: act-order with groups in column order (default with "
+                                                      "--export compressed-tensors)"),
     max_sparsity: Optional[float] = typer.Option(None, "--max-sparsity", help="sparsity: highest level"),
     target_bits: Optional[float] = typer.Option(None, "--target-bits"),
     target_sparsity: Optional[float] = typer.Option(None, "--target-sparsity"),
@@ -321,7 +340,8 @@ def search_cmd(
     plan: Optional[Path] = typer.Option(None, "--plan", help="apply this plan.json instead of searching"),
     db: Optional[Path] = typer.Option(None, "--db", help="level database folder (default: in the cache)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="checkpoint folder, or FILE.gguf for --kind gguf"),
-    export: Optional[str] = typer.Option(None, "--export", help="also write `hf`: a plain dequantized HF folder"),
+    export: Optional[str] = typer.Option(None, "--export", help="also write `hf` (a plain dequantized HF folder, OUT-hf) or `compressed-tensors` "
+                                               "(packed, for vLLM / transformers, OUT-ct)"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval"), eval_suite: str = EvalSuiteOpt,
     validation_windows: int = typer.Option(4, "--validation-windows",
                                            help="calibration windows after the fitness windows that score each "
@@ -338,7 +358,10 @@ def search_cmd(
     kind = kind or kind_for_budget(budget.kind)
     given = {"levels": levels, "sparsities": sparsities, "ranks": ranks, "allow-drop": allow_drop,
              "sequential-level": sequential_level, "ratios": ratios, "types": types, "group-size": group_size,
-             "max-sparsity": max_sparsity}
+             "static-groups": static_groups, "max-sparsity": max_sparsity}
+    if _export_format(export) == "compressed-tensors" and static_groups is None \
+            and "static-groups" in KINDS.get(kind).options:
+        given["static-groups"] = True  # the only act-order groups the format stores
     ks = KINDS.get(kind).settings_from_options({k: v for k, v in given.items() if v is not None})
     al = {k: v for k, v in dict(generations=generations, offspring=offspring, survivors=_parse_list(survivors),
                                 tokens=_parse_list(tokens), init=init).items() if v is not None}
@@ -353,7 +376,7 @@ def search_cmd(
                           fitness=SearchSettings(fitness_windows=fitness_windows,
                                                  validation_windows=validation_windows),
                           db=db, out=out, plan_file=plan, evaluate=evaluate, eval_suite=eval_suite,
-                          n_eval=n_eval or N_EVAL, export_hf=_export_hf(export))
+                          n_eval=n_eval or N_EVAL, export=_export_format(export))
     _run_search(model, config, device)
 
 
@@ -548,6 +571,30 @@ def export_gguf_cmd(
         weights = {}
     p = export_gguf(m, out, weights=weights, default_type=type_, tokenizer=tok)
     console.print(f"wrote {p} ({p.stat().st_size / 1e6:.2f} MB)")
+
+
+@export_app.command("compressed-tensors")
+@command
+def export_ct_cmd(
+    src: Path = typer.Argument(..., help="a modelpress checkpoint folder (integer-quantized layers)"),
+    out: Path = typer.Option(..., "--out", "-o", help="the Hugging Face folder to write"),
+    verbose: bool = VerboseOpt,
+):
+    """Export a checkpoint as a compressed-tensors (pack-quantized) folder: vLLM and transformers
+    load it with the weights still packed."""
+    _setup(verbose)
+    from ..export.checkpoint import load_checkpoint, read_manifest
+    from ..export.compressed_tensors import export_compressed_tensors
+
+    m, tok, units, _ = load_checkpoint(src)
+    info = export_compressed_tensors(m, tok, units, out, dropped=read_manifest(src).get("dropped", []))
+    table = Table("bits", "symmetric", "group", "layers", "vLLM kernel (CUDA)", title=f"{src} → {out}")
+    for sch in info["schemes"]:
+        w = sch["weights"]
+        table.add_row(str(w["num_bits"]), str(w["symmetric"]), str(w["group_size"] or "per row"), str(sch["layers"]),
+                      sch["vllm"])
+    console.print(table)
+    console.print(f"left dense: {', '.join(info['ignore']) or 'nothing'}")
 
 
 @app.command("eval")

@@ -68,16 +68,21 @@ class SweepResult:
     scales: torch.Tensor | None  # float16 (out, n_groups)
     zeros: torch.Tensor | None  # uint8 (out, n_groups)
     perm: torch.Tensor | None  # sweep order -> original column
+    groups_permuted: bool = True  # groups formed in sweep order (False: static groups, original column order)
 
 
 def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, group_size: int | None = None,
               sym: bool = False, mse: bool = False, n_prune: int | None = None, nm: tuple[int, int] | None = None,
               act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-              clip_by: str = "weights") -> SweepResult:
+              clip_by: str = "weights", static_groups: bool = False) -> SweepResult:
     """Compress `w` (out, in) given H = XᵀX/n (in, in). Returns the result in sweep order.
 
     `clip_by` weighs the clipping search's squared error (`mse`) per input column: "weights"
-    equally, "activations" by the column's input energy diag(H)."""
+    equally, "activations" by the column's input energy diag(H). With `act_order`, quantization
+    groups are formed in sweep order unless `static_groups`: then every group is a run of
+    `group_size` columns in the original order, its range fixed from the weights before the sweep
+    (what compressed-tensors / vLLM store: their actorder "weight"), and only the order in which
+    columns are quantized follows the activations."""
     if clip_by not in ("weights", "activations"):
         raise ValueError(f"clip_by is weights or activations, got {clip_by!r}")
     w = w.float().clone()
@@ -85,13 +90,21 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
     out_f, in_f = w.shape
     w[:, dead] = 0.0
 
+    quant = bits is not None
+    static = bool(static_groups and act_order and quant and group_size and not (n_prune or nm))
+    energy = torch.diagonal(h).clone() if clip_by == "activations" else None
+    fixed = None
+    if static:  # each original group's range, from the weights as they are before any update
+        fixed = [find_params(w[:, g:g + group_size], bits, sym, mse=mse,
+                             col_weight=None if energy is None else energy[g:g + group_size])
+                 for g in range(0, in_f, group_size)]
     perm = None
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w = w[:, perm]
         h = h[perm][:, perm]
+        energy = energy[perm] if energy is not None else None
     u = inverse_hessian_factor(h, damp)
-    energy = torch.diagonal(h).clone() if clip_by == "activations" else None
     del h
 
     gs = group_size or in_f
@@ -104,11 +117,14 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
     if n_prune is not None:
         block_counts = split_count(n_prune, [min(block_size, in_f - s) * out_f for s in starts])
 
-    quant = bits is not None
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=w.device) if quant else None
     ng = n_groups(in_f, group_size)
     scales = torch.zeros(out_f, ng, dtype=torch.float32, device=w.device) if quant else None
     zeros = torch.zeros(out_f, ng, dtype=torch.float32, device=w.device) if quant else None
+    if fixed is not None:
+        for gi, (scale, zero) in enumerate(fixed):
+            scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = scale, zero
+        col_group = (perm // group_size).tolist()  # sweep position -> its original group
     mask = torch.ones(out_f, in_f, dtype=torch.bool, device=w.device) if (n_prune or nm) else None
     q_all = torch.zeros_like(w)
     mq = (1 << bits) - 1 if quant else 0
@@ -150,7 +166,10 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
                     score = w1[i:i + m] ** 2 / (d[i:i + m] ** 2).unsqueeze(1)
                     drop = torch.topk(score, m - n_keep, dim=0, largest=False).indices
                     m1[i:i + m].scatter_(0, drop, False)
-                if quant and group_size and col % gs == 0:
+                if fixed is not None:
+                    g = col_group[col]
+                    scale1, zero1 = scales[:, g], zeros[:, g]
+                elif quant and group_size and col % gs == 0:
                     grp = w1[i:i + gs]
                     if m1 is not None:
                         grp = grp * m1[i:i + gs]
@@ -183,7 +202,7 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
         weight=q_all, mask=mask, codes=codes,
         scales=scales.to(torch.float16) if quant else None,
         zeros=zeros.to(torch.uint8) if quant and not sym else None,
-        perm=perm,
+        perm=perm, groups_permuted=not static,
     )
 
 
@@ -209,7 +228,7 @@ def to_packed(res: SweepResult, bits: int | None, group_size: int | None, sym: b
     codes = unperm(res.codes)
     return PackedWeight(shape=(out_f, in_f), mask=mask, bits=bits, group_size=group_size, sym=sym,
                         codes=codes[mask] if mask is not None else codes.reshape(-1),
-                        scales=res.scales, zeros=res.zeros, perm=perm)
+                        scales=res.scales, zeros=res.zeros, perm=perm if res.groups_permuted else None)
 
 
 def refit_masked(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, start: torch.Tensor, *,

@@ -105,3 +105,25 @@ def test_kv_eval_and_generate(model_dir):
                             "--window", "4", "--prompt", "The quick brown fox", "--max-new", "5"])
     assert r.exit_code == 0, r.output
     assert "cache" in r.output
+
+
+def test_compressed_tensors_export_from_compress_and_from_a_checkpoint(model_dir, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    out = tmp_path / "ck"
+    r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                            "--export", "compressed-tensors", "--no-eval", "--out", str(out), *small(model_dir)])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "ck-ct" / "config.json").read_text())["quantization_config"]
+    assert cfg["config_groups"]["group_0"]["weights"]["group_size"] == 32  # act-order with static groups
+    assert json.loads((out / "modelpress.json").read_text())["plan"]["method"]["static_groups"] is True
+    r = runner.invoke(app, ["export", "compressed-tensors", str(out), "--out", str(tmp_path / "again")])
+    assert r.exit_code == 0 and "Marlin" in r.output, r.output
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "ck-ct" / "model.safetensors").read_bytes()
+    dyn = tmp_path / "dyn"
+    assert runner.invoke(app, ["compress", str(model_dir / "tiny"), "--method", "gptq", "--bits", "4", "--no-eval",
+                               "--dynamic-groups", "--out", str(dyn), *small(model_dir)]).exit_code == 0
+    r = runner.invoke(app, ["export", "compressed-tensors", str(dyn), "--out", str(tmp_path / "no")])
+    assert r.exit_code == 2 and "--static-groups" in r.output and not (tmp_path / "no").exists()
+    r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--method", "sparsegpt", "--sparsity", "0.5",
+                            "--export", "compressed-tensors", "--out", str(tmp_path / "sp"), *small(model_dir)])
+    assert r.exit_code == 2 and "integer-quantized layers only" in r.output and not (tmp_path / "sp").exists()

@@ -26,6 +26,7 @@ class QuantKind(Kind):
     group_size: int | None = 64
     sym: bool = False
     act_order: bool = True
+    static_groups: bool = False  # act-order with groups in column order (exportable to compressed-tensors)
     damp: float = 0.01
     mse: bool = True
     shrink: float = 0.1  # GPTQ's Hessian blended with its diagonal (the operator's default)
@@ -36,10 +37,11 @@ class QuantKind(Kind):
 
     budgets = ("bits", "mb")
     default_for = ("bits", "mb")
-    options = {"levels": "levels", "group-size": "group_size", "sequential-level": "sequential_level"}
+    options = {"levels": "levels", "group-size": "group_size", "sequential-level": "sequential_level",
+               "static-groups": "static_groups"}
     tensors_per_unit = 4
     ylabel = "bits"
-    legacy = {"sequential_level": None, "shrink": 0.0}
+    legacy = {"sequential_level": None, "shrink": 0.0, "static_groups": False}
 
     def __post_init__(self) -> None:
         self.levels = tuple(sorted(set(int(b) for b in self.levels)))
@@ -66,7 +68,8 @@ class QuantKind(Kind):
         from ...ops import OPERATORS
 
         return OPERATORS.build("gptq", bits=bits, group_size=self.group_size, sym=self.sym,
-                               act_order=self.act_order, damp=self.damp, mse=self.mse, shrink=self.shrink)
+                               act_order=self.act_order, damp=self.damp, mse=self.mse, shrink=self.shrink,
+                               static_groups=self.static_groups)
 
     def build(self, db, model, windows, batch_size, device) -> None:
         if self.sequential_level is not None:

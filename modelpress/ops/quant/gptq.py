@@ -21,6 +21,9 @@ class GPTQ(WeightOperator):
     group_size: int | None = 64
     sym: bool = False
     act_order: bool = True  # columns with large activations first (groups follow that order)
+    # with act_order: groups stay runs of columns in the original order, their ranges fixed before the
+    # sweep (compressed-tensors / vLLM store only such groups: their actorder "weight")
+    static_groups: bool = False
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     # H blended with its diagonal (obs.shrink_hessian): less fit to the calibration text. 0.1 measured on
     # smollm2 3-bit, mix+self calibration: worst domain ratio 1.589 -> 1.413 (docs/benchmarks.md)
@@ -43,7 +46,7 @@ class GPTQ(WeightOperator):
         h = shrink_hessian(stats.hessian, self.shrink)
         res = obs_sweep(weight, h, bits=self.bits, group_size=self.group_size, sym=self.sym,
                         mse=self.mse, act_order=self.act_order, damp=self.damp, block_size=self.block_size,
-                        clip_by=self.clip_by)
+                        clip_by=self.clip_by, static_groups=self.static_groups)
         return to_packed(res, self.bits, self.group_size, self.sym)
 
     def label(self) -> str:
