@@ -52,7 +52,12 @@ class RowCache:
 def machine() -> str:
     import torch
 
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name(0)
+    else:  # the CPU's model and vector unit: timings differ several-fold between CPUs
+        name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name")), "CPU") if Path("/proc/cpuinfo").is_file() else "CPU"
+        dev = f"{name} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores"
     return (f"{platform.machine()} {dev}, torch {torch.__version__}, Python {platform.python_version()}, "
             f"{time.strftime('%Y-%m-%d')}")
 

@@ -192,6 +192,9 @@ class SearchConfig:
             if self.export not in EXPORTS:
                 raise ConfigError(f"unknown export format {self.export!r}; use one of {', '.join(EXPORTS)} "
                                   "(GGUF: --kind gguf with --out FILE.gguf)")
+            if self.export == "compressed-tensors" and not KINDS.get(self.kind).integer_levels:
+                raise ConfigError(f"--export compressed-tensors holds integer-quantized layers; kind {self.kind} "
+                                  "makes other levels (use --kind quant, or --export hf)")
             if self.out is not None and Path(self.out).suffix == ".gguf":
                 raise ConfigError(f"a .gguf --out is the export; --export {self.export} needs a checkpoint "
                                   "folder for --out")

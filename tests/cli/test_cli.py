@@ -127,3 +127,6 @@ def test_compressed_tensors_export_from_compress_and_from_a_checkpoint(model_dir
     r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--method", "sparsegpt", "--sparsity", "0.5",
                             "--export", "compressed-tensors", "--out", str(tmp_path / "sp"), *small(model_dir)])
     assert r.exit_code == 2 and "integer-quantized layers only" in r.output and not (tmp_path / "sp").exists()
+    r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--target-sparsity", "0.5", "--export",
+                            "compressed-tensors", "--no-eval", "--out", str(tmp_path / "ss"), *small(model_dir)])
+    assert r.exit_code == 2 and "integer-quantized" in r.output and not (tmp_path / "ss").exists(), r.output

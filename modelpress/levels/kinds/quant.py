@@ -41,6 +41,7 @@ class QuantKind(Kind):
                "static-groups": "static_groups"}
     tensors_per_unit = 4
     ylabel = "bits"
+    integer_levels = True
     legacy = {"sequential_level": None, "shrink": 0.0, "static_groups": False}
 
     def __post_init__(self) -> None:
