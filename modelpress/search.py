@@ -281,9 +281,10 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
             c.export(cfg.export, export_path(out, cfg.export))
     out_files = report_dir
     chosen.plan.save(out_files / "plan.json")
-    problem = chosen.problem
-    plot_levels(out_files / "levels.png", {n: r.plan.levels for n, r in results.items()}, problem.units,
-                problem.groups, problem.extra["block"], ylabel=database.kind.ylabel)
+    units = list(database.units)  # tied layers are plotted one by one
+    plot_levels(out_files / "levels.png", {n: r.plan.levels for n, r in results.items()}, units,
+                [database.units[u].group for u in units], [database.units[u].block for u in units],
+                ylabel=database.kind.ylabel)
     plot_fitness(out_files / "fitness.png", chosen.history)
     report = {
         "model": model_name, "method": {"kind": kind, **cfg.kind_settings, "allocator": allocator,

@@ -132,3 +132,18 @@ def test_search_verb_and_presets_in_python(model_dir, tmp_path):  # noqa: F811
         mp.SearchConfig(Budget("bits", 3), allocator="nope")
     with pytest.raises(ConfigError, match="machine preset"):
         budget_config(Budget("bits", 3), machine="tpu")
+
+
+def test_search_serve_vllm_cli(model_dir, tmp_path):  # noqa: F811
+    pytest.importorskip("compressed_tensors")
+    r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--levels", "4,8", "--sym", "--serve", "vllm",
+                            "--group-size", "32", "--target-bits", "6", "--allocator", "dp", "--no-eval",
+                            "--export", "compressed-tensors", "--db", str(tmp_path / "db"), "--out", str(tmp_path / "o"),
+                            *small(model_dir)])
+    assert r.exit_code == 0, r.output
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())["levels"]
+    assert plan["model.layers.0.self_attn.q_proj"] == plan["model.layers.0.self_attn.v_proj"]
+    assert (tmp_path / "o-ct" / "config.json").is_file()
+    r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--levels", "2,3,4", "--serve", "vllm",
+                            "--target-bits", "3", "--no-eval", *small(model_dir)])
+    assert r.exit_code == 2 and "no fast kernel" in r.output

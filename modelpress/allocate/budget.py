@@ -96,4 +96,28 @@ def make_problem(db, budget: Budget) -> Problem:
     for key in ("outlier_ratio", "influence"):
         if all(key in db.units[u].extra for u in units):
             extra[key] = [db.units[u].extra[key] for u in units]
-    return Problem(units, costs, errors, total, labels=labels, groups=[db.units[u].group for u in units], extra=extra)
+    groups = [db.units[u].group for u in units]
+    ties = db.kind.ties(db.units)
+    if ties:
+        return _tied(units, costs, errors, total, labels, groups, extra, ties)
+    return Problem(units, costs, errors, total, labels=labels, groups=groups, extra=extra)
+
+
+def _tied(units, costs, errors, total, labels, groups, extra, ties: list[list[str]]) -> Problem:
+    """The problem with each tie group as one unit: one level for all its members, its cost and
+    error the members' sums (so a bits or MB budget stays exact), its members in extra["members"]."""
+    index = {u: i for i, u in enumerate(units)}
+    tied = {u for group in ties for u in group}
+    merged = [[index[u] for u in group] for group in ties] + [[index[u]] for u in units if u not in tied]
+    merged.sort(key=lambda idx: idx[0])  # model order
+    for idx in merged:
+        if any(extra["values"][j] != extra["values"][idx[0]] for j in idx):
+            raise BudgetError(f"tied layers {', '.join(units[j] for j in idx)} do not have the same levels")
+    out = {"block": [extra["block"][idx[0]] for idx in merged], "numel": [sum(extra["numel"][j] for j in idx)
+                                                                          for idx in merged],
+           "values": [extra["values"][idx[0]] for idx in merged], "members": [[units[j] for j in idx] for idx in merged]}
+    return Problem(["+".join([units[idx[0]]] + [units[j].rsplit(".", 1)[-1] for j in idx[1:]]) for idx in merged],
+                   [[sum(costs[j][i] for j in idx) for i in range(len(costs[idx[0]]))] for idx in merged],
+                   [[sum(errors[j][i] for j in idx) for i in range(len(errors[idx[0]]))] for idx in merged],
+                   total, labels=[labels[idx[0]] for idx in merged],
+                   groups=["+".join(groups[j] for j in idx) for idx in merged], extra=out)

@@ -22,11 +22,17 @@ class Plan:
     @classmethod
     def from_choice(cls, problem, choice: list[int], kind: str, **kw) -> "Plan":
         vals = problem.extra["values"]
-        return cls(kind=kind, levels={u: vals[i][c] for i, (u, c) in enumerate(zip(problem.units, choice))}, **kw)
+        return cls(kind=kind, levels={m: vals[i][c] for i, c in enumerate(choice) for m in problem.members(i)}, **kw)
 
     def choice(self, problem) -> list[int]:
         vals = problem.extra["values"]
-        return [vals[i].index(self.levels[u]) for i, u in enumerate(problem.units)]
+        out = []
+        for i in range(len(problem.units)):
+            got = {self.levels[m] for m in problem.members(i)}
+            if len(got) != 1:
+                raise ConfigError(f"plan gives the tied layers {', '.join(problem.members(i))} different levels")
+            out.append(vals[i].index(got.pop()))
+        return out
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, **dataclasses.asdict(self)}

@@ -36,6 +36,12 @@ class Problem:
             raise BudgetError(f"budget {self.budget} is below the cheapest plan ({lo}); "
                               "raise the budget or allow cheaper levels")
 
+    def members(self, u: int) -> list[str]:
+        """The database units problem unit `u` stands for: itself, or the layers tied into it
+        (e.g. q/k/v, which a serving engine runs as one fused matmul with one scheme)."""
+        tied = self.extra.get("members")
+        return list(tied[u]) if tied else [self.units[u]]
+
     def min_cost(self) -> int:
         return sum(c[0] for c in self.costs)
 

@@ -321,6 +321,12 @@ def search_cmd(
     static_groups: Optional[bool] = typer.Option(None, "--static-groups/--dynamic-groups",
                                                  help="quant: act-order with groups in column order (default with "
                                                       "--export compressed-tensors)"),
+    serve: Optional[str] = typer.Option(None, "--serve", help="quant: plans an engine runs fast: vllm ties q/k/v and "
+                                        "gate/up to one level each, levels 4/8 bits (8: --sym)"),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="quant: symmetric levels"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="quant: GPTQ act-order"),
+    mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="quant/joint: clipping search"),
+    shrink: Optional[float] = typer.Option(None, "--shrink", help="quant: GPTQ Hessian blended with its diagonal"),
     max_sparsity: Optional[float] = typer.Option(None, "--max-sparsity", help="sparsity: highest level"),
     target_bits: Optional[float] = typer.Option(None, "--target-bits"),
     target_sparsity: Optional[float] = typer.Option(None, "--target-sparsity"),
@@ -358,7 +364,8 @@ def search_cmd(
     kind = kind or kind_for_budget(budget.kind)
     given = {"levels": levels, "sparsities": sparsities, "ranks": ranks, "allow-drop": allow_drop,
              "sequential-level": sequential_level, "ratios": ratios, "types": types, "group-size": group_size,
-             "static-groups": static_groups, "max-sparsity": max_sparsity}
+             "static-groups": static_groups, "serve": serve, "sym": sym, "act-order": act_order, "mse": mse,
+             "shrink": shrink, "max-sparsity": max_sparsity}
     if _export_format(export) == "compressed-tensors" and static_groups is None \
             and "static-groups" in KINDS.get(kind).options:
         given["static-groups"] = True  # the only act-order groups the format stores

@@ -103,7 +103,7 @@ class KLFitness(Fitness):
             return self.model(input_ids=ids.to(self.device), use_cache=False).logits
 
     def _apply(self, choice) -> None:
-        self.state.apply({u: self.values[i][c] for i, (u, c) in enumerate(zip(self.problem.units, choice))})
+        self.state.apply({m: self.values[i][c] for i, c in enumerate(choice) for m in self.problem.members(i)})
 
     def _run(self, ids: torch.Tensor, start: int = 0, start_state: torch.Tensor | None = None,
              record: list | None = None) -> torch.Tensor:

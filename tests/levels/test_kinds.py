@@ -87,3 +87,44 @@ def test_database_version_is_checked_and_older_ones_migrate(tmp_path):
     mf.write_text(json.dumps({**meta, "version": 99}))
     with pytest.raises(CheckpointError, match="newer modelpress"):
         open_database(m, None, "quant", data=w, db=db.path, levels=(2, 3), group_size=16)
+
+
+def test_serve_vllm_ties_fused_layers_and_keeps_the_budget(tmp_path):
+    from modelpress.allocate.budget import make_problem
+    from modelpress.errors import ConfigError
+    from modelpress.levels import QuantKind
+    from modelpress.search import materialize
+
+    m = tiny_model("llama")
+    db = open_database(m, None, "quant", data=windows(), db=tmp_path / "db", levels=(4, 8), group_size=32, sym=True,
+                       serve="vllm")
+    assert db.kind.static_groups  # act-order groups the format can store
+    p = make_problem(db, Budget("bits", 6))
+    assert len(p.units) == 3 * 4 and sum(len(p.members(i)) for i in range(len(p.units))) == 21  # qkv, o, gate+up, down
+    assert p.groups[0] == "q_proj+k_proj+v_proj"
+    for alloc in ("dp", "uniform", "evolutionary"):
+        kw = dict(generations=3, offspring=4, tokens=(64,), survivors=(1,)) if alloc == "evolutionary" else {}
+        res = allocate(m, db, Budget("bits", 6), alloc, data=windows(), **kw)
+        lv = res.plan.levels
+        for b in range(3):
+            att, mlp = f"model.layers.{b}.self_attn.", f"model.layers.{b}.mlp."
+            assert lv[att + "q_proj"] == lv[att + "k_proj"] == lv[att + "v_proj"]
+            assert lv[mlp + "gate_proj"] == lv[mlp + "up_proj"]
+        numel = sum(u.numel for u in db.units.values())
+        assert sum(int(v) * db.units[u].numel for u, v in lv.items()) <= 6 * numel
+        assert res.plan.choice(res.problem) == [p.extra["values"][i].index(lv[p.members(i)[0]])
+                                                for i in range(len(p.units))]
+    c = materialize(m, None, db, res.plan)
+    pytest.importorskip("compressed_tensors")
+    info = c.export("compressed-tensors", tmp_path / "ct")
+    cfg = json.loads((info / "config.json").read_text())["quantization_config"]["config_groups"]
+    where = {t: g for g, grp in cfg.items() for t in grp["targets"]}
+    for b in range(3):
+        att = f"model.layers.{b}.self_attn."
+        assert where[att + "q_proj"] == where[att + "k_proj"] == where[att + "v_proj"]
+    with pytest.raises(ConfigError, match="no fast kernel"):
+        QuantKind(levels=(2, 3, 4), serve="vllm")
+    with pytest.raises(ConfigError, match="--sym"):
+        QuantKind(levels=(4, 8), serve="vllm")
+    with pytest.raises(ConfigError, match="engines are"):
+        QuantKind(levels=(4,), serve="sglang-x")

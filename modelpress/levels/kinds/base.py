@@ -129,6 +129,10 @@ class Kind:
         """Make every missing level of `db` (resumable: what is on disk is not made again)."""
         raise NotImplementedError
 
+    def ties(self, units: dict[str, UnitInfo]) -> list[list[str]]:
+        """Groups of units that must share one level (a serving engine's fused layers); none by default."""
+        return []
+
     def check_budget(self, budget: "Budget") -> None:
         """Raise BudgetError if `budget` (one of `budgets`) is out of this kind's range."""
 

@@ -34,7 +34,7 @@ class JointKind(Kind):
 
     budgets = ("mb",)
     options = {"levels": "bits", "sparsities": "sparsity", "ranks": "ranks", "allow-drop": "allow_drop",
-               "group-size": "group_size", "sequential-level": "sequential_level"}
+               "group-size": "group_size", "sequential-level": "sequential_level", "mse": "mse"}
     tensors_per_unit = 6
     legacy = {"sequential_level": None}
 

@@ -19,6 +19,10 @@ from .base import KINDS, Kind
 log = logging.getLogger(__name__)
 
 
+# what a serving engine runs fast: the bit-widths of its weight-only kernels and the layers it fuses
+SERVE = {"vllm": {"levels": {4, 8}, "fused": (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))}}
+
+
 @KINDS.register("quant")
 @dataclasses.dataclass
 class QuantKind(Kind):
@@ -34,15 +38,20 @@ class QuantKind(Kind):
     # one pass for all levels instead: every level of a layer is computed on the inputs it sees when the
     # blocks before it are at this bit-width (the level nearest the budget), as the mixed plans will be
     sequential_level: int | None = None
+    # "vllm": plans vLLM runs on its fast kernels: q/k/v and gate/up of a block tied to one level
+    # (vLLM fuses each into one matmul with one scheme), levels 4 and 8 bits (Marlin / Machete;
+    # 8-bit symmetric), groups in column order (compressed-tensors stores no act-order groups)
+    serve: str | None = None
 
     budgets = ("bits", "mb")
     default_for = ("bits", "mb")
     options = {"levels": "levels", "group-size": "group_size", "sequential-level": "sequential_level",
-               "static-groups": "static_groups"}
+               "static-groups": "static_groups", "serve": "serve", "sym": "sym", "act-order": "act_order",
+               "mse": "mse", "shrink": "shrink"}
     tensors_per_unit = 4
     ylabel = "bits"
     integer_levels = True
-    legacy = {"sequential_level": None, "shrink": 0.0, "static_groups": False}
+    legacy = {"sequential_level": None, "shrink": 0.0, "static_groups": False, "serve": None}
 
     def __post_init__(self) -> None:
         self.levels = tuple(sorted(set(int(b) for b in self.levels)))
@@ -56,9 +65,32 @@ class QuantKind(Kind):
                                   "e.g. w3 or 3") from None
             if self.sequential_level not in self.levels:
                 raise ConfigError(f"sequential_level {self.sequential_level} is not one of the levels {self.levels}")
+        if self.serve is not None:
+            engine = SERVE.get(self.serve)
+            if engine is None:
+                raise ConfigError(f"serve {self.serve!r}: the engines are {', '.join(SERVE)}")
+            extra = sorted(set(self.levels) - engine["levels"])
+            if extra:
+                raise ConfigError(f"{self.serve} has no fast kernel for {extra}-bit weights; give levels from "
+                                  f"{sorted(engine['levels'])} (e.g. --levels 4,8)")
+            if 8 in self.levels and not self.sym:
+                raise ConfigError(f"{self.serve} runs asymmetric 8-bit weights on H100/H200 (Machete) only; "
+                                  "pass --sym")
+            if self.act_order:
+                self.static_groups = True  # the only act-order groups the engine's format stores
 
     def values(self, unit) -> list:
         return list(self.levels)
+
+    def ties(self, units) -> list[list[str]]:
+        if self.serve is None:
+            return []
+        groups: dict[tuple, list[str]] = {}
+        for name, u in units.items():
+            for fused in SERVE[self.serve]["fused"]:
+                if u.group in fused:
+                    groups.setdefault((u.block, name.rsplit(".", 1)[0], fused), []).append(name)
+        return [sorted(g, key=list(units).index) for g in groups.values() if len(g) > 1]
 
     def check_budget(self, budget) -> None:
         lo, hi = min(self.levels), max(self.levels)
