@@ -47,13 +47,14 @@ class Compressed:
             export_hf(self.model, self.tokenizer, export_hf_dir)
         return manifest
 
-    def export(self, fmt: str, out_dir: str | Path) -> Path:
+    def export(self, fmt: str, out_dir: str | Path) -> dict:
         """Write the model in an engine's format: "hf" (a plain dequantized Hugging Face folder) or
-        "compressed-tensors" (weights still packed; vLLM and transformers load it)."""
+        "compressed-tensors" (weights still packed; vLLM and transformers load it). Returns
+        {"format", "path", ...what the writer reports (compressed-tensors: its schemes and kernels)}."""
         if fmt not in EXPORTS:
             raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORTS)}")
-        EXPORTS[fmt](self, Path(out_dir))
-        return Path(out_dir)
+        info = EXPORTS[fmt](self, Path(out_dir))
+        return {"format": fmt, "path": str(out_dir), **(info if isinstance(info, dict) else {})}
 
     def nbytes(self) -> int:
         return sum(pw.nbytes() for pw in self.units.values())
@@ -63,10 +64,10 @@ class Compressed:
         return 8.0 * self.nbytes() / n if n else None
 
 
-def _export_compressed_tensors(c: Compressed, out: Path) -> None:
+def _export_compressed_tensors(c: Compressed, out: Path) -> dict:
     from .export.compressed_tensors import export_compressed_tensors
 
-    export_compressed_tensors(c.model, c.tokenizer, c.units, out, dropped=c.dropped)
+    return export_compressed_tensors(c.model, c.tokenizer, c.units, out, dropped=c.dropped)
 
 
 # format -> writer, and the suffix of the folder written beside a checkpoint (OUT-hf, OUT-ct)

@@ -262,7 +262,7 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
         by[allocator]["beats_uniform_on_every_domain"] = not worse
     chosen = results[allocator]
     c = materialize(model, tokenizer, database, chosen.plan, state=state)
-    report_dir = out
+    report_dir, exported = out, None
     if out.suffix == ".gguf":  # a GGUF file for llama.cpp, with the report in a folder beside it
         from .export.ggufio import export_gguf
         from .ops.ggmlweight import GGMLWeight
@@ -278,7 +278,7 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
     else:
         c.save(out)
         if cfg.export is not None:
-            c.export(cfg.export, export_path(out, cfg.export))
+            exported = c.export(cfg.export, export_path(out, cfg.export))
     out_files = report_dir
     chosen.plan.save(out_files / "plan.json")
     units = list(database.units)  # tied layers are plotted one by one
@@ -293,7 +293,7 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
         "database": {"path": str(database.path), "build_seconds": build_s},
         "history": chosen.history, "fitness": chosen.fitness_stats, "seconds": time.time() - t_start,
         "checkpoint": str(out),
-        **({"export": {"format": cfg.export, "path": str(export_path(out, cfg.export))}} if cfg.export else {}),
+        **({"export": exported} if cfg.export else {}),
         "evaluation": domains.info(cfg.eval_suite) if domains else None,
         "columns": [("label", "allocator"), *suite_columns(domains.names if domains else []),
                     ("size_mb", "size MB"), ("bits_per_weight", "bits/weight (layers)"), ("search", "search s")],

@@ -144,6 +144,9 @@ def test_search_serve_vllm_cli(model_dir, tmp_path):  # noqa: F811
     plan = json.loads((tmp_path / "o" / "plan.json").read_text())["levels"]
     assert plan["model.layers.0.self_attn.q_proj"] == plan["model.layers.0.self_attn.v_proj"]
     assert (tmp_path / "o-ct" / "config.json").is_file()
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["export"]["format"] == "compressed-tensors" and all("Marlin" in s["vllm"] for s in rep["export"]["schemes"])
+    assert "vLLM kernel" in r.output
     r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--levels", "2,3,4", "--serve", "vllm",
                             "--target-bits", "3", "--no-eval", *small(model_dir)])
     assert r.exit_code == 2 and "no fast kernel" in r.output

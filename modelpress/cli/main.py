@@ -292,6 +292,11 @@ def _run_search(model_name: str, config, device) -> None:
                   f"database: {rep['database']['path']} (built in {rep['database']['build_seconds']:.0f} s)")
     if rep.get("export"):
         console.print(f"{rep['export']['format']} folder: {rep['export']['path']}")
+        for sch in rep["export"].get("schemes", []):
+            w = sch["weights"]
+            console.print(f"  {w['num_bits']}-bit {'sym' if w['symmetric'] else 'asym'} "
+                          f"{'g' + str(w['group_size']) if w['group_size'] else 'per row'}: {sch['layers']} layers, "
+                          f"vLLM kernel {sch['vllm']}")
 
 
 def _export_format(export: Optional[str]) -> Optional[str]:
