@@ -187,9 +187,14 @@ class Loaded:
 
 
 def open_compressed(path: str | Path, *, device: str | torch.device | None = None,
-                    max_memory_mb: float | None = None) -> Loaded:
-    """Load a modelpress checkpoint. For a BitStack checkpoint, `max_memory_mb` picks the largest
-    model that fits; for a packed checkpoint it is only checked against the checkpoint's size."""
+                    max_memory_mb: float | None = None, dense: bool = False,
+                    dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load a modelpress checkpoint. Its compressed layers stay packed (decoded per forward, same
+    logits; resident weight memory ≈ the checkpoint's compressed layers) unless `dense`, which
+    decodes them once into ordinary Linear weights (faster forwards, the dense model's memory).
+    The rest of the model is in `dtype` (float16 brings it to the checkpoint's size too). For a
+    BitStack checkpoint, `max_memory_mb` picks the largest model that fits; for a packed checkpoint
+    it is only checked against the checkpoint's size."""
     from .export.bitstack import FORMAT as BITSTACK, load_bitstack
     from .export.checkpoint import MANIFEST
 
@@ -207,15 +212,15 @@ def open_compressed(path: str | Path, *, device: str | torch.device | None = Non
     if max_memory_mb is not None and size > max_memory_mb:
         raise BudgetError(f"{path} needs {size:.1f} MB; only a BitStack checkpoint "
                           f"(`modelpress bitstack`) can load at any size")
-    model, tok, _, _ = load_checkpoint(path, device=device)
-    return Loaded(model, tok, {"size_mb": size})
+    model, tok, _, _ = load_checkpoint(path, device=device, dtype=dtype, keep_packed=not dense)
+    return Loaded(model, tok, {"size_mb": size, "packed": not dense})
 
 
 def load_compressed(path: str | Path, *, device: str | torch.device | None = None, return_tokenizer: bool = False,
-                    max_memory_mb: float | None = None):
+                    max_memory_mb: float | None = None, dense: bool = False, dtype: torch.dtype = torch.float32):
     """A working transformers model from a modelpress checkpoint (optionally with its tokenizer);
-    see `open_compressed`."""
-    loaded = open_compressed(path, device=device, max_memory_mb=max_memory_mb)
+    packed layers unless `dense`; see `open_compressed`."""
+    loaded = open_compressed(path, device=device, max_memory_mb=max_memory_mb, dense=dense, dtype=dtype)
     return (loaded.model, loaded.tokenizer) if return_tokenizer else loaded.model
 
 

@@ -424,6 +424,8 @@ def load_cmd(
     evaluate: bool = typer.Option(False, "--eval/--no-eval", help="perplexity of the loaded model"),
     reference: Optional[str] = typer.Option(None, "--reference", "-r"),
     export_hf: Optional[Path] = typer.Option(None, "--export-hf", help="write the loaded model as a plain HF folder"),
+    dense: bool = typer.Option(False, "--dense", help="decode the compressed layers once (default: they stay packed, "
+                               "decoded per forward, in the checkpoint's memory)"),
     eval_suite: str = EvalSuiteOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
     device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt, verbose: bool = VerboseOpt,
 ):
@@ -434,7 +436,7 @@ def load_cmd(
     from ..export.hf import export_hf as do_export
     from ..models import load_model
 
-    loaded = open_compressed(path, device=device, max_memory_mb=max_mb)
+    loaded = open_compressed(path, device=device, max_memory_mb=max_mb, dense=dense)
     m, tok = loaded.model, loaded.tokenizer
     row = {"label": str(path), **loaded.info}
     domains = None

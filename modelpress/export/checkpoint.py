@@ -166,8 +166,10 @@ def empty_model(config_dict: dict, dtype: torch.dtype):
 
 @torch.no_grad()
 def load_checkpoint(path: str | Path, *, device: str | torch.device | None = None,
-                    dtype: torch.dtype = torch.float32, verify: bool = True):
-    """Rebuild the compressed model: returns (model, tokenizer or None, units, manifest)."""
+                    dtype: torch.dtype = torch.float32, verify: bool = True, keep_packed: bool = False):
+    """Rebuild the compressed model: returns (model, tokenizer or None, units, manifest). With
+    `keep_packed` every compressed Linear stays in its stored form (ops.packed_linear.PackedLinear,
+    decoded per forward: resident memory ≈ the checkpoint's); otherwise it holds the decoded weight."""
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
@@ -207,7 +209,14 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
             pw = load_weight(packed.get(name, {}), meta)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path}: unit {name} is malformed ({e})") from None
-        set_weight(linears[name], pw.dequantize())
+        if keep_packed:
+            from ..ops.packed_linear import PackedLinear
+
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr,
+                    PackedLinear(packed.get(name, {}), meta, getattr(linears[name], "bias", None)))
+        else:
+            set_weight(linears[name], pw.dequantize())
         units[name] = pw
     tok = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():

@@ -28,6 +28,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     need = -(-n * bits // 8)
     if p.numel() < need:
         raise ValueError(f"packed stream too short: {p.numel()} bytes, need {need}")
+    if 8 % bits == 0:  # codes never straddle a byte: shift and mask, no bit stream (the packed runtime's path)
+        shifts = torch.arange(0, 8, bits, device=p.device, dtype=torch.uint8)
+        return ((p[:need].unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
     shifts = torch.arange(8, device=p.device, dtype=torch.uint8)
     bitstream = ((p[:need].unsqueeze(1) >> shifts) & 1).reshape(-1)[: n * bits]
     weights = (1 << torch.arange(bits, device=p.device, dtype=torch.int32))

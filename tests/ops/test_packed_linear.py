@@ -1,0 +1,52 @@
+import torch
+from safetensors import safe_open
+
+import modelpress as mp
+from modelpress.ops.packed_linear import PackedLinear
+from tests.conftest import tiny_model
+from tests.export.test_checkpoint import windows
+
+
+def _saved(tmp_path, **kw):
+    m = tiny_model("llama")
+    mp.compress(m, None, data=windows(), compute_dtype="float32", **kw).save(tmp_path / "ck")
+    return m
+
+
+def _bytes(model) -> int:
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
+def test_packed_model_gives_the_same_logits_in_the_checkpoints_memory(tmp_path):
+    m = _saved(tmp_path, method="gptq", bits=4, group_size=32)
+    packed = mp.load_compressed(tmp_path / "ck")
+    dense = mp.load_compressed(tmp_path / "ck", dense=True)
+    linears = [mod for mod in packed.modules() if isinstance(mod, PackedLinear)]
+    assert len(linears) == 21 and not any(isinstance(mod, PackedLinear) for mod in dense.modules())
+    ids = windows().eval[:2]
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, dense(ids).logits)
+        assert torch.equal(packed(ids).logits, m(ids).logits)
+    with safe_open(str(tmp_path / "ck" / "weights.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    unit_bytes = sum(t.numel() * t.element_size() for k, t in stored.items() if "::" in k)
+    assert sum(mod.nbytes() for mod in linears) == unit_bytes  # the compressed layers: exactly what is stored
+    total = sum(t.numel() * t.element_size() for t in stored.values())
+    half = mp.load_compressed(tmp_path / "ck", dtype=torch.float16)
+    assert _bytes(half) <= 1.05 * total, (_bytes(half), total)  # the whole model, in float16 like the file
+    assert _bytes(dense) > 2.5 * total  # what the dequantized float32 model holds
+
+
+def test_sparse_and_act_order_layers_stay_packed_too(tmp_path):
+    for kw in (dict(method="sparsegpt", sparsity=0.5), dict(method="gptq", bits=3, group_size=32, act_order=True)):
+        m = _saved(tmp_path / kw["method"], **kw)
+        packed = mp.load_compressed(tmp_path / kw["method"] / "ck")
+        assert any(isinstance(mod, PackedLinear) for mod in packed.modules())
+        ids = windows().eval[:1]
+        with torch.no_grad():
+            assert torch.equal(packed(ids).logits, m(ids).logits)
