@@ -21,8 +21,8 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-def _gptq(sym: bool, **kw):
-    m = tiny_model("llama")
+def _gptq(sym: bool, arch: str = "llama", **kw):
+    m = tiny_model(arch)
     c = mp.compress(m, None, "gptq", data=windows(), bits=4, group_size=32, sym=sym, static_groups=True,
                     compute_dtype="float32", **kw)
     return m, c
@@ -59,9 +59,9 @@ def test_library_decodes_our_tensors_to_our_weights(tmp_path):
             assert torch.equal(w.to(torch.float16), ours), name
 
 
-@pytest.mark.parametrize("sym", [True, False])
-def test_transformers_loads_the_model_modelpress_made(tmp_path, sym):
-    m, c = _gptq(sym)
+@pytest.mark.parametrize("sym,arch", [(True, "llama"), (False, "llama"), (True, "qwen3"), (False, "qwen2")])
+def test_transformers_loads_the_model_modelpress_made(tmp_path, sym, arch):
+    m, c = _gptq(sym, arch)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     for mod_name, pw in c.units.items():  # what the export stores: float16 scales
         set_weight(dict(m.named_modules())[mod_name], pw.dequantize(torch.float16).float())
@@ -69,7 +69,7 @@ def test_transformers_loads_the_model_modelpress_made(tmp_path, sym):
     export_compressed_tensors(m, None, c.units, tmp_path / "ct")
     # transformers 5.24 + compressed-tensors 0.20.1 load asymmetric folders only with dequantize=True
     got = _logits(_load(tmp_path / "ct", dequantize=not sym), ids)
-    assert torch.allclose(got, want, atol=2e-3, rtol=1e-3), (got - want).abs().max()
+    assert torch.allclose(got, want, atol=5e-3, rtol=1e-3), (got - want).abs().max()  # float16 rounding
 
 
 def test_mixed_schemes_get_one_group_each(tmp_path):
