@@ -54,7 +54,8 @@ with torch.no_grad():
         out = model(input_ids=nxt, past_key_values=past, use_cache=True)
         past = out.past_key_values; nxt = out.logits[:, -1:].argmax(-1)
     decode = time.perf_counter() - t
-print(json.dumps({{"resident_mb": loaded / 1e6, "prefill_tok_s": 512 / prefill, "decode_tok_s": 32 / decode,
+after = rss() - before
+print(json.dumps({{"resident_mb": loaded / 1e6, "resident_after_mb": after / 1e6, "prefill_tok_s": 512 / prefill, "decode_tok_s": 32 / decode,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}}))
 """
 
@@ -96,13 +97,15 @@ def main() -> None:
 def render(cache: RowCache) -> None:
     table = [{"row": k, **cache.get(k)} for k in ROWS if cache.get(k)]
     cols = [("row", "model"), ("checkpoint_mb", "checkpoint MB"), ("resident_mb", "resident MB after load"),
+            ("resident_after_mb", "resident MB after the runs"),
             ("prefill_tok_s", "prefill tok/s (1 x 512)"), ("decode_tok_s", "decode tok/s (32 tokens)")]
     md = print_table(table, cols)
     body = ("## Packed runtime (`bench/runtime.py`)\n\n"
             "smollm2-135m checkpoints (RTN g64) loaded with `load_compressed`: packed (the default: compressed "
             "layers keep their stored tensors, decoded per forward), packed with the rest of the model in float16, "
             "and dense (`dense=True`, decoded once into float32 Linear weights); each measured in a fresh process: "
-            "resident memory after loading (RSS growth), prefill of one 512-token window, greedy decode of 32 "
+            "resident memory after loading and after the runs (RSS growth over the process before loading; the dense "
+            "model's safetensors are memory-mapped, so its pages count once touched), prefill of one 512-token window, greedy decode of 32 "
             "tokens with the KV cache. Logits of packed and dense loads are identical (tests/ops/"
             f"test_packed_linear.py). Machine: {machine()}.\n\n" + md)
     write_section("runtime", body)

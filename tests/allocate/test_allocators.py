@@ -354,3 +354,40 @@ def test_uniform_with_named_levels_takes_the_same_name_everywhere():
     choice = Uniform().allocate(p)
     assert [labels[u][i] for u, i in enumerate(choice)] == ["w2", "w3-r16", "w4-s50", "w3-r16"]
     assert p.cost(choice) <= p.budget and p.slack_ok(choice)
+
+
+@st.composite
+def tied_problems(draw):
+    """Units with the levels of a quant database (bits x numel), some of them tied in groups as a
+    serving engine's fused layers are."""
+    from modelpress.allocate.budget import _tied
+
+    n = draw(st.integers(2, 9))
+    bits = [2, 3, 4]
+    numel = draw(st.lists(st.integers(1, 40), min_size=n, max_size=n))
+    units = [f"u{i}" for i in range(n)]
+    costs = [[b * m for b in bits] for m in numel]
+    errors = [sorted(draw(st.lists(st.floats(0, 5, allow_nan=False), min_size=3, max_size=3)), reverse=True)
+              for _ in range(n)]
+    order = draw(st.permutations(range(n)))
+    cut = draw(st.integers(2, n))
+    ties = [[units[i] for i in sorted(order[:cut])]] if cut >= 2 else []
+    total = int(draw(st.floats(2.0, 4.0)) * sum(numel))
+    extra = {"block": list(range(n)), "numel": numel, "values": [list(bits)] * n}
+    return _tied(units, costs, errors, total, [list(bits)] * n, ["g"] * n, extra, ties)
+
+
+@pytest.mark.parametrize("name,kw", [("uniform", {}), ("dp", {}),
+                                     ("evolutionary", dict(generations=3, offspring=4, tokens=(1, 2), survivors=(2, 1)))])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=tied_problems())
+def test_budget_exactness_with_tied_units(name, kw, p):
+    from modelpress.allocate.plan import Plan
+
+    choice = _alloc(name, p, **kw)
+    assert p.cost(choice) <= p.budget and p.slack_ok(choice)
+    plan = Plan.from_choice(p, choice, "quant")
+    for i in range(len(p.units)):  # every member of a tied unit gets its level
+        assert len({plan.levels[m] for m in p.members(i)}) == 1
+    assert sum(len(p.members(i)) for i in range(len(p.units))) == len(plan.levels)
+    assert plan.choice(p) == choice
