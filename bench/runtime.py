@@ -23,6 +23,7 @@ ROWS = {
     "dense float32 model": dict(ck=None),
     "4-bit, packed": dict(ck=4),
     "4-bit, packed, rest in float16": dict(ck=4, dtype="float16"),
+    "4-bit, packed, int4 kernel (bfloat16 activations)": dict(ck=4, kernel="int4"),
     "4-bit, dense (decoded once)": dict(ck=4, dense=True),
     "3-bit, packed": dict(ck=3),
 }
@@ -41,7 +42,7 @@ dtype = getattr(torch, spec.get("dtype", "float32"))
 if spec["ck"] is None:
     model, tok = load_model("smollm2-135m", device="cpu")
 else:
-    model = mp.load_compressed(spec["path"], dense=spec.get("dense", False), dtype=dtype)
+    model = mp.load_compressed(spec["path"], dense=spec.get("dense", False), dtype=dtype, kernel=spec.get("kernel"))
     tok = None
 loaded = rss() - before
 ids = torch.randint(0, 49152, (1, 512), generator=torch.Generator().manual_seed(0))
@@ -103,7 +104,8 @@ def render(cache: RowCache) -> None:
     body = ("## Packed runtime (`bench/runtime.py`)\n\n"
             "smollm2-135m checkpoints (RTN g64) loaded with `load_compressed`: packed (the default: compressed "
             "layers keep their stored tensors, decoded per forward), packed with the rest of the model in float16, "
-            "and dense (`dense=True`, decoded once into float32 Linear weights); each measured in a fresh process: "
+            "packed on torch's CPU int4 matmul (`kernel=\"int4\"`: bfloat16 activations, outputs within bfloat16 "
+            "rounding), and dense (`dense=True`, decoded once into float32 Linear weights); each measured in a fresh process: "
             "resident memory after loading and after the runs (RSS growth over the process before loading; the dense "
             "model's safetensors are memory-mapped, so its pages count once touched), prefill of one 512-token window, greedy decode of 32 "
             "tokens with the KV cache. Logits of packed and dense loads are identical (tests/ops/"

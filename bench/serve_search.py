@@ -25,7 +25,7 @@ from modelpress.presets import PRESETS
 from modelpress.search import SearchSettings, allocate, open_database
 from modelpress.utils.device import compute_dtype
 
-BUDGETS = (4.5, 5.0)
+BUDGETS = (4.5,)
 SETTINGS = {"untied": {}, "serve vllm": {"serve": "vllm"}}
 LEVELS = dict(levels=(4, 8), group_size=64, sym=True, static_groups=True, sequential_level=4)
 ALLOCATORS = ("uniform", "dp", "evolutionary")

@@ -188,11 +188,13 @@ class Loaded:
 
 def open_compressed(path: str | Path, *, device: str | torch.device | None = None,
                     max_memory_mb: float | None = None, dense: bool = False,
-                    dtype: torch.dtype = torch.float32) -> Loaded:
+                    dtype: torch.dtype = torch.float32, kernel: str | None = None) -> Loaded:
     """Load a modelpress checkpoint. Its compressed layers stay packed (decoded per forward, same
     logits; resident weight memory ≈ the checkpoint's compressed layers) unless `dense`, which
     decodes them once into ordinary Linear weights (faster forwards, the dense model's memory).
-    The rest of the model is in `dtype` (float16 brings it to the checkpoint's size too). For a
+    The rest of the model is in `dtype` (float16 brings it to the checkpoint's size too).
+    `kernel="int4"` runs 4-bit layers on torch's CPU int4 matmul (bfloat16 activations: fast
+    decode, outputs within bfloat16 rounding of the exact decode). For a
     BitStack checkpoint, `max_memory_mb` picks the largest model that fits; for a packed checkpoint
     it is only checked against the checkpoint's size."""
     from .export.bitstack import FORMAT as BITSTACK, load_bitstack
@@ -212,15 +214,17 @@ def open_compressed(path: str | Path, *, device: str | torch.device | None = Non
     if max_memory_mb is not None and size > max_memory_mb:
         raise BudgetError(f"{path} needs {size:.1f} MB; only a BitStack checkpoint "
                           f"(`modelpress bitstack`) can load at any size")
-    model, tok, _, _ = load_checkpoint(path, device=device, dtype=dtype, keep_packed=not dense)
+    model, tok, _, _ = load_checkpoint(path, device=device, dtype=dtype, keep_packed=not dense, kernel=kernel)
     return Loaded(model, tok, {"size_mb": size, "packed": not dense})
 
 
 def load_compressed(path: str | Path, *, device: str | torch.device | None = None, return_tokenizer: bool = False,
-                    max_memory_mb: float | None = None, dense: bool = False, dtype: torch.dtype = torch.float32):
+                    max_memory_mb: float | None = None, dense: bool = False, dtype: torch.dtype = torch.float32,
+                    kernel: str | None = None):
     """A working transformers model from a modelpress checkpoint (optionally with its tokenizer);
     packed layers unless `dense`; see `open_compressed`."""
-    loaded = open_compressed(path, device=device, max_memory_mb=max_memory_mb, dense=dense, dtype=dtype)
+    loaded = open_compressed(path, device=device, max_memory_mb=max_memory_mb, dense=dense, dtype=dtype,
+                             kernel=kernel)
     return (loaded.model, loaded.tokenizer) if return_tokenizer else loaded.model
 
 

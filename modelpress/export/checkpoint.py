@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..models.arch import drop_subblock, set_weight
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.io import atomic_dir, dir_size, sha256_file
@@ -166,11 +166,17 @@ def empty_model(config_dict: dict, dtype: torch.dtype):
 
 @torch.no_grad()
 def load_checkpoint(path: str | Path, *, device: str | torch.device | None = None,
-                    dtype: torch.dtype = torch.float32, verify: bool = True, keep_packed: bool = False):
+                    dtype: torch.dtype = torch.float32, verify: bool = True, keep_packed: bool = False,
+                    kernel: str | None = None):
     """Rebuild the compressed model: returns (model, tokenizer or None, units, manifest). With
     `keep_packed` every compressed Linear stays in its stored form (ops.packed_linear.PackedLinear,
-    decoded per forward: resident memory ≈ the checkpoint's); otherwise it holds the decoded weight."""
+    decoded per forward: resident memory ≈ the checkpoint's) and `units` is empty (each layer's
+    `packed()` gives it); otherwise every layer holds its decoded weight. `kernel="int4"` (with
+    `keep_packed`) runs 4-bit layers on torch's CPU int4 matmul (ops.packed_linear.Int4Linear:
+    bfloat16 activations, much faster decode; other layers stay PackedLinear)."""
     path = Path(path)
+    if kernel not in (None, "int4"):
+        raise ConfigError(f"kernel is None or 'int4', got {kernel!r}")
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
@@ -209,24 +215,43 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
             pw = load_weight(packed.get(name, {}), meta)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {path}: unit {name} is malformed ({e})") from None
-        if keep_packed:
-            from ..ops.packed_linear import PackedLinear
+        if keep_packed:  # the stored tensors become the layer; the decoded check above is dropped
+            from ..ops.packed_linear import Int4Linear, PackedLinear, int4_eligible
 
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr,
-                    PackedLinear(packed.get(name, {}), meta, getattr(linears[name], "bias", None)))
+            bias = getattr(linears[name], "bias", None)
+            layer = (Int4Linear(pw, bias) if kernel == "int4" and int4_eligible(pw)
+                     else PackedLinear(packed.pop(name, {}), meta, bias))
+            setattr(model.get_submodule(parent) if parent else model, attr, layer)
+            del pw
         else:
             set_weight(linears[name], pw.dequantize())
-        units[name] = pw
+            units[name] = pw
     tok = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path))
+    if keep_packed:
+        del linears, tensors
+        release_freed_memory()  # the dense unit weights the skeleton was built with are gone
     if device is not None:
         model.to(device)
     model.eval()
     return model, tok, units, manifest
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python back to the OS (glibc keeps freed heap pages otherwise, so the
+    resident size of a packed model would still count the dense weights it replaced)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def checkpoint_info(path: str | Path) -> dict:

@@ -50,3 +50,25 @@ def test_sparse_and_act_order_layers_stay_packed_too(tmp_path):
         ids = windows().eval[:1]
         with torch.no_grad():
             assert torch.equal(packed(ids).logits, m(ids).logits)
+
+
+def test_int4_kernel_matches_the_exact_decode_within_bfloat16(tmp_path):
+    from modelpress.ops.packed_linear import Int4Linear
+
+    for kw in (dict(bits=4, group_size=32, sym=False, act_order=True), dict(bits=4, group_size=32, sym=True)):
+        d = tmp_path / str(kw["sym"])
+        _saved(d, method="gptq", **kw)
+        exact = mp.load_compressed(d / "ck")
+        fast = mp.load_compressed(d / "ck", kernel="int4")
+        mods = [mod for mod in fast.modules() if isinstance(mod, Int4Linear)]
+        assert len(mods) == 21
+        for (name, a), b in zip(((n, mod) for n, mod in exact.named_modules() if isinstance(mod, PackedLinear)), mods):
+            assert torch.allclose(b.weight, a.weight, atol=1e-2 * a.weight.abs().max().item()), name
+        ids = windows().eval[:2]
+        with torch.no_grad():
+            want, got = exact(ids).logits, fast(ids).logits
+        assert (got - want).abs().max() < 0.05 * want.abs().max(), (got - want).abs().max()
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    # 3-bit layers are not for the int4 kernel: they stay exact
+    _saved(tmp_path / "w3", method="gptq", bits=3, group_size=32)
+    assert not any(isinstance(mod, Int4Linear) for mod in mp.load_compressed(tmp_path / "w3" / "ck", kernel="int4").modules())
