@@ -45,6 +45,10 @@ else:
     model = mp.load_compressed(spec["path"], dense=spec.get("dense", False), dtype=dtype, kernel=spec.get("kernel"))
     tok = None
 loaded = rss() - before
+seen, tensor_bytes = set(), 0
+for t in list(model.parameters()) + list(model.buffers()):
+    if t.data_ptr() not in seen:
+        seen.add(t.data_ptr()); tensor_bytes += t.numel() * t.element_size()
 ids = torch.randint(0, 49152, (1, 512), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     model(input_ids=ids[:, :64])
@@ -56,7 +60,7 @@ with torch.no_grad():
         past = out.past_key_values; nxt = out.logits[:, -1:].argmax(-1)
     decode = time.perf_counter() - t
 after = rss() - before
-print(json.dumps({{"resident_mb": loaded / 1e6, "resident_after_mb": after / 1e6, "prefill_tok_s": 512 / prefill, "decode_tok_s": 32 / decode,
+print(json.dumps({{"tensor_mb": tensor_bytes / 1e6, "resident_mb": loaded / 1e6, "resident_after_mb": after / 1e6, "prefill_tok_s": 512 / prefill, "decode_tok_s": 32 / decode,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}}))
 """
 
@@ -97,7 +101,8 @@ def main() -> None:
 
 def render(cache: RowCache) -> None:
     table = [{"row": k, **cache.get(k)} for k in ROWS if cache.get(k)]
-    cols = [("row", "model"), ("checkpoint_mb", "checkpoint MB"), ("resident_mb", "resident MB after load"),
+    cols = [("row", "model"), ("checkpoint_mb", "checkpoint MB"), ("tensor_mb", "model tensors MB"),
+            ("resident_mb", "resident MB after load"),
             ("resident_after_mb", "resident MB after the runs"),
             ("prefill_tok_s", "prefill tok/s (1 x 512)"), ("decode_tok_s", "decode tok/s (32 tokens)")]
     md = print_table(table, cols)
@@ -108,7 +113,8 @@ def render(cache: RowCache) -> None:
             "rounding), and dense (`dense=True`, decoded once into float32 Linear weights); each measured in a fresh process: "
             "resident memory after loading and after the runs (RSS growth over the process before loading; the dense "
             "model's safetensors are memory-mapped, so its pages count once touched), prefill of one 512-token window, greedy decode of 32 "
-            "tokens with the KV cache. Logits of packed and dense loads are identical (tests/ops/"
+            "tokens with the KV cache; model tensors = the bytes of its parameters and buffers (the weights it "
+            "holds; resident memory adds the libraries and the allocator's slack). Logits of packed and dense loads are identical (tests/ops/"
             f"test_packed_linear.py). Machine: {machine()}.\n\n" + md)
     write_section("runtime", body)
 

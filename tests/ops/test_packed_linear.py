@@ -72,3 +72,19 @@ def test_int4_kernel_matches_the_exact_decode_within_bfloat16(tmp_path):
     # 3-bit layers are not for the int4 kernel: they stay exact
     _saved(tmp_path / "w3", method="gptq", bits=3, group_size=32)
     assert not any(isinstance(mod, Int4Linear) for mod in mp.load_compressed(tmp_path / "w3" / "ck", kernel="int4").modules())
+
+
+def test_tied_embedding_is_one_tensor_after_loading(tmp_path):
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=4096, tie_word_embeddings=True)
+    m = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    mp.compress(m, None, "rtn", bits=4, group_size=32).save(tmp_path / "ck")
+    for dense in (False, True):
+        back = mp.load_compressed(tmp_path / "ck", dense=dense)
+        assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
+    half = mp.load_compressed(tmp_path / "ck", dtype=torch.float16)
+    with safe_open(str(tmp_path / "ck" / "weights.safetensors"), "pt") as f:
+        total = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert _bytes(half) <= 1.05 * total, (_bytes(half), total)
