@@ -156,13 +156,15 @@ def compress_cmd(
     (--target-bits / --target-mb / --target-sparsity) — per-layer levels found by evolutionary search."""
     _setup(verbose)
     _export_format(export)
+    quant = dict(sym=sym, act_order=act_order, mse=mse, shrink=shrink, static_groups=static_groups)
     if export == "compressed-tensors":
+        from ..export.compressed_tensors import exportable_settings
+
         if sparsity is not None or pattern is not None or target_sparsity is not None or compensate is not None:
             raise ConfigError("--export compressed-tensors holds integer-quantized layers only (no sparsity or "
                               "low-rank correction); use --export hf for a dense folder")
-        if static_groups is None and act_order is not False and (method or "gptq") == "gptq":
-            static_groups = True  # the only act-order groups the format stores
-    quant = dict(sym=sym, act_order=act_order, mse=mse, shrink=shrink, static_groups=static_groups)
+        quant = exportable_settings(quant, (method or "gptq") == "gptq")
+        static_groups = quant["static_groups"]
     if target_bits is not None or target_mb is not None or target_sparsity is not None:
         sparse = target_sparsity is not None
         _refuse("a budget (--target-bits/--target-mb/--target-sparsity)", {
@@ -371,10 +373,11 @@ def search_cmd(
              "sequential-level": sequential_level, "ratios": ratios, "types": types, "group-size": group_size,
              "static-groups": static_groups, "serve": serve, "sym": sym, "act-order": act_order, "mse": mse,
              "shrink": shrink, "max-sparsity": max_sparsity}
-    if _export_format(export) == "compressed-tensors" and static_groups is None \
-            and "static-groups" in KINDS.get(kind).options:
-        given["static-groups"] = True  # the only act-order groups the format stores
     ks = KINDS.get(kind).settings_from_options({k: v for k, v in given.items() if v is not None})
+    if _export_format(export) == "compressed-tensors":
+        from ..export.compressed_tensors import exportable_settings
+
+        ks = exportable_settings(ks, "static-groups" in KINDS.get(kind).options)
     al = {k: v for k, v in dict(generations=generations, offspring=offspring, survivors=_parse_list(survivors),
                                 tokens=_parse_list(tokens), init=init).items() if v is not None}
     if allocator == "evolutionary":

@@ -43,6 +43,14 @@ def _packer():
     return pack_to_int32
 
 
+def exportable_settings(settings: dict, takes_static_groups: bool) -> dict:
+    """A quantizer's (or quant levels') settings made exportable: act-order GPTQ gets static
+    groups unless the caller chose (the only act-order groups the format stores)."""
+    if takes_static_groups and settings.get("static_groups") is None and settings.get("act_order") is not False:
+        return {**settings, "static_groups": True}
+    return settings
+
+
 def weights_args(name: str, pw: PackedWeight) -> dict:
     """The compressed-tensors `weights` arguments of one packed layer (ConfigError if the format
     cannot hold it, saying what to do instead)."""
