@@ -12,13 +12,12 @@ interrupted run resumes, `--only SUBSTRING` runs a subset, rows run in the order
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
 import time
 
-from common import RowCache, machine, not_run_note, print_table, write_section
+from common import bench_args, RowCache, machine, not_run_note, print_table, write_section
 
 import modelpress as mp
 from modelpress.data.suites import SUITES, suite_windows
@@ -66,12 +65,7 @@ def rows() -> list[tuple[str, str, int, str, dict]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default=None)
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--n-eval", type=int, default=16, help="held-out windows per domain")
-    ap.add_argument("--render", action="store_true", help="only render the cached rows")
-    args = ap.parse_args()
+    args = bench_args(__doc__)
     cache = RowCache("calibration", force=args.force)
     if not args.render:
         todo = [r for r in rows() if (not args.only or args.only in r[0]) and not cache.get(r[0])]

@@ -49,6 +49,21 @@ class RowCache:
         return view
 
 
+def bench_args(description: str | None = None, n_eval: int = 16, extra=None):
+    """The options every row-cached benchmark takes: --only SUBSTRING, --force, --n-eval, --render;
+    `extra(parser)` adds a script's own."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--only", default=None, help="run only the rows whose key contains this")
+    ap.add_argument("--force", action="store_true", help="measure the cached rows again")
+    ap.add_argument("--n-eval", type=int, default=n_eval, help="held-out windows per domain")
+    ap.add_argument("--render", action="store_true", help="only render the cached rows")
+    if extra is not None:
+        extra(ap)
+    return ap.parse_args()
+
+
 def machine() -> str:
     import torch
 
@@ -68,12 +83,23 @@ def write_section(key: str, body: str) -> None:
     text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n\nEvery table here is written by a script in `bench/`; rerun it to refresh.\n"
     start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
     block = f"{start}\n{body.strip()}\n{end}"
+    old = re.search(re.escape(start) + r"(.*?)" + re.escape(end), text, flags=re.S)
+    if old and _table_rows(body) == 0 and _table_rows(old.group(1)) > 0:
+        # an empty row cache (a fresh clone before the script ran) must not wipe a measured table
+        print(f"docs/benchmarks.md: section {key} kept: no cached rows to render (run the script to measure them)")
+        return
     if start in text:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     with atomic_file(DOCS) as f:
         f.write(text)
+
+
+def _table_rows(md: str) -> int:
+    """Data rows of the markdown tables in `md` (header and separator lines not counted)."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    return max(0, len(lines) - 2 * sum(1 for ln in lines if set(ln.replace("|", "").strip()) <= {"-", " "}))
 
 
 def section_tables(key: str) -> list[dict[str, str]]:

@@ -12,7 +12,6 @@ subset.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import shutil
@@ -20,7 +19,7 @@ import time
 
 import numpy as np
 
-from common import SCRATCH, RowCache, machine, not_run_note, print_table, write_section
+from common import bench_args, SCRATCH, RowCache, machine, not_run_note, print_table, write_section
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget, make_problem
@@ -125,12 +124,7 @@ def measure(ctx: Ctx, key: str, dt: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default=None)
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--n-eval", type=int, default=16)
-    ap.add_argument("--render", action="store_true")
-    args = ap.parse_args()
+    args = bench_args(__doc__)
     cache = RowCache("compute_dtype", force=args.force)
     todo = [k for k in ROWS if (not args.only or args.only in k) and not cache.get(k)]
     if todo and not args.render:

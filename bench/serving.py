@@ -11,7 +11,6 @@ model and the modelpress checkpoint, and the vLLM kernel its scheme gets. Rows a
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RowCache, machine, not_run_note, print_table, write_section
+from common import bench_args, RowCache, machine, not_run_note, print_table, write_section
 
 import modelpress as mp
 from modelpress.data.suites import SUITES, suite_windows
@@ -37,12 +36,7 @@ ROWS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default=None)
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--n-eval", type=int, default=16)
-    ap.add_argument("--render", action="store_true")
-    args = ap.parse_args()
+    args = bench_args(__doc__)
     cache = RowCache("serving", force=args.force)
     if not args.render:
         todo = [k for k in ROWS if (not args.only or args.only in k) and not cache.get(k)]
