@@ -104,7 +104,7 @@ def render(cache: RowCache, generations: int) -> None:
             "smollm2-135m, levels GPTQ 4 and 8 bits g64 symmetric with static groups (what vLLM runs on Marlin / "
             "Machete), every level on the 4-bit model's inputs, "
             f"{PRESETS['cpu']['n_samples']} x 512 calibration tokens of mix+self; `serve vllm` ties each block's "
-            "q/k/v and gate/up into one search unit (90 units instead of 210), `untied` lets every layer choose. "
+            "q/k/v and gate/up into one search unit (120 units instead of 210 on smollm2), `untied` lets every layer choose. "
             f"Evolutionary: the CPU preset ({generations} generations). Evaluation: held-out windows of each domain "
             "(float32 compute). At 4.0 bits/weight the only plan is all 4-bit. "
             + not_run_note(missing, "serve_search.py") + f"Machine: {machine()}.\n\n" + md)
