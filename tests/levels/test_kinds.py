@@ -117,7 +117,8 @@ def test_serve_vllm_ties_fused_layers_and_keeps_the_budget(tmp_path):
     c = materialize(m, None, db, res.plan)
     pytest.importorskip("compressed_tensors")
     info = c.export("compressed-tensors", tmp_path / "ct")
-    cfg = json.loads((info / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert info["path"] == str(tmp_path / "ct") and info["schemes"]
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
     where = {t: g for g, grp in cfg.items() for t in grp["targets"]}
     for b in range(3):
         att = f"model.layers.{b}.self_attn."
