@@ -149,8 +149,6 @@ def load_plan(path: str | Path, db: LevelDB) -> Plan:
     return plan
 
 
-
-
 @dataclasses.dataclass
 class SearchConfig:
     """Everything one budget search needs, for the CLI and Python alike.
@@ -302,8 +300,6 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
     with open(out_files / "report.md", "a") as f:
         f.write("\n![level per unit](levels.png)\n\n![fitness per generation](fitness.png)\n")
     return report
-
-
 
 
 def _plan_mb(db: LevelDB, res: SearchResult) -> float:

@@ -155,7 +155,7 @@ def compress_cmd(
     """Compress MODEL: one method for every Linear of its decoder blocks, or — with a budget
     (--target-bits / --target-mb / --target-sparsity) — per-layer levels found by evolutionary search."""
     _setup(verbose)
-    _export_format(export)
+    export = _export_format(export)
     quant = dict(sym=sym, act_order=act_order, mse=mse, shrink=shrink, static_groups=static_groups)
     if export == "compressed-tensors":
         from ..export.compressed_tensors import exportable_settings
@@ -192,7 +192,7 @@ def compress_cmd(
         config = budget_config(_budget(target_bits, target_mb, target_sparsity, None), machine=machine_for(device),
                                corpus=data, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                level_settings=level_settings, out=out, evaluate=evaluate, eval_suite=eval_suite,
-                               n_eval=n_eval or N_EVAL, export=_export_format(export))
+                               n_eval=n_eval or N_EVAL, export=export)
         return _run_search(model, config, device)
     n_samples = n_samples or 128
     rank = 16 if rank is None else rank
@@ -368,13 +368,14 @@ def search_cmd(
     from ..search import SearchConfig, SearchSettings
 
     budget = _budget(target_bits, target_mb, target_sparsity, drop)
+    export = _export_format(export)
     kind = kind or kind_for_budget(budget.kind)
     given = {"levels": levels, "sparsities": sparsities, "ranks": ranks, "allow-drop": allow_drop,
              "sequential-level": sequential_level, "ratios": ratios, "types": types, "group-size": group_size,
              "static-groups": static_groups, "serve": serve, "sym": sym, "act-order": act_order, "mse": mse,
              "shrink": shrink, "max-sparsity": max_sparsity}
     ks = KINDS.get(kind).settings_from_options({k: v for k, v in given.items() if v is not None})
-    if _export_format(export) == "compressed-tensors":
+    if export == "compressed-tensors":
         from ..export.compressed_tensors import exportable_settings
 
         ks = exportable_settings(ks, "static-groups" in KINDS.get(kind).options)
@@ -391,7 +392,7 @@ def search_cmd(
                           fitness=SearchSettings(fitness_windows=fitness_windows,
                                                  validation_windows=validation_windows),
                           db=db, out=out, plan_file=plan, evaluate=evaluate, eval_suite=eval_suite,
-                          n_eval=n_eval or N_EVAL, export=_export_format(export))
+                          n_eval=n_eval or N_EVAL, export=export)
     _run_search(model, config, device)
 
 

@@ -208,9 +208,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
     if really_missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match its model config "
                               f"(missing {really_missing[:3]}, unexpected {unexpected[:3]})")
-    if getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False) or \
-            getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()  # one tensor for the embedding and the head, as stored
+    model.tie_weights()  # where the config ties them: one tensor for the embedding and the head, as stored
     for name, meta in manifest["units"].items():
         if name not in linears:
             raise CheckpointError(f"checkpoint {path} names unit {name}, which its model does not have")

@@ -94,6 +94,7 @@ class LevelDB:
         path = Path(path) if path else cls.default_path(model, kind, windows)
         fp = model_fingerprint(model)
         mf = path / "db.json"
+        kind.resolve(model)  # settings that depend on the model, before they are compared or stored
         if mf.is_file():
             try:
                 meta = json.loads(mf.read_text())
@@ -103,7 +104,6 @@ class LevelDB:
                 raise CheckpointError(f"{path} is not a modelpress level database")
             if meta["fingerprint"] != fp:
                 raise ConfigError(f"level database {path} was built for another model; use another --db folder")
-            kind.resolve(model)
             if meta["kind"]["name"] != kind.registered_name or meta["kind"]["settings"] != json.loads(json.dumps(kind.settings())):
                 raise ConfigError(f"level database {path} was built with other settings "
                                   f"({meta['kind']}); use another --db folder")
@@ -116,7 +116,6 @@ class LevelDB:
                 raise ConfigError(f"level database {path} was built with compute dtype {meta['compute_dtype']}, not "
                                   f"{compute}; pass --compute-dtype {meta['compute_dtype']} or use another --db folder")
             return cls(path, meta)
-        kind.resolve(model)
         units = kind.discover(model)
         meta = {
             "format": FORMAT, "version": VERSION, "fingerprint": fp,
