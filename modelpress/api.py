@@ -44,7 +44,7 @@ class Compressed:
                                    dropped=self.dropped, plan=self.plan,
                                    extra={"total_params": self.total_params})
         if export_hf_dir is not None:
-            export_hf(self.model, self.tokenizer, export_hf_dir)
+            self.export("hf", export_hf_dir)
         return manifest
 
     def export(self, fmt: str, out_dir: str | Path) -> dict:
