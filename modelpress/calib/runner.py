@@ -5,7 +5,8 @@ blocks one at a time: statistics of a block's Linear inputs are gathered by hook
 compresses the block, and the block's outputs become the next block's inputs. In sequential mode
 the outputs are recomputed with the *compressed* block (errors of earlier blocks are seen by later
 ones, as GPTQ does); otherwise the dense block's outputs are used. Memory: one block on the device
-plus the calibration activations (inputs and outputs of the current block).
+plus the calibration activations (inputs and outputs of the current block). A streamed model's
+blocks (models.streamed) are read from disk as the walk reaches them and freed after.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..models.arch import Arch
+from ..models.streamed import streamed
 from ..utils.device import forward_dtype, forwards
 from ..utils.progress import progress
 from .stats import LinearStats, StatsCollector
@@ -171,9 +173,14 @@ class LayerwiseRunner:
 
     def blocks(self, desc: str = "blocks", start: int = 0) -> Iterator[BlockStep]:
         self.inputs, self.kwargs = capture_block_inputs(self.model, self.arch, self.ids, self.batch_size, self.device)
+        stream = streamed(self.model)
         for i in progress(range(len(self.arch)), desc=desc, total=len(self.arch)):
             blk = self.arch.blocks[i]
-            home = next(blk.parameters()).device
+            if stream is not None:  # the block comes from disk and goes back to it (models.streamed)
+                stream.load_block(i, self.device)
+                home = self.device
+            else:
+                home = next(blk.parameters()).device
             if home != self.device:
                 blk.to(self.device)
             step = BlockStep(self, i)
@@ -185,6 +192,8 @@ class LayerwiseRunner:
                 if not step._advanced:
                     step.advance()
             finally:
-                if home != self.device:
+                if stream is not None:
+                    stream.release_block(i)
+                elif home != self.device:
                     blk.to(home)
         self.inputs, self.kwargs = [], []

@@ -146,8 +146,13 @@ def compress_cmd(
     export: Optional[str] = typer.Option(None, "--export", help="also write `hf` (a plain dequantized HF folder, OUT-hf) or `compressed-tensors` "
                                                "(packed, for vLLM / transformers, OUT-ct)"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="perplexity and KL before/after"),
+    stream: bool = typer.Option(False, "--stream", help="models larger than memory: keep the decoder blocks on disk, "
+                                "bring in one at a time and write the checkpoint block by block (a local folder "
+                                "with safetensors, a .gguf or an alias; calibration on text, not `self`)"),
     eval_suite: str = EvalSuiteOpt,
-    data: str = DataOpt, n_samples: Optional[int] = typer.Option(None, "--n-samples", help="calibration windows (default 128)"),
+    data: Optional[str] = typer.Option(None, "--data", help=DataOpt.help + "; with --stream the default is mix "
+                                       "(text sampled from the model needs all of it in memory)"),
+    n_samples: Optional[int] = typer.Option(None, "--n-samples", help="calibration windows (default 128)"),
     seq_len: int = SeqOpt, seed: int = SeedOpt,
     n_eval: Optional[int] = NEvalOpt, device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt,
     verbose: bool = VerboseOpt,
@@ -165,6 +170,15 @@ def compress_cmd(
                               "low-rank correction); use --export hf for a dense folder")
         quant = exportable_settings(quant, (method or "gptq") == "gptq")
         static_groups = quant["static_groups"]
+    if stream:
+        _refuse("--stream", {
+            "--target-bits/--target-mb/--target-sparsity": (
+                target_bits is not None or target_mb is not None or target_sparsity is not None,
+                "the budget search evaluates whole models in memory; stream one method (--method gptq --bits 4)"),
+            "--export": (export is not None, f"export the checkpoint afterwards: `modelpress export {export} OUT`"),
+            "--compensate": (compensate is not None, "EoRA is not streamed yet; compress in memory"),
+        })
+    data = data or ("mix" if stream else DEFAULT_CALIBRATION)
     if target_bits is not None or target_mb is not None or target_sparsity is not None:
         sparse = target_sparsity is not None
         _refuse("a budget (--target-bits/--target-mb/--target-sparsity)", {
@@ -217,24 +231,36 @@ def compress_cmd(
     out = out or Path("out") / slug(f"{Path(model).stem}-{label}")
 
     t0 = time.time()
-    m, tok = load_model(model, device=device)
+    if stream:
+        from ..models.streamed import open_streamed
+
+        sm = open_streamed(model, device=device)
+        m, tok = sm.model, sm.tokenizer
+    else:
+        m, tok = load_model(model, device=device)
     calib = _data_config(data, n_samples, seq_len, seed, None)  # tokenized only if the method calibrates
     rows = []
     ref = domains = None
-    if evaluate:
+    if evaluate and stream:  # no dense reference: it would not fit; the checkpoint is evaluated alone
+        domains = _suite(tok, eval_suite, seq_len, n_eval)
+    elif evaluate:
         domains = _suite(tok, eval_suite, seq_len, n_eval)
         ref = SuiteReference(m, domains)
         rows.append({"label": "dense", **suite_row(ref.dense, ref.dense), "kl": 0.0,
                      "size_mb": sum(p.numel() for p in m.parameters()) * 2 / 1e6, "bits_per_param": 16.0})
     c = api.compress(m, tok, op, data=calib, drop=drop, sequential=sequential, device=device,
-                     compensate=compensate, rank=rank if compensate else None)
-    c.save(out)
+                     compensate=compensate, rank=rank if compensate else None, out=out if stream else None)
+    if not stream:
+        c.save(out)
     if export is not None:
         c.export(export, api.export_path(out, export))
     info = api.info(out)
     row = {"label": label, "size_mb": info["size_mb"], "bits_per_weight": info["bits_per_weight"],
            "bits_per_param": info["bits_per_param"], "seconds": time.time() - t0}
-    if evaluate:
+    if evaluate and stream:  # the compressed model, packed: about its checkpoint's size in memory
+        packed = api.load_compressed(out, device=device)
+        row.update(suite_row(evaluate_suite(packed, domains, None, desc="eval compressed")))
+    elif evaluate:
         row.update(suite_row(evaluate_suite(m, domains, ref, desc="eval compressed"), ref.dense))
     rows.append(row)
     columns = report_columns(domains.names if domains else [])

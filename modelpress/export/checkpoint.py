@@ -3,7 +3,8 @@
     DIR/modelpress.json      manifest: format version, model config, every unit's format and
                              metadata, dropped sub-blocks, the plan, sha256 of every data file
     DIR/weights.safetensors  packed tensors (codes, scales, zeros, masks, values, factors) and the
-                             uncompressed tensors (embeddings, norms, biases) in float16
+                             uncompressed tensors (embeddings, norms, biases) in float16; a large
+                             model's in shards weights-00001.safetensors ... (`weight_files`)
     DIR/tokenizer*           the tokenizer
 
 The directory is written to a temporary sibling and renamed into place; loading verifies the
@@ -22,6 +23,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models.arch import drop_subblock, set_weight
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.io import atomic_dir, dir_size, sha256_file
+from ..utils.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,17 @@ def storage_dtype_for(t: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     return dtype if torch.isfinite(t.to(dtype)).all() else t.dtype
 
 
-def dense_tensors(model, units: dict[str, PackedWeight]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def dense_tensors(model, units: dict[str, PackedWeight], prefix: str = "",
+                  skip: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Parameters and persistent buffers not covered by a packed unit, deduplicated by storage.
 
     Returns (name -> tensor, alias -> stored name) for tied weights (e.g. lm_head = embeddings).
+    `model` may be one block of a model, whose tensors are named under `prefix`; names starting
+    with `skip` are left out (a streamed model's blocks, written already).
     """
+    full = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
     covered = set()
-    mods = dict(model.named_modules())
+    mods = {full(n) if n else prefix: m for n, m in model.named_modules()}
     for name in units:  # (values may be None: only which weights are stored elsewhere matters)
         covered.add(f"{name}.weight")
         if name not in mods or not hasattr(mods[name], "weight"):
@@ -53,7 +59,8 @@ def dense_tensors(model, units: dict[str, PackedWeight]) -> tuple[dict[str, torc
     out: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    sd = model.state_dict(keep_vars=False)
+    sd = {full(n): t for n, t in model.state_dict(keep_vars=False).items()
+          if skip is None or not full(n).startswith(skip)}
     for name, t in sd.items():  # a packed weight can be tied too (embedding = lm_head)
         if name in covered:
             seen.setdefault((t.data_ptr(), tuple(t.shape), t.dtype), name)
@@ -70,52 +77,120 @@ def dense_tensors(model, units: dict[str, PackedWeight]) -> tuple[dict[str, torc
 
 
 @torch.no_grad()
-def round_to_storage(model, units: dict[str, PackedWeight], dtype: torch.dtype = torch.float16) -> None:
+def round_to_storage(model, units: dict[str, PackedWeight], dtype: torch.dtype = torch.float16,
+                     prefix: str = "", skip: str | None = None) -> None:
     """Round the uncompressed tensors in memory the way they will be stored, so the in-memory
     model and the reloaded checkpoint compute exactly the same function."""
-    dense, _ = dense_tensors(model, units)
+    dense, _ = dense_tensors(model, units, prefix, skip)
     for t in dense.values():
         sd = storage_dtype_for(t, dtype)
         if sd != t.dtype:
             t.copy_(t.to(sd).to(t.dtype))
 
 
+SHARD_BYTES = 2 << 30  # a checkpoint's weights go to files of about this size
+
+
+class CheckpointWriter:
+    """Writes a checkpoint piece by piece, for models that are never whole in memory: tensors are
+    added as they are ready and go to disk in shards of about `shard_bytes` (one file,
+    weights.safetensors, when they fit in one); `finish` writes the manifest and renames the
+    folder into place. Used as a context manager: an error on the way leaves nothing behind.
+
+        with CheckpointWriter(out) as w:
+            w.add(block_tensors, block_units)   # any number of times
+            w.finish(model, tokenizer=tok, plan=plan)
+    """
+
+    def __init__(self, out_dir: str | Path, *, shard_bytes: int = SHARD_BYTES, dtype: torch.dtype = torch.float16):
+        self.out_dir = Path(out_dir)
+        self.shard_bytes = shard_bytes
+        self.dtype = dtype
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[str] = []
+        self.unit_meta: dict[str, dict] = {}
+        self.tied: dict[str, str] = {}
+        self._atomic = atomic_dir(self.out_dir)
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> "CheckpointWriter":
+        self.tmp = self._atomic.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._atomic.__exit__(*exc)
+
+    def add(self, dense: dict[str, torch.Tensor], units: dict[str, PackedWeight] | None = None,
+            tied: dict[str, str] | None = None) -> None:
+        """Queue uncompressed tensors (stored in float16 where they fit) and packed units."""
+        for name, t in dense.items():
+            self._put(name, t.detach().to("cpu", storage_dtype_for(t, self.dtype)).contiguous())
+        for name, pw in (units or {}).items():
+            ts, meta = pw.to_tensors()
+            meta["nbytes"] = pw.nbytes()
+            self.unit_meta[name] = meta
+            for suffix, t in ts.items():
+                self._put(f"{name}{SEP}{suffix}", t.contiguous())
+        self.tied.update(tied or {})
+
+    def _put(self, name: str, t: torch.Tensor) -> None:
+        if self.pending_bytes >= self.shard_bytes:
+            self._flush()
+        self.pending[name] = t
+        self.pending_bytes += t.numel() * t.element_size()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"weights-{len(self.shards) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.tmp / name), metadata={"format": FORMAT})
+        self.shards.append(name)
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self, model, *, tokenizer=None, dropped: list[str] = (), plan: dict | None = None,
+               extra: dict | None = None) -> dict:
+        """Write what is queued, the tokenizer and the manifest (the model gives its config)."""
+        self._flush()
+        if len(self.shards) == 1:
+            (self.tmp / self.shards[0]).rename(self.tmp / WEIGHTS)
+            self.shards = [WEIGHTS]
+        elif not self.shards:
+            save_file({}, str(self.tmp / WEIGHTS), metadata={"format": FORMAT})
+            self.shards = [WEIGHTS]
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": config,
+            "units": self.unit_meta,
+            "dropped": list(dropped),
+            "tied": self.tied,
+            "plan": plan or {},
+            **(extra or {}),
+            "weight_files": self.shards,
+        }
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(self.tmp))
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(self.tmp.iterdir()) if p.is_file()}
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        return manifest
+
+
 def save_checkpoint(out_dir: str | Path, model, units: dict[str, PackedWeight], *, tokenizer=None,
                     dropped: list[str] = (), plan: dict | None = None, extra: dict | None = None,
-                    dtype: torch.dtype = torch.float16) -> dict:
-    """Write the packed checkpoint atomically; returns the manifest."""
-    out_dir = Path(out_dir)
+                    dtype: torch.dtype = torch.float16, shard_bytes: int = SHARD_BYTES) -> dict:
+    """Write the packed checkpoint of an in-memory model atomically; returns the manifest."""
     dense, tied = dense_tensors(model, units)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in dense.items():
-        tensors[name] = t.detach().to("cpu", storage_dtype_for(t, dtype)).contiguous()
-    unit_meta: dict[str, dict] = {}
-    for name, pw in units.items():
-        ts, meta = pw.to_tensors()
-        meta["nbytes"] = pw.nbytes()
-        unit_meta[name] = meta
-        for suffix, t in ts.items():
-            tensors[f"{name}{SEP}{suffix}"] = t.contiguous()
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": config,
-        "units": unit_meta,
-        "dropped": list(dropped),
-        "tied": tied,
-        "plan": plan or {},
-        **(extra or {}),
-    }
-    with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest["files"] = files
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    with CheckpointWriter(out_dir, shard_bytes=shard_bytes, dtype=dtype) as w:
+        w.add(dense, units, tied)
+        return w.finish(model, tokenizer=tokenizer, dropped=dropped, plan=plan, extra=extra)
+
+
+def weight_files(manifest: dict) -> list[str]:
+    """The files a checkpoint's tensors are in (older checkpoints: weights.safetensors)."""
+    return manifest.get("weight_files", [WEIGHTS])
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -180,10 +255,12 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
-    try:
-        tensors = load_file(str(path / WEIGHTS))
-    except Exception as e:
-        raise CheckpointError(f"could not read {path / WEIGHTS}: {e}") from None
+    tensors = {}
+    for name in weight_files(manifest):
+        try:
+            tensors.update(load_file(str(path / name)))
+        except Exception as e:
+            raise CheckpointError(f"could not read {path / name}: {e}") from None
     model = empty_model(manifest["config"], dtype)
     for name in manifest.get("dropped", []):
         drop_subblock(model, name)
@@ -242,19 +319,6 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
     return model, tok, units, manifest
 
 
-def release_freed_memory() -> None:
-    """Hand memory freed by Python back to the OS (glibc keeps freed heap pages otherwise, so the
-    resident size of a packed model would still count the dense weights it replaced)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def checkpoint_info(path: str | Path) -> dict:
     """Sizes and effective bits of a checkpoint, from its manifest and files."""
     path = Path(path)
@@ -263,7 +327,7 @@ def checkpoint_info(path: str | Path) -> dict:
     unit_bytes = sum(u["nbytes"] for u in units.values())
     unit_params = sum(u["shape"][0] * u["shape"][1] for u in units.values())
     cfg = manifest["config"]
-    weights_bytes = (path / WEIGHTS).stat().st_size if (path / WEIGHTS).is_file() else 0
+    weights_bytes = sum((path / f).stat().st_size for f in weight_files(manifest) if (path / f).is_file())
     return {
         "path": str(path),
         "model_type": cfg.get("model_type"),

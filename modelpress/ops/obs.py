@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 _INNER = 16  # sub-block width inside a lazy-update block (see obs_sweep)
 
 
-def shrink_hessian(h: torch.Tensor, shrink: float) -> torch.Tensor:
+def shrink_hessian(h: torch.Tensor, shrink: float, inplace: bool = False) -> torch.Tensor:
     """(1 − s)·H + s·diag(H): keeps every input channel's energy and weakens the correlations
     between channels, the part of XᵀX most particular to the calibration text (s = 1 leaves a
     diagonal Hessian: each weight's error weighted by its input's energy alone)."""
@@ -29,32 +29,44 @@ def shrink_hessian(h: torch.Tensor, shrink: float) -> torch.Tensor:
         return h
     if not 0.0 <= shrink <= 1.0:
         raise ValueError(f"shrink must be in [0, 1], got {shrink}")
+    if inplace:
+        diag = torch.diagonal(h).clone()
+        h.mul_(1.0 - shrink).diagonal().copy_(diag)
+        return h
     out = h * (1.0 - shrink)
     out.diagonal().copy_(torch.diagonal(h))
     return out
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H); damping grows if H is singular."""
-    h = h.clone()
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H); damping grows if H is singular.
+
+    At most three in×in matrices are alive at once (the damped copy, its factor, the inverse):
+    for a 14336-wide down_proj each is 0.8 GB."""
     diag_mean = torch.diagonal(h).mean().clamp_min(1e-12)
-    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
     lam = damp
     for _ in range(8):
-        try:
-            l = torch.linalg.cholesky(h + lam * diag_mean * eye)
+        hd = h.clone()
+        hd.diagonal().add_(lam * diag_mean)
+        l, info = torch.linalg.cholesky_ex(hd)
+        del hd
+        if not info:
             hinv = torch.cholesky_inverse(l)
-            return torch.linalg.cholesky(hinv, upper=True)
-        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
-            lam = lam * 10 if lam > 0 else 1e-4
-            log.debug("Hessian not positive definite; damping raised to %g", lam)
+            del l
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if not info:
+                return u
+        lam = lam * 10 if lam > 0 else 1e-4
+        log.debug("Hessian not positive definite; damping raised to %g", lam)
     raise RuntimeError("layer Hessian could not be made positive definite")
 
 
-def live_hessian(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float32 copy of H whose dead inputs (columns no calibration token activates, H_jj = 0) get
-    a unit diagonal, so H can be damped and factored; also the dead-column mask."""
-    h = h.float().clone()
+def live_hessian(h: torch.Tensor, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 copy of H (H itself when not `copy` and already float32) whose dead inputs
+    (columns no calibration token activates, H_jj = 0) get a unit diagonal, so H can be damped and
+    factored; also the dead-column mask."""
+    h = h.float()
+    h = h.clone() if copy else h
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     return h, dead
@@ -74,7 +86,7 @@ class SweepResult:
 def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, group_size: int | None = None,
               sym: bool = False, mse: bool = False, n_prune: int | None = None, nm: tuple[int, int] | None = None,
               act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-              clip_by: str = "weights", static_groups: bool = False) -> SweepResult:
+              clip_by: str = "weights", static_groups: bool = False, own_h: bool = False) -> SweepResult:
     """Compress `w` (out, in) given H = XᵀX/n (in, in). Returns the result in sweep order.
 
     `clip_by` weighs the clipping search's squared error (`mse`) per input column: "weights"
@@ -82,11 +94,12 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
     groups are formed in sweep order unless `static_groups`: then every group is a run of
     `group_size` columns in the original order, its range fixed from the weights before the sweep
     (what compressed-tensors / vLLM store: their actorder "weight"), and only the order in which
-    columns are quantized follows the activations."""
+    columns are quantized follows the activations. `own_h`: `h` is the caller's to give away (it
+    is overwritten and freed early: one in×in matrix less at the peak)."""
     if clip_by not in ("weights", "activations"):
         raise ValueError(f"clip_by is weights or activations, got {clip_by!r}")
     w = w.float().clone()
-    h, dead = live_hessian(h)
+    h, dead = live_hessian(h, copy=not own_h)
     out_f, in_f = w.shape
     w[:, dead] = 0.0
 

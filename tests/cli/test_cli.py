@@ -130,3 +130,24 @@ def test_compressed_tensors_export_from_compress_and_from_a_checkpoint(model_dir
     r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--target-sparsity", "0.5", "--export",
                             "compressed-tensors", "--no-eval", "--out", str(tmp_path / "ss"), *small(model_dir)])
     assert r.exit_code == 2 and "integer-quantized" in r.output and not (tmp_path / "ss").exists(), r.output
+
+
+def test_compress_stream_equals_in_memory(model_dir, tmp_path):
+    args = ["compress", str(model_dir / "tiny"), "--method", "gptq", "--bits", "4", "--group-size", "32",
+            *small(model_dir)]
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "mem")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*args, "--stream", "--out", str(tmp_path / "str")])
+    assert r.exit_code == 0, r.output
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / d / "weights.safetensors")) for d in ("mem", "str"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    mem, st = (json.loads((tmp_path / d / "report.json").read_text())["rows"][-1] for d in ("mem", "str"))
+    domain = json.loads((tmp_path / "str" / "report.json").read_text())["evaluation"]["domains"][0]
+    assert st[f"ppl:{domain}"] == pytest.approx(mem[f"ppl:{domain}"], rel=1e-5)  # no dense row: it would not fit
+    r = runner.invoke(app, [*args, "--stream", "--target-bits", "3", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "whole models in memory" in r.output
+    r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--stream", "--bits", "4", "--data", "self",
+                            "--no-eval", "--out", str(tmp_path / "y")])
+    assert r.exit_code != 0 and "needs the whole model" in r.output

@@ -43,8 +43,8 @@ class GPTQ(WeightOperator):
             raise ConfigError(f"clip_by is weights or activations, got {self.clip_by!r}")
 
     def compress(self, weight: torch.Tensor, stats: LinearStats | None) -> PackedWeight:
-        h = shrink_hessian(stats.hessian, self.shrink)
-        res = obs_sweep(weight, h, bits=self.bits, group_size=self.group_size, sym=self.sym,
+        # H goes straight into the sweep, which frees it once factored (memory of wide layers)
+        res = obs_sweep(weight, shrink_hessian(stats.hessian, self.shrink, inplace=True), own_h=True, bits=self.bits, group_size=self.group_size, sym=self.sym,
                         mse=self.mse, act_order=self.act_order, damp=self.damp, block_size=self.block_size,
                         clip_by=self.clip_by, static_groups=self.static_groups)
         return to_packed(res, self.bits, self.group_size, self.sym)
