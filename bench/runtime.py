@@ -29,12 +29,11 @@ ROWS = {
 }
 
 CHILD = r"""
-import json, os, sys, time, resource
+import json, sys, time
 import torch
 sys.path.insert(0, {root!r})
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 import modelpress as mp
+from modelpress.utils.memory import peak_rss_bytes, rss_bytes as rss
 from modelpress.models import load_model
 before = rss()
 spec = json.loads({spec!r})
@@ -61,7 +60,7 @@ with torch.no_grad():
     decode = time.perf_counter() - t
 after = rss() - before
 print(json.dumps({{"tensor_mb": tensor_bytes / 1e6, "resident_mb": loaded / 1e6, "resident_after_mb": after / 1e6, "prefill_tok_s": 512 / prefill, "decode_tok_s": 32 / decode,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3}}))
+                  "peak_rss_mb": peak_rss_bytes() / 1e6}}))
 """
 
 

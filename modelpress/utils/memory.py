@@ -19,19 +19,31 @@ def release_freed_memory(collect: bool = True) -> None:
         pass
 
 
-def rss_bytes() -> int:
-    """The process's resident set size now (Linux /proc; elsewhere the peak so far)."""
+def _status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return peak_rss_bytes()
+    return None
+
+
+def rss_bytes() -> int:
+    """The process's resident set size now (Linux /proc; elsewhere the peak so far)."""
+    now = _status_kib("VmRSS")
+    return now if now is not None else peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far."""
+    """The process's peak resident set size so far.
+
+    On Linux this is VmHWM, the high-water mark of the process's own address space. getrusage's
+    ru_maxrss is not: Linux carries it across exec, so a child started by a large parent (a test
+    runner holding a model) reports the parent's resident size as its own peak."""
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
