@@ -19,6 +19,7 @@ from .export.checkpoint import (CheckpointWriter, checkpoint_info, dense_tensors
                                 save_checkpoint)
 from .export.hf import export_hf
 from .models.arch import Arch, drop_subblock, get_weight, set_weight
+from .models.moe import unfuse_experts
 from .models.streamed import SHARD_BYTES as STREAM_SHARDS, streamed
 from .ops import COMPENSATORS, OPERATORS, PackedWeight, WeightOperator
 from .ops.drop.influence import subblock_influence
@@ -147,6 +148,8 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
     """
     t0 = time.time()
     stream = streamed(model)
+    if stream is None:
+        unfuse_experts(model)  # each expert's projections become units (models.moe)
     if stream is not None and out is None:
         raise ConfigError("a streamed model is written to its checkpoint block by block: give out=")
     if rank is not None and not compensate:
@@ -168,6 +171,8 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
             dropped.append(drop_subblock(model, n).name)
         log.info("dropped %d sub-blocks: %s", len(dropped), ", ".join(dropped))
     units: dict[str, PackedWeight] = {}
+
+    starved: dict[str, int] = {}  # experts calibration (nearly) never reached (calib.driver)
 
     def do(name: str, mod, stats) -> None:
         if stats is None and need != "none":
@@ -205,7 +210,7 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
             else:
                 # sequential: one pass, each layer compressed once all batches reach it; otherwise
                 # statistics from the dense block, dense outputs fed forward
-                calibrate(model, windows.calib, do, stats=need, sequential=sequential,
+                starved = calibrate(model, windows.calib, do, stats=need, sequential=sequential,
                           layers=lambda step: [n for n in step.linears if not skipped(n)], batch_size=batch_size,
                           device=device, desc=label, after_block=(lambda step: write_block(step.index)) if stream else None)
         elif stream:
@@ -214,7 +219,7 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
                     write_block(i)
         plan = {"method": config_dict(op) if op is not None else None, "label": label,
                 "compensate": config_dict(comp) if comp is not None else None,
-                "dropped": dropped, "sequential": sequential,
+                "dropped": dropped, "sequential": sequential, "isotropic_experts": starved,
                 "data": dataclasses.asdict(windows.config) if windows is not None else None,
                 "compute_dtype": forward_dtype_name(model)}
         skip_blocks = arch.blocks_name + "." if stream else None

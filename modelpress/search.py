@@ -208,6 +208,9 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
     from .plots import plot_fitness, plot_levels
     from .report import write_report
 
+    from .models.moe import unfuse_experts
+
+    unfuse_experts(model)  # a MoE's experts as units of their own (models.moe)
     cfg = config
     budget, kind, allocator = cfg.budget, cfg.kind, cfg.allocator
     model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__

@@ -10,49 +10,78 @@ block as it is, `per_layer` is called for each layer, and the next block sees th
 outputs from before the calls (every layer measured on the dense model's inputs). Everything that
 calibrates layer by layer (compress, the level database's builders, BitStack) goes through here.
 
+A routed expert that calibration leaves (nearly) without tokens — fewer than a quarter of its
+input width, so its XᵀX has rank below a quarter and a solve on it fits those few tokens — is
+handed isotropic statistics instead (`LinearStats.isotropic`: every operator's data-free form).
+`calibrate` returns those layers with the tokens they got, for the report.
+
 `kept_weights(modules)` snapshots weights and puts them back on exit, for passes that change the
 model only to see what later layers receive.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..models.arch import get_weight, set_weight
+from ..models.moe import expert_of
 from .runner import BlockStep, LayerwiseRunner
 from .stats import LinearStats
 
+log = logging.getLogger(__name__)
+
 PerLayer = Callable[[str, nn.Module, "LinearStats | None"], None]
+
+# a routed expert with fewer calibration tokens than its input width / this gets isotropic statistics
+FEW_TOKENS_DIV = 4
 
 
 @torch.no_grad()
 def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dict[str, str] = "xtx",
               sequential: bool = True, layers: Callable[[BlockStep], list[str]] | None = None, start: int = 0,
               batch_size: int = 8, device=None, desc: str = "calibration",
-              after_block: Callable[[BlockStep], None] | None = None) -> None:
+              after_block: Callable[[BlockStep], None] | None = None) -> dict[str, int]:
     """Walk the blocks over calibration windows `ids`, calling `per_layer(name, module, stats)` for
     every Linear that `layers(step)` names (default: all of the block's).
 
     Blocks before `start` are only run forward, as they are (a resumed build puts the levels they
-    already have into them first). `after_block(step)` runs once a block's layers are done."""
+    already have into them first). `after_block(step)` runs once a block's layers are done.
+    Returns the experts given isotropic statistics: name -> calibration tokens it received."""
+    kinds = stats
+    starved: dict[str, int] = {}
+
+    def handed(n: str, mod: nn.Module, st: LinearStats | None) -> None:
+        kind = kinds if isinstance(kinds, str) else kinds.get(n, "none")
+        width = get_weight(mod).shape[1]
+        if kind != "none" and expert_of(n) and (st is None or st.n < width // FEW_TOKENS_DIV):
+            starved[n] = 0 if st is None else st.n
+            st = LinearStats.isotropic(width, want_xtx=(kind == "xtx"), device=get_weight(mod).device)
+        per_layer(n, mod, st)
+
     runner = LayerwiseRunner(model, ids, batch_size=batch_size, sequential=sequential, device=device)
     for step in runner.blocks(desc=desc, start=start):
         names = list(step.linears) if layers is None else layers(step)
         if not names:
             step.advance(sequential=sequential)
         elif sequential:
-            step.compress_streaming(stats, lambda n, st, step=step: per_layer(n, step.linears[n], st), names=names)
+            step.compress_streaming(stats, lambda n, st, step=step: handed(n, step.linears[n], st), names=names)
         else:
             collected = step.collect(stats, names=names)
             for n in names:
-                per_layer(n, step.linears[n], collected[n])
+                handed(n, step.linears[n], collected.get(n))
             del collected
             step.advance(sequential=False)
         if after_block is not None:
             after_block(step)
+    if starved:
+        log.warning("%d expert layers got fewer than 1/%d of their input width in calibration tokens and were "
+                    "compressed with isotropic statistics (data-free): %s", len(starved), FEW_TOKENS_DIV,
+                    ", ".join(list(starved)[:4]) + (" ..." if len(starved) > 4 else ""))
+    return starved
 
 
 @contextlib.contextmanager

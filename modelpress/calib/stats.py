@@ -85,6 +85,18 @@ class LinearStats:
             self.sqnorm += (x * x).sum(0)
         self.n += x.shape[0]
 
+    @classmethod
+    def isotropic(cls, in_features: int, want_xtx: bool, device=None) -> "LinearStats":
+        """Statistics of inputs that favour no direction (XᵀX/n = I): what a layer that calibration
+        barely reached is compressed with. Every operator then becomes its data-free form (GPTQ:
+        round to nearest on its grid; SparseGPT / Wanda: magnitude), and relative output errors
+        become relative weight errors."""
+        st = cls(in_features, want_xtx=want_xtx, n=1)
+        st.sqnorm = torch.ones(in_features, dtype=torch.float32, device=device)
+        if want_xtx:
+            st._xtx = torch.eye(in_features, dtype=torch.float32, device=device)
+        return st
+
     @property
     def xtx(self) -> torch.Tensor | None:
         if self._xtx is not None and not self._sym:

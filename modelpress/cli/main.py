@@ -709,6 +709,9 @@ def info_cmd(path: Path = typer.Argument(..., help="a modelpress checkpoint fold
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     t.add_row("method", str(i["plan"].get("label")))
     t.add_row("dropped", ", ".join(i["dropped"]) or "none")
+    starved = i["plan"].get("isotropic_experts") or {}
+    if starved:  # experts calibration (nearly) never reached: compressed data-free (calib.driver)
+        t.add_row("data-free experts", f"{len(starved)}: " + ", ".join(list(starved)[:3]) + (" ..." if len(starved) > 3 else ""))
     console.print(t)
 
 

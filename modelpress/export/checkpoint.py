@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
 from ..models.arch import drop_subblock, set_weight
+from ..models.moe import unfuse_experts
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.io import atomic_dir, dir_size, sha256_file
 from ..utils.memory import release_freed_memory
@@ -262,6 +263,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
         except Exception as e:
             raise CheckpointError(f"could not read {path / name}: {e}") from None
     model = empty_model(manifest["config"], dtype)
+    unfuse_experts(model)  # a MoE's units are its experts' Linear layers (models.moe)
     for name in manifest.get("dropped", []):
         drop_subblock(model, name)
     linears = dict(model.named_modules())

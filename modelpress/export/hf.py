@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.moe import fuse_experts, restore
 from ..utils.io import atomic_dir
 from .checkpoint import empty_model
 
@@ -15,7 +16,11 @@ def export_hf(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     plain = empty_model(config, dtype)
-    have = model.state_dict()
+    fused = fuse_experts(model)  # a MoE's experts in the layout transformers loads
+    try:
+        have = {k: v.clone() if fused else v for k, v in model.state_dict().items()}
+    finally:
+        restore(fused)
     sd = {}
     for name, t in plain.state_dict().items():
         sd[name] = have[name].to(dtype) if name in have else torch.zeros_like(t)

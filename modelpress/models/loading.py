@@ -157,6 +157,9 @@ def _from_folder(folder: str, dtype: torch.dtype, device: torch.device, **kw):
     except Exception as e:  # a model without a tokenizer is still compressible with token ids
         log.warning("no tokenizer for %s (%s)", folder, e)
         tok = None
+    from .moe import unfuse_experts
+
+    unfuse_experts(model)  # a MoE's experts as Linear layers: the units compression works on
     return model.to(device).eval(), tok
 
 

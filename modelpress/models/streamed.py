@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..utils.memory import release_freed_memory
 from .arch import Arch
 from .safetensors_source import SafetensorsSource
@@ -145,6 +145,11 @@ def open_streamed(name: str | Path, *, device: str | torch.device | None = None,
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
+    from .moe import is_fused_experts
+
+    if any(is_fused_experts(m) for m in model.modules()):
+        raise UnsupportedArchitectureError(f"{folder}: streaming a mixture-of-experts model is not supported yet "
+                                           "(its experts are stored fused); compress it without --stream")
     arch = Arch(model)
     blocks = arch.blocks_name + "."
     for key, p in list(model.state_dict(keep_vars=True).items()):
