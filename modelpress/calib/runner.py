@@ -19,8 +19,9 @@ from torch import nn
 from ..models.arch import Arch
 from ..models.streamed import streamed
 from ..utils.device import forward_dtype, forwards
+from ..utils.dist import world
 from ..utils.progress import progress
-from .stats import LinearStats, StatsCollector
+from .stats import LinearStats, StatsCollector, StatsReducer
 from .streaming import first_output, streaming_block_pass
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def _to(x, device):
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, arch: Arch, ids: torch.Tensor, batch_size: int,
                          device: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
-    """Run the model up to its first block on each batch; return the block's inputs and kwargs."""
+    """Run the model up to its first block on each batch; return the block's inputs and kwargs.
+    Under data-parallel workers (utils.dist) a rank takes batches rank, rank + N, ..."""
     inputs: list[torch.Tensor] = []
     kwargs_list: list[dict] = []
 
@@ -63,7 +65,8 @@ def capture_block_inputs(model: nn.Module, arch: Arch, ids: torch.Tensor, batch_
     handle = arch.blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         model_dev = next(model.parameters()).device
-        for s in range(0, len(ids), batch_size):
+        rank, size = world()
+        for s in list(range(0, len(ids), batch_size))[rank::size]:  # data-parallel: every size-th batch
             try:
                 with forwards(model):
                     model(input_ids=ids[s:s + batch_size].to(model_dev), use_cache=False)
@@ -115,7 +118,9 @@ class BlockStep:
                 col.end_batch()
         if self.dense_outputs is None:
             self.dense_outputs = outs
-        return col.stats
+        reducer = StatsReducer()  # data-parallel ranks sum their statistics (utils.dist)
+        return {n: st for n in names
+                if (st := reducer(n, col.stats.get(n), kinds.get(n, "none"), mods[n])) is not None}
 
     def compress_streaming(self, kinds: dict[str, str] | str,
                            compress: Callable[[str, LinearStats | None], None],

@@ -1,11 +1,14 @@
 """Per-Linear input statistics gathered by forward hooks: XᵀX (float32) and squared column norms.
 
-XᵀX is always *summed* in float32. With a 16-bit compute dtype the products of one batch may
-run on the matrix units in that dtype (`product_dtype`): each batch's block products are rounded
-once to 16 bits, then added to the float32 sum, so the relative error stays ~1e-3 however many
-batches are summed (a 16-bit running sum would stall once it is ~256x a batch's contribution).
-The inputs are then rounded to the compute dtype first, which is what the Linear computes with
-under autocast anyway.
+One batch's XᵀX is computed on its own (float32, or its block products in a 16-bit compute dtype:
+`product_dtype`, each rounded once to 16 bits, on the matrix units), and the batches' products
+are *summed* in float64. With 16-bit products the relative error stays ~1e-3 however many batches
+are summed (a 16-bit running sum would stall once it is ~256x a batch's contribution); the inputs
+are rounded to the compute dtype first, which is what the Linear computes with under autocast.
+The float64 sum makes the result independent of the order batches are added in: it is exact
+unless one batch's contribution to an entry is ~2^25 times another's, and even then rounds to
+the same float32 but with a chance of ~1e-9 per entry. So data-parallel workers (utils.dist),
+each summing its share of the batches, give the solvers the float32 XᵀX one process would.
 """
 from __future__ import annotations
 
@@ -60,30 +63,48 @@ class LinearStats:
 
     in_features: int
     want_xtx: bool
-    _xtx: torch.Tensor | None = None  # Σ xᵀx, (in, in) float32, upper block triangle while accumulating
+    _xtx: torch.Tensor | None = None  # Σ xᵀx, (in, in) float32, made from _acc when first read
     sqnorm: torch.Tensor | None = None  # Σ x², (in,) float32
     n: int = 0
-    _sym: bool = True
     product_dtype: torch.dtype = torch.float32  # what one batch's XᵀX products are computed in
+    _acc: torch.Tensor | None = None  # while accumulating: Σ xᵀx (upper triangle) or Σ x², float64
+    _batch: torch.Tensor | None = None  # one batch's XᵀX product (float32 scratch)
 
     def add(self, x: torch.Tensor) -> None:
         with full_precision(x.device):  # hooks run inside autocast forwards
             self._add(x)
 
+    def _start(self, device) -> None:
+        if self._xtx is not None:
+            raise RuntimeError("statistics were read already; they take no more batches")
+        if self._acc is None:
+            shape = (self.in_features, self.in_features) if self.want_xtx else (self.in_features,)
+            self._acc = torch.zeros(shape, dtype=torch.float64, device=device)
+
     def _add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        if self.sqnorm is None:
-            self.sqnorm = torch.zeros(self.in_features, dtype=torch.float32, device=x.device)
-            if self.want_xtx:
-                self._xtx = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
+        self._start(x.device)
         if self.want_xtx:
-            syrk_upper_(self._xtx, x.to(self.product_dtype))
-            self._sym = False
-            self.sqnorm = torch.diagonal(self._xtx).clone()
+            if self._batch is None:
+                self._batch = torch.empty(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
+            syrk_upper_(self._batch.zero_(), x.to(self.product_dtype))
+            self._acc += self._batch
         else:
             x = x.float()
-            self.sqnorm += (x * x).sum(0)
+            self._acc += (x * x).sum(0)
+        self.sqnorm = (torch.diagonal(self._acc) if self.want_xtx else self._acc).float()
         self.n += x.shape[0]
+
+    def reduce(self, device=None) -> "LinearStats":
+        """Sum these statistics over the data-parallel ranks (utils.dist), in place; a rank whose
+        batches never reached the layer takes part with zeros on `device`."""
+        from ..utils.dist import reduce_, reduce_int
+
+        self._start(device if self._acc is None else self._acc.device)
+        reduce_(self._acc)
+        self.n = reduce_int(self.n, "sum")
+        self.sqnorm = (torch.diagonal(self._acc) if self.want_xtx else self._acc).float()
+        return self
 
     @classmethod
     def isotropic(cls, in_features: int, want_xtx: bool, device=None) -> "LinearStats":
@@ -99,9 +120,9 @@ class LinearStats:
 
     @property
     def xtx(self) -> torch.Tensor | None:
-        if self._xtx is not None and not self._sym:
-            symmetrize_(self._xtx)
-            self._sym = True
+        if self._xtx is None and self.want_xtx and self._acc is not None:
+            self._xtx = symmetrize_(self._acc).float()
+            self._acc = self._batch = None
         return self._xtx
 
     @property
@@ -172,3 +193,34 @@ class StatsCollector:
             h.remove()
         self._handles.clear()
         self._seen.clear()
+
+
+class StatsReducer:
+    """Sums per-layer statistics over data-parallel ranks (utils.dist), one layer at a time, in the
+    same layer order on every rank. Layers fed the same tensor share one LinearStats on a rank that
+    saw them; a rank that saw no tokens for a layer cannot tell, so the ranks agree on the sharing
+    first (the earliest layer some rank shares with) and the shared sum is reduced once. For one
+    process it returns the statistics as they are."""
+
+    def __init__(self):
+        self._local: list[LinearStats | None] = []
+        self._global: list[LinearStats | None] = []
+
+    def __call__(self, name: str, st: LinearStats | None, kind: str, module: nn.Module) -> LinearStats | None:
+        from ..models.arch import get_weight
+        from ..utils.dist import reduce_int, world
+
+        if world()[1] == 1:
+            return st
+        share = -2 if st is None else next((j for j, s in enumerate(self._local) if s is st), -1)
+        agreed = reduce_int(share, "max")
+        if agreed >= 0:
+            out = self._global[agreed]
+        elif agreed == -2 or kind == "none":
+            out = None
+        else:
+            w = get_weight(module)
+            out = (st if st is not None else LinearStats(w.shape[1], want_xtx=(kind == "xtx"))).reduce(w.device)
+        self._local.append(st)
+        self._global.append(out)
+        return out

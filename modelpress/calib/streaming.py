@@ -11,6 +11,9 @@ forward pass per block. Layers fed the same input tensor share one XᵀX.
 
 The whole pass runs under the compute dtype's autocast (torch's autocast state is per OS thread,
 so every greenlet sees it); statistics and compression step out of it into float32.
+
+Under data-parallel workers (utils.dist) each rank runs its own batches; the ranks agree on the
+next layer to compress and sum its statistics (StatsReducer) before each solve.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from greenlet import greenlet
 from torch import nn
 
 from ..utils.device import forwards, full_precision
-from .stats import LinearStats
+from ..utils.dist import reduce_int
+from .stats import LinearStats, StatsReducer
 
 
 def first_output(out):
@@ -42,20 +46,21 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
     outputs: list[torch.Tensor | None] = [None] * n
     shared: list[tuple[list[torch.Tensor], LinearStats]] = []  # summed inputs, reused by layers fed the same tensors
     current = {"b": -1}
+    reducer = StatsReducer()
 
     def stats_for(name: str) -> LinearStats | None:
         kind = kinds.get(name, "none")
         xs = [arrived[name][b] for b in sorted(arrived[name])]
-        if kind == "none" or not xs:
-            return None
-        for prev_xs, st in shared:
-            if len(prev_xs) == len(xs) and all(a is b for a, b in zip(prev_xs, xs)) and (st.want_xtx or kind != "xtx"):
-                return st
-        st = LinearStats(xs[0].shape[-1], want_xtx=(kind == "xtx"), product_dtype=product_dtype)
-        for x in xs:
-            st.add(x)
-        shared.append((xs, st))
-        return st
+        st = None
+        if kind != "none" and xs:
+            st = next((st for prev_xs, st in shared if len(prev_xs) == len(xs)
+                       and all(a is b for a, b in zip(prev_xs, xs)) and (st.want_xtx or kind != "xtx")), None)
+            if st is None:
+                st = LinearStats(xs[0].shape[-1], want_xtx=(kind == "xtx"), product_dtype=product_dtype)
+                for x in xs:
+                    st.add(x)
+                shared.append((xs, st))
+        return reducer(name, st, kind, linears[name])
 
     def make_hook(name: str):
         def hook(mod, args):
@@ -76,17 +81,21 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
     try:
         with forwards(next(block.parameters())):
             runnable = list(range(n))
-            while runnable:
+            order = list(linears)
+            while True:
                 for b in runnable:  # run each batch until it parks at a layer or finishes
                     current["b"] = b
                     lets[b].switch()
                 live = [b for b in range(n) if not lets[b].dead]
-                if not live:
-                    break
-                # the earliest layer (in definition order) some live batch waits at: all live batches are there
+                # the earliest layer (in definition order) some live batch waits at — on any rank: a
+                # rank whose batches never reach a layer (an expert) still takes part in its sum
                 waiting = {parked[b] for b in live}
-                name = next(nm for nm in linears if nm in waiting and nm not in done)
-                with full_precision(inputs[0].device):
+                mine = next((i for i, nm in enumerate(order) if nm in waiting and nm not in done), len(order))
+                i = reduce_int(mine, "min")
+                if i == len(order):
+                    break
+                name = order[i]
+                with full_precision(inputs[0].device if inputs else "cpu"):
                     compress(name, stats_for(name))
                 done.add(name)
                 arrived[name] = {}
@@ -99,5 +108,5 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
                 g.throw()  # GreenletExit: the greenlet ends quietly
     for name in linears:  # a layer no batch reached (an unused expert) gets no statistics
         if name not in done:
-            compress(name, None)
+            compress(name, reducer(name, None, kinds.get(name, "none"), linears[name]))
     return outputs  # type: ignore[return-value]

@@ -48,10 +48,16 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from ..utils.device import compute_dtype
+        from ..utils.dist import finish, launched
 
         try:
+            if launched() and "workers" not in kwargs:  # verbs with --workers run under torchrun
+                raise ConfigError(f"`modelpress {fn.__name__.removesuffix('_cmd')}` runs in one process: start "
+                                  "it without torchrun (`compress --workers N` calibrates on several)")
             with compute_dtype(kwargs.get("compute_dtype")):  # verbs that run the model take --compute-dtype
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
+            finish()  # torchrun's workers leave their group together (a failed one exits: torchrun ends the rest)
+            return out
         except ModelpressError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
@@ -104,6 +110,8 @@ SeqOpt = typer.Option(512, "--seq-len", help="tokens per window")
 SeedOpt = typer.Option(0, "--seed")
 NEvalOpt = typer.Option(None, "--n-eval", help=f"held-out windows per evaluation domain (default {N_EVAL})")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+WorkersOpt = typer.Option(1, "--workers", min=1, help="data-parallel calibration on this many processes "
+                          "(starts torchrun; or run `torchrun --nproc_per_node N -m modelpress ...` yourself)")
 ComputeOpt = typer.Option("auto", "--compute-dtype",
                           help="dtype of the model's forwards: auto (bfloat16 where the device does it fast, else "
                                "float32), bfloat16, float16, float32; statistics and solves stay float32")
@@ -155,12 +163,26 @@ def compress_cmd(
     n_samples: Optional[int] = typer.Option(None, "--n-samples", help="calibration windows (default 128)"),
     seq_len: int = SeqOpt, seed: int = SeedOpt,
     n_eval: Optional[int] = NEvalOpt, device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt,
-    verbose: bool = VerboseOpt,
+    workers: int = WorkersOpt, verbose: bool = VerboseOpt,
 ):
     """Compress MODEL: one method for every Linear of its decoder blocks, or — with a budget
     (--target-bits / --target-mb / --target-sparsity) — per-layer levels found by evolutionary search."""
     _setup(verbose)
+    from ..utils import dist
+
     export = _export_format(export)
+    budget = target_bits is not None or target_mb is not None or target_sparsity is not None
+    if workers > 1 or dist.launched():
+        _refuse("several workers", {
+            "--target-bits/--target-mb/--target-sparsity": (budget, "the budget search runs in one process yet"),
+            "--stream": (stream, "streamed compression runs in one process yet"),
+            "--drop": (bool(drop), "block influence runs in one process yet"),
+        })
+    if workers > 1 and not dist.launched():
+        raise typer.Exit(dist.relaunch(workers, dist.without_option(sys.argv[1:], "--workers"), device))
+    if dist.init_from_env(device):
+        device = dist.worker_device(device)
+        evaluate = evaluate and dist.is_main()
     quant = dict(sym=sym, act_order=act_order, mse=mse, shrink=shrink, static_groups=static_groups)
     if export == "compressed-tensors":
         from ..export.compressed_tensors import exportable_settings
@@ -179,7 +201,7 @@ def compress_cmd(
             "--compensate": (compensate is not None, "EoRA is not streamed yet; compress in memory"),
         })
     data = data or ("mix" if stream else DEFAULT_CALIBRATION)
-    if target_bits is not None or target_mb is not None or target_sparsity is not None:
+    if budget:
         sparse = target_sparsity is not None
         _refuse("a budget (--target-bits/--target-mb/--target-sparsity)", {
             "--method": (method is not None, "the budget search chooses the method per layer"),
@@ -237,7 +259,8 @@ def compress_cmd(
         sm = open_streamed(model, device=device)
         m, tok = sm.model, sm.tokenizer
     else:
-        m, tok = load_model(model, device=device)
+        with dist.main_first():  # rank 0 fills the caches (a converted GGUF) the others read
+            m, tok = load_model(model, device=device)
     calib = _data_config(data, n_samples, seq_len, seed, None)  # tokenized only if the method calibrates
     rows = []
     ref = domains = None
@@ -248,8 +271,13 @@ def compress_cmd(
         ref = SuiteReference(m, domains)
         rows.append({"label": "dense", **suite_row(ref.dense, ref.dense), "kl": 0.0,
                      "size_mb": sum(p.numel() for p in m.parameters()) * 2 / 1e6, "bits_per_param": 16.0})
+    if dist.launched() and op is not None and op.stats != "none":
+        with dist.main_first():  # text sampled from the model (--data self) is made once and cached
+            calib = api.as_windows(tok, calib, m)
     c = api.compress(m, tok, op, data=calib, drop=drop, sequential=sequential, device=device,
                      compensate=compensate, rank=rank if compensate else None, out=out if stream else None)
+    if not dist.is_main():  # every rank holds the same compressed model; rank 0 writes it
+        return
     if not stream:
         c.save(out)
     if export is not None:
