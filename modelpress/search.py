@@ -64,9 +64,13 @@ def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataCon
     """Open (building or resuming as needed) the level database of `model` for `kind`."""
     windows = as_windows(tokenizer, data, model)
     k = make_kind(kind, **kind_settings)
-    d = LevelDB.open_or_create(db, model, k, windows, tokenizer=tokenizer)
+    from .utils.dist import barrier, main_first
+
+    with main_first():  # data-parallel workers: rank 0 creates the folder, the others open it
+        d = LevelDB.open_or_create(db, model, k, windows, tokenizer=tokenizer)
     t = time.time()
     d.build(model, windows, batch_size=batch_size, device=device)
+    barrier()  # data-parallel workers: rank 0 has written every level the others will read
     d.meta.setdefault("build_seconds", 0.0)
     if time.time() - t > 1:
         d.meta["build_seconds"] += time.time() - t
@@ -202,28 +206,32 @@ class SearchConfig:
 def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = None, device=None) -> dict:
     """Build/resume the database, allocate (and the `compare` baselines), evaluate every plan on
     every domain of the evaluation suite, save the chosen one as a checkpoint with plan.json,
-    report.json/.md and two PNG plots; returns the report."""
+    report.json/.md and two PNG plots; returns the report. Under data-parallel workers
+    (utils.dist) every rank builds and searches, and the ranks other than 0 return {}."""
     from .data.suites import suite_windows
     from .eval.suite import SuiteReference, evaluate_suite, suite_columns, suite_row
     from .plots import plot_fitness, plot_levels
-    from .report import write_report
-
     from .models.moe import unfuse_experts
+    from .report import write_report
+    from .utils import dist
 
     unfuse_experts(model)  # a MoE's experts as units of their own (models.moe)
+    main = dist.is_main()  # data-parallel workers: all build and search, rank 0 evaluates and writes
     cfg = config
     budget, kind, allocator = cfg.budget, cfg.kind, cfg.allocator
     model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
     t_start = time.time()
     out = Path(cfg.out) if cfg.out is not None else Path("out") / slug(
         f"{Path(model_name).stem}-{kind}-{budget.label()}-{allocator}")
-    windows = as_windows(tokenizer, cfg.data, model)
+    with dist.main_first():  # text sampled from the model is made once and cached
+        windows = as_windows(tokenizer, cfg.data, model)
     t0 = time.time()
     database = open_database(model, tokenizer, kind, data=windows, db=cfg.db, device=device, **cfg.kind_settings)
     build_s = time.time() - t0
     rows: list[dict] = []
     ref = domains = None
-    if cfg.evaluate:
+    evaluate = cfg.evaluate and main
+    if evaluate:
         domains = suite_windows(tokenizer, cfg.eval_suite, seq_len=windows.config.seq_len, n_eval=cfg.n_eval)
         ref = SuiteReference(model, domains)
         rows.append({"label": "dense", **suite_row(ref.dense, ref.dense), "kl": 0.0,
@@ -248,14 +256,16 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
                                  reference=reference, **kw)
         reference = results[name].reference or reference
         log.info("%s: %s", name, results[name].plan.info)
+    if not main:
+        return {}
     for name, res in results.items():
         row = {"label": name, **res.seconds, "cost": res.plan.info.get("cost"),
                "size_mb": _plan_mb(database, res), "bits_per_weight": _plan_bits(database, res)}
-        if cfg.evaluate:
+        if evaluate:
             state.apply(res.plan.levels)
             row.update(suite_row(evaluate_suite(model, domains, ref, desc=f"eval {name}"), ref.dense))
         rows.append(row)
-    if cfg.evaluate and "uniform" in results and allocator != "uniform":
+    if evaluate and "uniform" in results and allocator != "uniform":
         by = {r["label"]: r for r in rows}
         worse = [d for d in domains.names if by[allocator][f"ppl:{d}"] >= by["uniform"][f"ppl:{d}"]]
         if worse:

@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import ConfigError
 from ..utils.io import write_json
@@ -211,7 +212,7 @@ class Evolutionary(Allocator):
                     last = stage == len(self.tokens) - 1
                     if last:
                         cands = cands + [parent]
-                    scores = [fitness(c, sample, parent=parent) for c in cands]
+                    scores = score_all(fitness, cands, sample, parent=parent)
                     order = sorted(range(len(cands)), key=lambda j: (scores[j], j == len(cands) - 1 and last))
                     cands = [cands[j] for j in order[:keep]]
                     scores = [scores[j] for j in order[:keep]]
@@ -272,14 +273,31 @@ class Evolutionary(Allocator):
         if len(plans) == 1:
             return next(iter(plans.values()))
         sample = fitness.new_sample(self.tokens[-1], rng)
-        scores = {name: fitness(plan, sample) for name, plan in plans.items()}
+        scores = dict(zip(plans, score_all(fitness, list(plans.values()), sample)))
         best = min(scores, key=scores.get)
         log.info("init: %s -> %s", ", ".join(f"{n} {f:.5f}" for n, f in scores.items()), best)
         return plans[best]
 
     def _save(self, ck: Path | None, key: str, gen: int, parent, fit, rng) -> None:
-        if ck is None:
+        from ..utils.dist import is_main
+
+        if ck is None or not is_main():  # data-parallel workers hold the same state; rank 0 writes it
             return
         write_json(ck, {"key": key, "generation": gen, "parent": parent, "fitness": fit,
                         "rng": rng.bit_generator.state, "history": self.history,
                         "start_validation": self.start_validation, "start_plan": self.start_plan})
+
+
+def score_all(fitness, plans: list[list[int]], sample, parent=None) -> list[float]:
+    """fitness(plan, sample) for every plan. Under data-parallel workers (utils.dist) rank r scores
+    plans r, r + N, ... and the scores are shared (each is summed with zeros: exact), so every rank
+    goes on with the same scores, hence the same plan, as one process would."""
+    from ..utils.dist import reduce_, world
+
+    rank, size = world()
+    if size == 1:
+        return [fitness(p, sample, parent=parent) for p in plans]
+    scores = torch.zeros(len(plans), dtype=torch.float64)
+    for j in range(rank, len(plans), size):
+        scores[j] = fitness(plans[j], sample, parent=parent)
+    return reduce_(scores).tolist()

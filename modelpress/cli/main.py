@@ -110,7 +110,7 @@ SeqOpt = typer.Option(512, "--seq-len", help="tokens per window")
 SeedOpt = typer.Option(0, "--seed")
 NEvalOpt = typer.Option(None, "--n-eval", help=f"held-out windows per evaluation domain (default {N_EVAL})")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-WorkersOpt = typer.Option(1, "--workers", min=1, help="data-parallel calibration on this many processes "
+WorkersOpt = typer.Option(1, "--workers", min=1, help="data-parallel calibration and search on this many processes "
                           "(starts torchrun; or run `torchrun --nproc_per_node N -m modelpress ...` yourself)")
 ComputeOpt = typer.Option("auto", "--compute-dtype",
                           help="dtype of the model's forwards: auto (bfloat16 where the device does it fast, else "
@@ -173,16 +173,9 @@ def compress_cmd(
     export = _export_format(export)
     budget = target_bits is not None or target_mb is not None or target_sparsity is not None
     if workers > 1 or dist.launched():
-        _refuse("several workers", {
-            "--target-bits/--target-mb/--target-sparsity": (budget, "the budget search runs in one process yet"),
-            "--stream": (stream, "streamed compression runs in one process yet"),
-            "--drop": (bool(drop), "block influence runs in one process yet"),
-        })
-    if workers > 1 and not dist.launched():
-        raise typer.Exit(dist.relaunch(workers, dist.without_option(sys.argv[1:], "--workers"), device))
-    if dist.init_from_env(device):
-        device = dist.worker_device(device)
-        evaluate = evaluate and dist.is_main()
+        _refuse("several workers", {"--stream": (stream, "streamed compression runs in one process yet")})
+    device = _workers(workers, device)
+    evaluate = evaluate and dist.is_main()
     quant = dict(sym=sym, act_order=act_order, mse=mse, shrink=shrink, static_groups=static_groups)
     if export == "compressed-tensors":
         from ..export.compressed_tensors import exportable_settings
@@ -301,6 +294,16 @@ def compress_cmd(
         console.print(f"{export} folder: {api.export_path(out, export)}")
 
 
+def _workers(workers: int, device: Optional[str]) -> Optional[str]:
+    """`--workers N`: start this command again as N torchrun workers (and leave with their exit
+    code); a torchrun worker joins its group and gets its own device."""
+    from ..utils import dist
+
+    if workers > 1 and not dist.launched():
+        raise typer.Exit(dist.relaunch(workers, dist.without_option(sys.argv[1:], "--workers"), device))
+    return dist.worker_device(device) if dist.init_from_env(device) else device
+
+
 def _refuse(path: str, options: dict[str, tuple[bool, str]]) -> None:
     """One place per verb that says which given options do not apply to the path taken:
     `options` maps an option to (given and inapplicable, what to do instead)."""
@@ -332,8 +335,13 @@ def _run_search(model_name: str, config, device) -> None:
     from ..models import load_model
     from ..search import search
 
-    m, tok = load_model(model_name, device=device)
+    from ..utils import dist
+
+    with dist.main_first():  # rank 0 fills the caches (a converted GGUF) the others read
+        m, tok = load_model(model_name, device=device)
     rep = search(m, tok, config, model_name=model_name, device=device)
+    if not dist.is_main():  # rank 0 evaluates, writes and reports
+        return
     out = Path(rep["checkpoint"])
     _warn_skipped((rep.get("evaluation") or {}).get("skipped", {}))
     print_rows(rep["rows"], [tuple(c) for c in rep["columns"]], title=f"{model_name} @ {rep['budget']} → {out}")
@@ -414,10 +422,12 @@ def search_cmd(
                                            help="calibration windows after the fitness windows that score each "
                                                 "generation's plan; the one scoring best is returned (0 = none)"),
     data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
-    device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt, verbose: bool = VerboseOpt,
+    device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt, workers: int = WorkersOpt,
+    verbose: bool = VerboseOpt,
 ):
     """Per-unit levels under one exact budget: level database + allocator (EvoPress by default)."""
     _setup(verbose)
+    device = _workers(workers, device)
     from ..levels.kinds import KINDS, kind_for_budget
     from ..search import SearchConfig, SearchSettings
 

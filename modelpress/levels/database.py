@@ -29,6 +29,7 @@ from ..allocate.budget import header_entry_bytes
 from ..export.checkpoint import SEP, dense_tensors, storage_dtype_for
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.device import forward_dtype_name
+from ..utils.dist import is_main
 from ..utils.io import atomic_file, cache_root, write_json
 from .kinds import KINDS, Kind, UnitInfo
 
@@ -133,7 +134,8 @@ class LevelDB:
         return cls(path, meta)
 
     def save_meta(self) -> None:
-        write_json(self.path / "db.json", self.meta)
+        if is_main():  # data-parallel workers hold the same meta; rank 0 writes it
+            write_json(self.path / "db.json", self.meta)
 
     # ---- unit files ---------------------------------------------------------------------
     def _file(self, unit: str) -> Path:
@@ -165,21 +167,29 @@ class LevelDB:
         return levels
 
     def add_levels(self, unit: str, new: dict[str, tuple[PackedWeight, float]]) -> None:
-        """Store levels (value -> (packed weight, error)) of `unit`, keeping the ones already there."""
+        """Store levels (value -> (packed weight, error)) of `unit`, keeping the ones already there.
+        Data-parallel workers (utils.dist) compute the same levels; only rank 0 writes them (the
+        others would read a file by its name while it is replaced: safetensors maps it twice)."""
         levels = dict(self.levels_of(unit))
+        packed: dict[str, dict[str, torch.Tensor]] = {}
+        for value, (pw, err) in new.items():
+            ts, meta = pw.to_tensors()
+            packed[str(value)] = ts
+            levels[str(value)] = {"meta": meta, "nbytes": pw.nbytes(), "error": float(err), "tensors": len(ts),
+                                  "header_bytes": _header_bytes(unit, ts)}
+        self._levels[unit] = levels
+        if not is_main():
+            return
         tensors: dict[str, torch.Tensor] = {}
         f = self._file(unit)
         if f.is_file():
             with safe_open(str(f), "pt") as sf:
                 tensors = {k: sf.get_tensor(k) for k in sf.keys()}
-        for value, (pw, err) in new.items():
-            ts, meta = pw.to_tensors()
+        for value, ts in packed.items():
             for k in [k for k in tensors if k.startswith(f"{value}::")]:
                 del tensors[k]
             for suffix, t in ts.items():
                 tensors[f"{value}::{suffix}"] = t.contiguous()
-            levels[str(value)] = {"meta": meta, "nbytes": pw.nbytes(), "error": float(err), "tensors": len(ts),
-                                  "header_bytes": _header_bytes(unit, ts)}
         seen: set[int] = set()
         for k, t in tensors.items():  # levels sharing a base (with / without EoRA) share storage
             if t.numel() and t.data_ptr() in seen:
@@ -188,7 +198,6 @@ class LevelDB:
         md = {"levels": json.dumps(levels), "digest": _digest(tensors)}
         with atomic_file(f, "wb") as fh:
             fh.write(_serialize(tensors, md))
-        self._levels[unit] = levels
 
     def load(self, unit: str, value, device="cpu") -> PackedWeight:
         key = (unit, str(value))

@@ -70,7 +70,7 @@ def test_no_module_outside_the_kinds_names_a_kind():
     assert offenders == []
 
 
-def test_database_version_is_checked_and_older_ones_migrate(tmp_path):
+def test_database_version_is_checked_and_older_ones_migrate(tmp_path, float32_forwards):
     m = tiny_model("llama")
     w = windows()
     db = open_database(m, None, "quant", data=w, db=tmp_path / "db", levels=(2, 3), group_size=16)

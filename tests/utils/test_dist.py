@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from modelpress.export import checkpoint as ck
@@ -52,12 +53,40 @@ def test_two_gloo_workers_write_the_checkpoint_one_process_writes(tmp_path, arch
     assert not list(tmp_path.glob("two*/.*tmp*"))  # one writer: nothing half-made beside it
 
 
+def test_two_gloo_workers_build_the_database_and_find_the_plan_one_process_finds(tmp_path):
+    """Level database (data-parallel calibration, every rank writing the same files) and the
+    evolutionary search (offspring scored across ranks): same files, same plan."""
+    import json
+
+    src = tmp_path / "model"
+    tiny_model("llama").save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"line {i}: the quick brown fox {i * 7 % 13} jumps over {i % 5} lazy dogs." for i in range(400)))
+    args = ["search", str(src), "--kind", "quant", "--levels", "2,3,4", "--group-size", "32", "--target-bits", "3",
+            "--generations", "3", "--offspring", "5", "--tokens", "64,128", "--survivors", "2,1", "--fitness-windows", "6",
+            "--data", str(text), "--n-samples", "12", "--seq-len", "64", "--no-eval"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, extra in (("one", []), ("two", ["--workers", "2"])):
+        r = subprocess.run([sys.executable, "-m", "modelpress", *args, *extra, "--db", str(tmp_path / f"db-{name}"),
+                            "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    plans = [json.loads((tmp_path / n / "plan.json").read_text())["levels"] for n in ("one", "two")]
+    assert plans[0] == plans[1] and len(set(plans[0].values())) > 1
+    files = sorted(p.name for p in (tmp_path / "db-one" / "units").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "db-two" / "units").iterdir()) and files
+    for f in files:  # (the bytes of a header are not comparable: safetensors writes its metadata in hash order)
+        a, b = (safe_open(str(tmp_path / d / "units" / f), "pt") for d in ("db-one", "db-two"))
+        assert a.metadata() == b.metadata() and a.keys() == b.keys(), f
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys()), f
+
+
 def test_workers_refuse_what_runs_in_one_process(tmp_path):
     from typer.testing import CliRunner
 
     from modelpress.cli.main import app
 
-    r = CliRunner().invoke(app, ["compress", "smollm2-135m", "--target-bits", "3", "--workers", "2"])
-    assert r.exit_code == 2 and "several workers" in r.output and "--target-bits" in r.output
+    r = CliRunner().invoke(app, ["compress", "smollm2-135m", "--stream", "--workers", "2"])
+    assert r.exit_code == 2 and "several workers" in r.output and "--stream" in r.output
     r = CliRunner(env={"WORLD_SIZE": "2"}).invoke(app, ["eval", "smollm2-135m"])
     assert r.exit_code == 2 and "runs in one process" in r.output

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ...calib.runner import LayerwiseRunner, first_output
 from ...models.arch import Arch
+from ...utils.dist import reduce_
 
 
 def _one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,10 @@ def subblock_influence(model, ids: torch.Tensor, batch_size: int = 8) -> dict[st
                 tot[sb.name] += float(_one_minus_cos(cur, nxt))
                 cur = nxt
             n += h_in.shape[0] * h_in.shape[1]
-        for k, v in tot.items():
-            scores[k] = v / n
+        # data-parallel workers (utils.dist) each saw their share of the batches
+        summed = reduce_(torch.tensor([*tot.values(), n], dtype=torch.float64))
+        for k, v in zip(tot, summed[:-1].tolist()):
+            scores[k] = v / float(summed[-1])
         step.dense_outputs = outs
         step.advance(sequential=False)
     return scores
