@@ -79,7 +79,8 @@ class LinearStats:
             raise RuntimeError("statistics were read already; they take no more batches")
         if self._acc is None:
             shape = (self.in_features, self.in_features) if self.want_xtx else (self.in_features,)
-            self._acc = torch.zeros(shape, dtype=torch.float64, device=device)
+            wide = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # MPS has no float64
+            self._acc = torch.zeros(shape, dtype=wide, device=device)
 
     def _add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])

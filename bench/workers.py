@@ -1,0 +1,109 @@
+"""One process against data-parallel workers (torch.distributed, gloo) on smollm2-135m.
+
+Each row runs the same `modelpress` command twice in fresh processes: once alone (all cores), once
+with `--workers N` (torchrun, each worker `cores / N` OpenMP threads), and reports both wall
+times, their ratio and whether the two checkpoints (and, for a search, the plans) are identical.
+On a 2-core CPU the workers share the cores the single process already uses, so the ratio shows
+the overhead of the split (and the work every rank repeats: the layer solves), not a speed-up;
+on GPUs each worker has its own device. Wall times on a shared machine are noisy. Rows:
+bench/results/workers.json.
+
+    python bench/workers.py [--only SUBSTRING] [--force] [--render] [--workers 2]
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, SCRATCH, RowCache, bench_args, machine, print_table, write_section
+
+DATA = ["--data", "mix", "--n-samples", "64", "--seq-len", "512"]
+ROWS = {
+    "compress gptq w4 g64": ["compress", "smollm2-135m", "--method", "gptq", "--bits", "4", "--group-size", "64",
+                             *DATA, "--no-eval"],
+    "compress sparsegpt 50%": ["compress", "smollm2-135m", "--method", "sparsegpt", "--sparsity", "0.5",
+                               *DATA, "--no-eval"],
+    "search 3.5 bits (levels 3/4, 4 generations)": [
+        "search", "smollm2-135m", "--kind", "quant", "--levels", "3,4", "--group-size", "64", "--target-bits", "3.5",
+        "--generations", "4", "--offspring", "8", "--tokens", "1024,4096", "--survivors", "2,1",
+        "--fitness-windows", "16", *DATA[:2], "--n-samples", "32", "--seq-len", "512", "--no-eval"],
+}
+
+
+def _tensors_equal(a: Path, b: Path) -> bool:
+    import torch
+    from safetensors.torch import load_file
+
+    from modelpress.export import checkpoint as ck
+
+    def load(p):
+        out = {}
+        for f in ck.weight_files(ck.read_manifest(p)):
+            out.update(load_file(str(p / f)))
+        return out
+
+    x, y = load(a), load(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def run(args: list[str], workers: int, out: Path) -> float:
+    if out.exists():
+        shutil.rmtree(out)
+    extra = ["--out", str(out)] + (["--db", str(out) + "-db"] if args[0] == "search" else [])
+    if args[0] == "search" and Path(str(out) + "-db").exists():
+        shutil.rmtree(str(out) + "-db")
+    cmd = [sys.executable, "-m", "modelpress", *args, *extra] + (["--workers", str(workers)] if workers > 1 else [])
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL)
+    return time.time() - t0
+
+
+def measure(args: list[str], workers: int) -> dict:
+    one, many = SCRATCH / "workers-1", SCRATCH / f"workers-{workers}"
+    t1 = run(args, 1, one)
+    tn = run(args, workers, many)
+    row = {"workers": workers, "one_s": t1, "many_s": tn, "identical": _tensors_equal(one, many)}
+    if args[0] == "search":
+        plans = [json.loads((p / "plan.json").read_text())["levels"] for p in (one, many)]
+        row["identical"] = row["identical"] and plans[0] == plans[1]
+    return row
+
+
+def main() -> None:
+    args = bench_args(__doc__, extra=lambda p: p.add_argument("--workers", type=int, default=2))
+    cache = RowCache("workers", force=args.force)
+    for key, cmd in ROWS.items():
+        if not args.render and not cache.get(key) and (not args.only or args.only in key):
+            row = measure(cmd, args.workers)
+            print(key, row, flush=True)
+            cache.put(key, row)
+    render(cache.everything())
+
+
+def render(cache: RowCache) -> None:
+    rows = []
+    for key in ROWS:
+        r = cache.get(key)
+        if r:
+            rows.append({"run": key, "workers": r["workers"], "one_s": r["one_s"], "many_s": r["many_s"],
+                         "ratio": r["many_s"] / r["one_s"], "identical": "yes" if r["identical"] else "NO"})
+    cols = [("run", "run"), ("workers", "workers"), ("one_s", "1 process s"), ("many_s", "workers s"),
+            ("ratio", "workers / 1 process"), ("identical", "same checkpoint (and plan)")]
+    md = print_table(rows, cols)
+    body = ("## Data-parallel workers (`bench/workers.py`)\n\n"
+            "smollm2-135m, `--data mix`, each command once in one process and once with `--workers N` (torchrun, "
+            "gloo; each worker gets cores / N threads), fresh processes, model load and calibration text included. "
+            "On this 2-core CPU the workers share the cores one process already uses, so the ratio is the cost of "
+            "the split and of what every rank repeats (each rank solves every layer), not a speed-up; wall times "
+            "are noisy. The last column checks that the results are bit-identical. "
+            f"Machine: {machine()}.\n\n" + md)
+    write_section("workers", body)
+
+
+if __name__ == "__main__":
+    main()
