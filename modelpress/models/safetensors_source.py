@@ -63,6 +63,14 @@ class SafetensorsSource:
     def names(self) -> list[str]:
         return list(self.entries)
 
+    def float_dtype(self) -> torch.dtype:
+        """The floating dtype holding most of the weights' bytes (what the model was saved in)."""
+        by: dict[str, int] = {}
+        for _, _, m in self.entries.values():
+            if m["dtype"] in ("F64", "F32", "F16", "BF16"):
+                by[m["dtype"]] = by.get(m["dtype"], 0) + m["data_offsets"][1] - m["data_offsets"][0]
+        return DTYPES[max(by, key=by.get)] if by else torch.float32
+
     def nbytes(self) -> int:
         return sum(m["data_offsets"][1] - m["data_offsets"][0] for _, _, m in self.entries.values())
 
