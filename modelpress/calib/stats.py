@@ -68,7 +68,6 @@ class LinearStats:
     n: int = 0
     product_dtype: torch.dtype = torch.float32  # what one batch's XᵀX products are computed in
     _acc: torch.Tensor | None = None  # while accumulating: Σ xᵀx (upper triangle) or Σ x², float64
-    _batch: torch.Tensor | None = None  # one batch's XᵀX product (float32 scratch)
 
     def add(self, x: torch.Tensor) -> None:
         with full_precision(x.device):  # hooks run inside autocast forwards
@@ -85,11 +84,10 @@ class LinearStats:
     def _add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
         self._start(x.device)
-        if self.want_xtx:
-            if self._batch is None:
-                self._batch = torch.empty(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
-            syrk_upper_(self._batch.zero_(), x.to(self.product_dtype))
-            self._acc += self._batch
+        if self.want_xtx:  # this batch's product on its own, then into the float64 sum
+            batch = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
+            syrk_upper_(batch, x.to(self.product_dtype))
+            self._acc += batch
         else:
             x = x.float()
             self._acc += (x * x).sum(0)
@@ -123,7 +121,7 @@ class LinearStats:
     def xtx(self) -> torch.Tensor | None:
         if self._xtx is None and self.want_xtx and self._acc is not None:
             self._xtx = symmetrize_(self._acc).float()
-            self._acc = self._batch = None
+            self._acc = None
         return self._xtx
 
     @property
