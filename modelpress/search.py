@@ -64,13 +64,15 @@ def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataCon
     """Open (building or resuming as needed) the level database of `model` for `kind`."""
     windows = as_windows(tokenizer, data, model)
     k = make_kind(kind, **kind_settings)
-    from .utils.dist import barrier, main_first
+    from .utils.dist import barrier, main_first, world
 
     with main_first():  # data-parallel workers: rank 0 creates the folder, the others open it
         d = LevelDB.open_or_create(db, model, k, windows, tokenizer=tokenizer)
     t = time.time()
     d.build(model, windows, batch_size=batch_size, device=device)
-    barrier()  # data-parallel workers: rank 0 has written every level the others will read
+    if world()[1] > 1:  # data-parallel workers wrote each other's units: wait for all, then read them
+        barrier()
+        d.refresh()
     d.meta.setdefault("build_seconds", 0.0)
     if time.time() - t > 1:
         d.meta["build_seconds"] += time.time() - t

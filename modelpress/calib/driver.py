@@ -29,6 +29,7 @@ from torch import nn
 
 from ..models.arch import get_weight, set_weight
 from ..models.moe import expert_of
+from ..utils.dist import broadcast_, world
 from .runner import BlockStep, LayerwiseRunner
 from .stats import LinearStats
 
@@ -44,15 +45,22 @@ FEW_TOKENS_DIV = 4
 def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dict[str, str] = "xtx",
               sequential: bool = True, layers: Callable[[BlockStep], list[str]] | None = None, start: int = 0,
               batch_size: int = 8, device=None, desc: str = "calibration",
-              after_block: Callable[[BlockStep], None] | None = None) -> dict[str, int]:
+              after_block: Callable[[BlockStep], None] | None = None, split: bool = False) -> dict[str, int]:
     """Walk the blocks over calibration windows `ids`, calling `per_layer(name, module, stats)` for
     every Linear that `layers(step)` names (default: all of the block's).
 
     Blocks before `start` are only run forward, as they are (a resumed build puts the levels they
     already have into them first). `after_block(step)` runs once a block's layers are done.
-    Returns the experts given isotropic statistics: name -> calibration tokens it received."""
+    Returns the experts given isotropic statistics: name -> calibration tokens it received.
+
+    Under data-parallel workers (utils.dist) every rank calls `per_layer` for every layer, with the
+    same summed statistics. With `split`, the k-th layer handed out goes to rank k mod N alone and
+    its weight, as `per_layer` left it, is broadcast to the others: for callers whose other effects
+    land in shared storage (the level database's files), so the solves are shared out too."""
     kinds = stats
     starved: dict[str, int] = {}
+    rank, size = world()
+    handed_out = [0]
 
     def handed(n: str, mod: nn.Module, st: LinearStats | None) -> None:
         kind = kinds if isinstance(kinds, str) else kinds.get(n, "none")
@@ -60,7 +68,14 @@ def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dic
         if kind != "none" and expert_of(n) and (st is None or st.n < width // FEW_TOKENS_DIV):
             starved[n] = 0 if st is None else st.n
             st = LinearStats.isotropic(width, want_xtx=(kind == "xtx"), device=get_weight(mod).device)
-        per_layer(n, mod, st)
+        if split and size > 1:
+            owner = handed_out[0] % size
+            handed_out[0] += 1
+            if rank == owner:
+                per_layer(n, mod, st)
+            broadcast_(mod.weight.data, owner)
+        else:
+            per_layer(n, mod, st)
 
     runner = LayerwiseRunner(model, ids, batch_size=batch_size, sequential=sequential, device=device)
     for step in runner.blocks(desc=desc, start=start):

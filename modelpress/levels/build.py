@@ -27,7 +27,7 @@ def on_dense_inputs(db, model, windows, batch_size, device, desc: str,
     missing = db.missing()
     calibrate(model, windows.calib, lambda n, mod, st: per_layer(n, mod, st, missing[n]), sequential=False,
               layers=lambda step: [n for n in step.linears if n in missing], batch_size=batch_size, device=device,
-              desc=desc, after_block=after_block)
+              desc=desc, after_block=after_block, split=True)
 
 
 def on_shared_inputs(db, model, windows, batch_size, device, ref, levels_of_layer: LevelsOfLayer, desc: str) -> None:
@@ -60,4 +60,4 @@ def on_shared_inputs(db, model, windows, batch_size, device, ref, levels_of_laye
                 set_weight(mod, db.load(n, ref).dequantize())
         calibrate(model, windows.calib, one, sequential=True, start=start,
                   layers=lambda step: [n for n in step.linears if n in db.units], batch_size=batch_size,
-                  device=device, desc=desc)
+                  device=device, desc=desc, split=True)

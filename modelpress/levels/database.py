@@ -29,7 +29,7 @@ from ..allocate.budget import header_entry_bytes
 from ..export.checkpoint import SEP, dense_tensors, storage_dtype_for
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.device import forward_dtype_name
-from ..utils.dist import is_main
+from ..utils.dist import is_main, merged_dicts
 from ..utils.io import atomic_file, cache_root, write_json
 from .kinds import KINDS, Kind, UnitInfo
 
@@ -134,8 +134,18 @@ class LevelDB:
         return cls(path, meta)
 
     def save_meta(self) -> None:
-        if is_main():  # data-parallel workers hold the same meta; rank 0 writes it
+        """Write db.json. Under data-parallel workers every rank calls this at the same point: the
+        per-unit data measured by each rank's share of the layers is merged, and rank 0 writes."""
+        extra = merged_dicts({n: u["extra"] for n, u in self.meta["units"].items() if u.get("extra")})
+        for n, e in extra.items():
+            self.meta["units"][n]["extra"] = e
+        if is_main():
             write_json(self.path / "db.json", self.meta)
+
+    def refresh(self) -> None:
+        """Forget what was read of the unit files (other workers wrote some of them)."""
+        self._levels.clear()
+        self._cache.clear()
 
     # ---- unit files ---------------------------------------------------------------------
     def _file(self, unit: str) -> Path:
@@ -168,8 +178,9 @@ class LevelDB:
 
     def add_levels(self, unit: str, new: dict[str, tuple[PackedWeight, float]]) -> None:
         """Store levels (value -> (packed weight, error)) of `unit`, keeping the ones already there.
-        Data-parallel workers (utils.dist) compute the same levels; only rank 0 writes them (the
-        others would read a file by its name while it is replaced: safetensors maps it twice)."""
+        Data-parallel workers (utils.dist) share the layers out (calib.driver's `split`): one rank
+        computes and writes each unit (two writers of one file would race: a reader of a file
+        being replaced can get a mix of both, since safetensors opens it by name twice)."""
         levels = dict(self.levels_of(unit))
         packed: dict[str, dict[str, torch.Tensor]] = {}
         for value, (pw, err) in new.items():
@@ -178,8 +189,6 @@ class LevelDB:
             levels[str(value)] = {"meta": meta, "nbytes": pw.nbytes(), "error": float(err), "tensors": len(ts),
                                   "header_bytes": _header_bytes(unit, ts)}
         self._levels[unit] = levels
-        if not is_main():
-            return
         tensors: dict[str, torch.Tensor] = {}
         f = self._file(unit)
         if f.is_file():

@@ -97,13 +97,46 @@ def reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     (CPU for gloo, this rank's GPU for NCCL); a no-op for one process."""
     if not active() or world()[1] == 1:
         return t
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
-        else torch.device("cpu")
-    buf = t if t.device == dev else t.to(dev)
+    buf = _comm(t)
     torch.distributed.all_reduce(buf, op=getattr(torch.distributed.ReduceOp, _OPS[op]))
     if buf is not t:
         t.copy_(buf)
     return t
+
+
+def _comm(t: torch.Tensor) -> torch.Tensor:
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+        else torch.device("cpu")
+    return t if t.device == dev and t.is_contiguous() else t.to(dev).contiguous()
+
+
+def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
+    """Rank `src`'s `t` on every rank, in place; a no-op for one process."""
+    if not active() or world()[1] == 1:
+        return t
+    buf = _comm(t)
+    torch.distributed.broadcast(buf, src=src)
+    if buf is not t:
+        t.copy_(buf)
+    return t
+
+
+def share(items: list) -> list:
+    """This rank's share of `items` (item k goes to rank k mod N); all of them for one process."""
+    rank, size = world()
+    return items[rank::size]
+
+
+def merged_dicts(d: dict) -> dict:
+    """The union of every rank's `d` (later ranks win on shared keys); `d` itself for one process."""
+    if not active() or world()[1] == 1:
+        return d
+    parts: list = [None] * world()[1]
+    torch.distributed.all_gather_object(parts, d)
+    out: dict = {}
+    for p in parts:
+        out.update(p)
+    return out
 
 
 def reduce_int(value: int, op: str) -> int:

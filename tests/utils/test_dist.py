@@ -53,9 +53,12 @@ def test_two_gloo_workers_write_the_checkpoint_one_process_writes(tmp_path, arch
     assert not list(tmp_path.glob("two*/.*tmp*"))  # one writer: nothing half-made beside it
 
 
-def test_two_gloo_workers_build_the_database_and_find_the_plan_one_process_finds(tmp_path):
-    """Level database (data-parallel calibration, every rank writing the same files) and the
-    evolutionary search (offspring scored across ranks): same files, same plan."""
+@pytest.mark.parametrize("kind", [["--kind", "quant", "--levels", "2,3,4", "--group-size", "32", "--target-bits", "3"],
+                                  ["--kind", "sparsity", "--max-sparsity", "0.7", "--target-sparsity", "0.5"]])
+def test_two_gloo_workers_build_the_database_and_find_the_plan_one_process_finds(tmp_path, kind):
+    """Level database (data-parallel calibration; the layers' solves shared out, each unit written
+    by the rank that solved it; per-unit data merged into db.json) and the evolutionary search
+    (offspring scored across ranks): same files, same db.json units, same plan."""
     import json
 
     src = tmp_path / "model"
@@ -63,8 +66,7 @@ def test_two_gloo_workers_build_the_database_and_find_the_plan_one_process_finds
     byte_tokenizer().save_pretrained(src)
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"line {i}: the quick brown fox {i * 7 % 13} jumps over {i % 5} lazy dogs." for i in range(400)))
-    args = ["search", str(src), "--kind", "quant", "--levels", "2,3,4", "--group-size", "32", "--target-bits", "3",
-            "--generations", "3", "--offspring", "5", "--tokens", "64,128", "--survivors", "2,1", "--fitness-windows", "6",
+    args = ["search", str(src), *kind, "--generations", "3", "--offspring", "5", "--tokens", "64,128", "--survivors", "2,1", "--fitness-windows", "6",
             "--data", str(text), "--n-samples", "12", "--seq-len", "64", "--no-eval"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, extra in (("one", []), ("two", ["--workers", "2"])):
@@ -73,6 +75,8 @@ def test_two_gloo_workers_build_the_database_and_find_the_plan_one_process_finds
         assert r.returncode == 0, r.stderr[-3000:]
     plans = [json.loads((tmp_path / n / "plan.json").read_text())["levels"] for n in ("one", "two")]
     assert plans[0] == plans[1] and len(set(plans[0].values())) > 1
+    units = [json.loads((tmp_path / d / "db.json").read_text())["units"] for d in ("db-one", "db-two")]
+    assert units[0] == units[1]
     files = sorted(p.name for p in (tmp_path / "db-one" / "units").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "db-two" / "units").iterdir()) and files
     for f in files:  # (the bytes of a header are not comparable: safetensors writes its metadata in hash order)

@@ -69,10 +69,12 @@ class GGUFKind(Kind):
 
     def build(self, db, model, windows, batch_size, device) -> None:
         from ...ops.ggmlweight import GGMLWeight
+        from ...utils.dist import share
 
         missing = db.missing()
         mods = dict(model.named_modules())
-        for u in [u for u in missing if db.units[u].group in ("embedding", "output")]:
+        # data-parallel workers (utils.dist): each quantizes and writes its share
+        for u in share([u for u in missing if db.units[u].group in ("embedding", "output")]):
             w = get_weight(mods[u]).float()
             new = {}
             for t in missing[u]:

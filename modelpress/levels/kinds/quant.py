@@ -141,4 +141,4 @@ class QuantKind(Kind):
                         set_weight(mod, db.load(n, bits).dequantize())
                 calibrate(model, windows.calib, do, sequential=self.sequential, start=start,
                           layers=lambda step: [n for n in step.linears if n in db.units], batch_size=batch_size,
-                          device=device, desc=f"database {bits}-bit")
+                          device=device, desc=f"database {bits}-bit", split=True)
