@@ -161,6 +161,8 @@ def plan(m: dict, rates: dict) -> dict:
 
 
 def _h(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.2g} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
