@@ -3,13 +3,15 @@
 Run any verb under `torchrun --nproc_per_node N -m modelpress …` (or `--workers N`, which starts
 torchrun itself). Every rank loads the model and the same calibration windows; calibration
 batches are dealt out round-robin (batch b goes to rank b mod N), each rank runs its batches
-through the block, and the per-layer statistics are summed across ranks before every solve. Each
-rank then solves every layer itself, so all ranks hold the same compressed model and only rank 0
-writes files.
+through the block, and the per-layer statistics are summed across ranks before every solve.
+`compress` has every rank solve every layer (all ranks hold the same compressed model; rank 0
+writes it); level database builds share the solves out (calib.driver `split`). The evolutionary
+search scores offspring across ranks (allocate.evolutionary `score_all`).
 
 Statistics are summed in float64 (calib.stats), so the order in which ranks and batches are
-added does not change the float32 XᵀX the solvers see: the same seed gives the same checkpoint
-for any number of workers. Outside torchrun everything here is a no-op for one process.
+added does not change the float32 XᵀX the solvers see: the same seed gives the same results for
+any number of workers, at the same threads per process (CPU kernels may split a matmul's sums by
+thread). Outside torchrun everything here is a no-op for one process.
 """
 from __future__ import annotations
 
