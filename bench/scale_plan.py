@@ -253,8 +253,8 @@ def render(cache: RowCache) -> None:
         "is why under-fed experts get isotropic statistics (README, mixture-of-experts).\n"
         "- What is not built yet for these sizes: the search's fitness on a model that does not fit one "
         "device (needs pipeline or tensor parallelism inside a replica; today a replica is one process), "
-        "and the level database build on a streamed model (today it holds the whole model; its solves are "
-        "already shared out across `--workers`).\n\n"
+        "and the level database build on a streamed model (today it holds the whole model; `--workers` shares its "
+        "solves out on dense inputs, while a true-sequential pass still runs them one after another).\n\n"
         + "\n".join(detail))
     (ROOT / "docs" / "scale.md").write_text(text)
     print(text)

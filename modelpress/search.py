@@ -64,7 +64,7 @@ def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataCon
     """Open (building or resuming as needed) the level database of `model` for `kind`."""
     windows = as_windows(tokenizer, data, model)
     k = make_kind(kind, **kind_settings)
-    from .utils.dist import barrier, main_first, world
+    from .utils.dist import barrier, main_first, reduce_int, world
 
     with main_first():  # data-parallel workers: rank 0 creates the folder, the others open it
         d = LevelDB.open_or_create(db, model, k, windows, tokenizer=tokenizer)
@@ -74,8 +74,9 @@ def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataCon
         barrier()
         d.refresh()
     d.meta.setdefault("build_seconds", 0.0)
-    if time.time() - t > 1:
-        d.meta["build_seconds"] += time.time() - t
+    elapsed = time.time() - t
+    if reduce_int(int(elapsed > 1), "max"):  # save_meta is collective: every rank decides alike
+        d.meta["build_seconds"] += elapsed
         d.save_meta()
     return d
 

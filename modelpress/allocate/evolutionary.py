@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..utils.dist import from_main
 from ..utils.io import write_json
 from ..utils.progress import Bar
 from .base import ALLOCATORS, Allocator
@@ -152,32 +153,24 @@ class Evolutionary(Allocator):
         parent: list[int] | None = None
         best_fit = None
         ck = Path(self.checkpoint) if self.checkpoint else None
-        if ck is not None and ck.is_file():
-            try:
-                state = json.loads(ck.read_text())
-            except json.JSONDecodeError:
-                state = None
-                log.warning("search checkpoint %s is unreadable; starting over", ck)
-            if state and state.get("key") in (key, self._key(problem, with_generations=True)):
-                start, parent, best_fit = state["generation"], state["parent"], state["fitness"]
-                self.resumed_at = start
-                self.history = state["history"]
-                self.start_validation = state.get("start_validation")
-                self.start_plan = state.get("start_plan")
-                if start > self.generations:  # a longer search of this problem: its plan at that point
-                    kept = self.history[self.generations - 1].get("parent") if self.generations else None
-                    if kept is None:
-                        raise ConfigError(f"checkpoint {ck} ran {start} generations and does not keep the plan "
-                                          f"after {self.generations}; ask for >= {start} or use another checkpoint")
-                    log.info("checkpoint ran %d generations; taking its plan after %d", start, self.generations)
-                    self.history = self.history[:self.generations]
-                    return fill(problem, self._selected(kept))
-                rng.bit_generator.state = state["rng"]
-                log.info("resuming evolutionary search at generation %d", start)
-            elif state:  # kept aside, not overwritten: it holds another search's work
-                aside = ck.with_name(f"{ck.stem}.{state.get('key', 'old')}{ck.suffix}")
-                ck.replace(aside)
-                log.warning("search checkpoint %s belongs to another problem (moved to %s); starting over", ck, aside)
+        # data-parallel workers (utils.dist): rank 0 reads (and moves aside) the checkpoint, all resume from it
+        state = from_main(lambda: self._resumable(ck, (key, self._key(problem, with_generations=True))))
+        if state:
+            start, parent, best_fit = state["generation"], state["parent"], state["fitness"]
+            self.resumed_at = start
+            self.history = state["history"]
+            self.start_validation = state.get("start_validation")
+            self.start_plan = state.get("start_plan")
+            if start > self.generations:  # a longer search of this problem: its plan at that point
+                kept = self.history[self.generations - 1].get("parent") if self.generations else None
+                if kept is None:
+                    raise ConfigError(f"checkpoint {ck} ran {start} generations and does not keep the plan "
+                                      f"after {self.generations}; ask for >= {start} or use another checkpoint")
+                log.info("checkpoint ran %d generations; taking its plan after %d", start, self.generations)
+                self.history = self.history[:self.generations]
+                return fill(problem, self._selected(kept))
+            rng.bit_generator.state = state["rng"]
+            log.info("resuming evolutionary search at generation %d", start)
         if parent is None:
             self.history = []
             if self.init == "uniform":
@@ -227,6 +220,25 @@ class Evolutionary(Allocator):
                 log.info("generation %d: fitness %.6f%s%s", gen + 1, best_fit,
                          f", validation {val:.6f}" if val is not None else "", " (new parent)" if improved else "")
         return fill(problem, self._selected(parent))  # fill: no-op with equal-cost partners; uses slack left by compensating ones
+
+    @staticmethod
+    def _resumable(ck: Path | None, keys: tuple[str, ...]) -> dict | None:
+        """The checkpoint's state if it belongs to this problem; one of another problem is moved
+        aside (it holds that search's work), an unreadable one ignored."""
+        if ck is None or not ck.is_file():
+            return None
+        try:
+            state = json.loads(ck.read_text())
+        except json.JSONDecodeError:
+            log.warning("search checkpoint %s is unreadable; starting over", ck)
+            return None
+        if state and state.get("key") in keys:
+            return state
+        if state:
+            aside = ck.with_name(f"{ck.stem}.{state.get('key', 'old')}{ck.suffix}")
+            ck.replace(aside)
+            log.warning("search checkpoint %s belongs to another problem (moved to %s); starting over", ck, aside)
+        return None
 
     def _record(self) -> dict:
         return {"history": list(self.history), "resumed_at": self.resumed_at,

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..models.arch import get_weight, set_weight
+from ..models.arch import Arch, get_weight, set_weight
 from ..models.moe import expert_of
 from ..utils.dist import broadcast_, world
 from .runner import BlockStep, LayerwiseRunner
@@ -56,11 +56,15 @@ def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dic
     Under data-parallel workers (utils.dist) every rank calls `per_layer` for every layer, with the
     same summed statistics. With `split`, the k-th layer handed out goes to rank k mod N alone and
     its weight, as `per_layer` left it, is broadcast to the others: for callers whose other effects
-    land in shared storage (the level database's files), so the solves are shared out too."""
+    land in shared storage (the level database's files). A layer's owner is fixed by its place
+    among the model's layers, so a resumed build gives each unit the same writer in every pass. In
+    a sequential pass the next layer's forward needs the broadcast weight, so the ranks' solves
+    follow one another (what is shared out is the writing, not the time); with
+    `sequential=False` the weights stay dense, nothing is broadcast and the solves run side by side."""
     kinds = stats
     starved: dict[str, int] = {}
     rank, size = world()
-    handed_out = [0]
+    owner_of = {n: i % size for i, n in enumerate(Arch(model).all_linears())} if split and size > 1 else {}
 
     def handed(n: str, mod: nn.Module, st: LinearStats | None) -> None:
         kind = kinds if isinstance(kinds, str) else kinds.get(n, "none")
@@ -68,12 +72,11 @@ def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dic
         if kind != "none" and expert_of(n) and (st is None or st.n < width // FEW_TOKENS_DIV):
             starved[n] = 0 if st is None else st.n
             st = LinearStats.isotropic(width, want_xtx=(kind == "xtx"), device=get_weight(mod).device)
-        if split and size > 1:
-            owner = handed_out[0] % size
-            handed_out[0] += 1
-            if rank == owner:
+        if owner_of:
+            if rank == owner_of[n]:
                 per_layer(n, mod, st)
-            broadcast_(mod.weight.data, owner)
+            if sequential:  # the next layers' inputs go through this one as its owner left it
+                broadcast_(mod.weight.data, owner_of[n])
         else:
             per_layer(n, mod, st)
 

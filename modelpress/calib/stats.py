@@ -141,7 +141,8 @@ class StatsCollector:
     """Hooks Linear layers and accumulates statistics of their inputs while a block runs.
 
     Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator, so XᵀX is
-    computed once per distinct input; who shares with whom is decided on the first batch.
+    computed once per distinct input; who shares with whom is decided in the batch a layer is
+    first reached (the first, except for experts the router skipped until then).
     Use as a context manager: hooks are removed on exit, whatever happens.
     """
 
@@ -152,7 +153,6 @@ class StatsCollector:
         self.kinds = kinds
         self.stats: dict[str, LinearStats] = {}
         self._owners: set[str] = set()
-        self._first = True
         self._seen: dict[tuple, tuple[torch.Tensor, LinearStats]] = {}
         self._handles: list = []
 
@@ -161,7 +161,7 @@ class StatsCollector:
 
         def hook(mod, args, out):
             x = args[0].detach()
-            if self._first:
+            if name not in self.stats:  # first sight (an expert may first get tokens in a later batch)
                 key = (x.data_ptr(), tuple(x.shape), x.dtype)
                 prev = self._seen.get(key)
                 if prev is not None and (prev[0] is x or torch.equal(prev[0], x)) and (prev[1].want_xtx or not want_xtx):
@@ -179,7 +179,6 @@ class StatsCollector:
 
     def end_batch(self) -> None:
         """Call after each batch's forward pass."""
-        self._first = False
         self._seen.clear()
 
     def __enter__(self) -> "StatsCollector":
@@ -198,7 +197,8 @@ class StatsReducer:
     """Sums per-layer statistics over data-parallel ranks (utils.dist), one layer at a time, in the
     same layer order on every rank. Layers fed the same tensor share one LinearStats on a rank that
     saw them; a rank that saw no tokens for a layer cannot tell, so the ranks agree on the sharing
-    first (the earliest layer some rank shares with) and the shared sum is reduced once. For one
+    first (any rank that saw the layer knows the earlier layer it shares with; all that saw it
+    agree) and the shared sum is reduced once. For one
     process it returns the statistics as they are."""
 
     def __init__(self):

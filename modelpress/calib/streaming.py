@@ -95,7 +95,7 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
                 if i == len(order):
                     break
                 name = order[i]
-                with full_precision(inputs[0].device if inputs else "cpu"):
+                with full_precision(next(block.parameters()).device):
                     compress(name, stats_for(name))
                 done.add(name)
                 arrived[name] = {}

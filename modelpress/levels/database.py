@@ -138,7 +138,7 @@ class LevelDB:
         per-unit data measured by each rank's share of the layers is merged, and rank 0 writes."""
         extra = merged_dicts({n: u["extra"] for n, u in self.meta["units"].items() if u.get("extra")})
         for n, e in extra.items():
-            self.meta["units"][n]["extra"] = e
+            self.set_unit_extra(n, **e)
         if is_main():
             write_json(self.path / "db.json", self.meta)
 

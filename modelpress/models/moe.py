@@ -14,16 +14,38 @@ Experts that routing sends few calibration tokens are compressed with isotropic 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 
+log = logging.getLogger(__name__)
 
-def is_fused_experts(m: nn.Module) -> bool:
+
+def looks_fused(m: nn.Module) -> bool:
+    """3-D `gate_up_proj` and `down_proj` parameters: transformers' fused experts layout."""
     p = getattr(m, "gate_up_proj", None)
     d = getattr(m, "down_proj", None)
     return isinstance(p, nn.Parameter) and isinstance(d, nn.Parameter) and p.dim() == 3 and d.dim() == 3
+
+
+def is_fused_experts(m: nn.Module) -> bool:
+    """Fused experts that ExpertLinears computes exactly: [gate; up] concatenated, not transposed,
+    no biases, no norm after each expert, the default gate act(gate) * up (transformers'
+    `use_experts_implementation` flags; Mixtral, Qwen2/3-MoE, OLMoE). Models that clamp, limit or
+    normalise inside their experts (GPT-OSS, Llama 4, DeepSeek-V4, ...) do not qualify."""
+    if not looks_fused(m) or not hasattr(m, "act_fn"):
+        return False
+    if (not getattr(m, "is_concatenated", True) or getattr(m, "is_transposed", False) or getattr(m, "has_bias", False)
+            or getattr(m, "has_post_expert_norm", False) or not getattr(m, "has_gate", True)):
+        return False
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # an older transformers: no gate hook to differ from
+        return True
+    return getattr(type(m), "_apply_gate", _default_apply_gate) is _default_apply_gate
 
 
 class Expert(nn.Module):
@@ -85,7 +107,12 @@ class ExpertLinears(nn.ModuleList):
 
 
 def unfuse_experts(model: nn.Module) -> int:
-    """Replace every fused experts module of `model` by ExpertLinears, in place; returns how many."""
+    """Replace every fused experts module of `model` by ExpertLinears, in place; returns how many.
+    Fused experts of another layout stay as they are (dense, not units), with a warning."""
+    others = {type(m).__name__ for m in model.modules() if looks_fused(m) and not is_fused_experts(m)}
+    if others:
+        log.warning("the experts of %s keep transformers' fused layout (their gate or weights are laid out "
+                    "otherwise than Mixtral's): they stay dense", ", ".join(sorted(others)))
     found = [(name, m) for name, m in model.named_modules() if is_fused_experts(m)]
     for name, m in found:
         parent, _, attr = name.rpartition(".")

@@ -153,9 +153,9 @@ def open_streamed(name: str | Path, *, device: str | torch.device | None = None,
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    from .moe import is_fused_experts
+    from .moe import looks_fused
 
-    if any(is_fused_experts(m) for m in model.modules()):
+    if any(looks_fused(m) for m in model.modules()):
         raise UnsupportedArchitectureError(f"{folder}: streaming a mixture-of-experts model is not supported yet "
                                            "(its experts are stored fused); compress it without --stream")
     arch = Arch(model)

@@ -5,7 +5,9 @@ torchrun itself). Every rank loads the model and the same calibration windows; c
 batches are dealt out round-robin (batch b goes to rank b mod N), each rank runs its batches
 through the block, and the per-layer statistics are summed across ranks before every solve.
 `compress` has every rank solve every layer (all ranks hold the same compressed model; rank 0
-writes it); level database builds share the solves out (calib.driver `split`). The evolutionary
+writes it); level database builds give each layer to one rank (calib.driver `split`), which
+solves and writes it: side by side on dense inputs, one after another in a true-sequential pass
+(the next layer waits for the broadcast weight). The evolutionary
 search scores offspring across ranks (allocate.evolutionary `score_all`).
 
 Statistics are summed in float64 (calib.stats), so the order in which ranks and batches are
@@ -16,6 +18,7 @@ thread). Outside torchrun everything here is a no-op for one process.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 from typing import Iterator
@@ -54,7 +57,12 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
         cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+        # rank 0 works alone for long stretches (a GGUF conversion, sampled text, the dense
+        # reference, the final save) while the others wait in a collective: the default timeout
+        # (10 min for NCCL) would end the run
+        hours = float(os.environ.get("MODELPRESS_DIST_TIMEOUT_HOURS", "12"))
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo",
+                                             timeout=datetime.timedelta(hours=hours))
         rank, size = world()
         log.info("worker %d of %d (%s)", rank, size, "nccl" if cuda else "gloo")
     return True
@@ -139,6 +147,15 @@ def merged_dicts(d: dict) -> dict:
     for p in parts:
         out.update(p)
     return out
+
+
+def from_main(make):
+    """`make()` run on rank 0 only, its (picklable) result handed to every rank."""
+    if not active() or world()[1] == 1:
+        return make()
+    box = [make() if is_main() else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def reduce_int(value: int, op: str) -> int:

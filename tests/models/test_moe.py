@@ -130,3 +130,14 @@ def test_moe_search_gives_experts_their_own_levels(tmp_path):
     assert plan["info"]["cost"] <= plan["info"]["budget_cost"]
     again = mp.load_compressed(tmp_path / "out")
     assert isinstance(again.model.layers[1].mlp.experts, ExpertLinears)
+
+
+def test_experts_of_another_layout_stay_fused():
+    """A model whose experts gate differently (a clamp inside `_apply_gate`) is left as it is:
+    ExpertLinears would compute something else."""
+    m = tiny_moe("mixtral")
+    experts = m.model.layers[0].mlp.experts
+    cls = type("ClampedExperts", (type(experts),), {"_apply_gate": lambda self, x: x.clamp(-1, 1)})
+    for blk in m.model.layers:
+        blk.mlp.experts.__class__ = cls
+    assert unfuse_experts(m) == 0 and type(m.model.layers[0].mlp.experts) is cls

@@ -79,6 +79,12 @@ def test_two_gloo_workers_build_the_database_and_find_the_plan_one_process_finds
     assert units[0] == units[1]
     files = sorted(p.name for p in (tmp_path / "db-one" / "units").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "db-two" / "units").iterdir()) and files
+    if kind[1] == "quant":  # a search of another problem on the same database: rank 0 alone moves the old one aside
+        r = subprocess.run([sys.executable, "-m", "modelpress", *args[:args.index("--offspring") + 1], "4",
+                            *args[args.index("--offspring") + 2:], "--workers", "2", "--db", str(tmp_path / "db-two"),
+                            "--out", str(tmp_path / "again")], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert len(list((tmp_path / "db-two" / "searches").glob("*.json"))) == 2
     for f in files:  # (the bytes of a header are not comparable: safetensors writes its metadata in hash order)
         a, b = (safe_open(str(tmp_path / d / "units" / f), "pt") for d in ("db-one", "db-two"))
         assert a.metadata() == b.metadata() and a.keys() == b.keys(), f
