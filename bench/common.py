@@ -49,6 +49,16 @@ class RowCache:
         return view
 
 
+def measure_rows(cache: RowCache, rows: dict, args, measure) -> None:
+    """`cache.put(key, measure(value))` for every row of `rows` (key -> what to measure) the cache
+    lacks and --only selects; nothing with --render."""
+    for key, value in rows.items():
+        if not args.render and not cache.get(key) and (not args.only or args.only in key):
+            row = measure(value)
+            print(key, row, flush=True)
+            cache.put(key, row)
+
+
 def bench_args(description: str | None = None, n_eval: int = 16, extra=None):
     """The options every row-cached benchmark takes: --only SUBSTRING, --force, --n-eval, --render;
     `extra(parser)` adds a script's own."""

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, RowCache, bench_args, machine, print_table, write_section
+from common import ROOT, RowCache, bench_args, machine, measure_rows, print_table, write_section
 
 SIZES = {"0.5 GB": 0.5e9, "1 GB": 1.0e9, "2 GB": 2.0e9}
 
@@ -42,11 +42,7 @@ def measure(target: float) -> dict:
 def main() -> None:
     args = bench_args(__doc__)
     cache = RowCache("scale", force=args.force)
-    for key, target in SIZES.items():
-        if not args.render and not cache.get(key) and (not args.only or args.only in key):
-            row = measure(target)
-            print(key, row, flush=True)
-            cache.put(key, row)
+    measure_rows(cache, SIZES, args, measure)
     render(cache.everything())
 
 

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, SCRATCH, RowCache, bench_args, machine, print_table, write_section
+from common import ROOT, SCRATCH, RowCache, bench_args, machine, measure_rows, print_table, write_section
 
 DATA = ["--data", "mix", "--n-samples", "64", "--seq-len", "512"]
 ROWS = {
@@ -87,11 +87,7 @@ def measure(args: list[str], workers: int) -> dict:
 def main() -> None:
     args = bench_args(__doc__, extra=lambda p: p.add_argument("--workers", type=int, default=2))
     cache = RowCache("workers", force=args.force)
-    for key, cmd in ROWS.items():
-        if not args.render and not cache.get(key) and (not args.only or args.only in key):
-            row = measure(cmd, args.workers)
-            print(key, row, flush=True)
-            cache.put(key, row)
+    measure_rows(cache, ROWS, args, lambda cmd: measure(cmd, args.workers))
     render(cache.everything())
 
 
