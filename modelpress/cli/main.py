@@ -249,7 +249,10 @@ def compress_cmd(
     if stream:
         from ..models.streamed import open_streamed
 
-        sm = open_streamed(model, device=device)
+        import torch
+
+        # a 16-bit model streams in 16 bits unless float32 forwards are asked for
+        sm = open_streamed(model, device=device, dtype=torch.float32 if compute_dtype == "float32" else "auto")
         m, tok = sm.model, sm.tokenizer
     else:
         with dist.main_first():  # rank 0 fills the caches (a converted GGUF) the others read

@@ -151,3 +151,22 @@ def test_compress_stream_equals_in_memory(model_dir, tmp_path):
     r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--stream", "--bits", "4", "--data", "self",
                             "--no-eval", "--out", str(tmp_path / "y")])
     assert r.exit_code != 0 and "needs the whole model" in r.output
+
+
+def test_a_bf16_model_streamed_with_float32_forwards_equals_in_memory(model_dir, tmp_path):
+    """A bfloat16 folder streams in bfloat16 by default; `--compute-dtype float32` holds it in
+    float32, as the in-memory load does, and gives the in-memory checkpoint."""
+    import torch
+
+    src = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    args = ["compress", str(src), "--method", "gptq", "--bits", "4", "--group-size", "32", "--no-eval",
+            "--compute-dtype", "float32", *small(model_dir)]
+    for name, extra in (("mem", []), ("str", ["--stream"])):
+        r = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / d / "weights.safetensors")) for d in ("mem", "str"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
