@@ -26,6 +26,7 @@ from .ops.drop.influence import subblock_influence
 from .registry import config_dict
 from .report import write_report
 from .utils.device import forward_dtype_name, takes_compute_dtype
+from .utils.dist import is_main
 from .utils.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -187,14 +188,16 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
             release_freed_memory(collect=False)
 
     label = (op.label() if op else "dense") + (comp.label() if comp else "")
-    writer = CheckpointWriter(out, shard_bytes=STREAM_SHARDS) if stream is not None else None
+    # data-parallel workers (utils.dist) all compress the same blocks; rank 0 writes them
+    writer = CheckpointWriter(out, shard_bytes=STREAM_SHARDS) if stream is not None and is_main() else None
 
     def write_block(i: int) -> None:  # streamed: a finished block goes to disk and leaves memory
         name = arch.block_name(i)
         done = {n: units.pop(n) for n in list(units) if n.startswith(name + ".")}
         round_to_storage(arch.blocks[i], done, prefix=name)
-        dense, tied = dense_tensors(arch.blocks[i], done, prefix=name)
-        writer.add(dense, done, tied)
+        if writer is not None:
+            dense, tied = dense_tensors(arch.blocks[i], done, prefix=name)
+            writer.add(dense, done, tied)
 
     with writer if writer is not None else contextlib.nullcontext():
         if op is not None:
@@ -231,7 +234,7 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
                           extra={"total_params": total_params})
     return Compressed(model=model, tokenizer=tokenizer, units=units, dropped=dropped, plan=plan,
                       total_params=total_params, seconds=time.time() - t0,
-                      checkpoint=str(out) if writer is not None else None)
+                      checkpoint=str(out) if stream is not None else None)
 
 
 @dataclasses.dataclass

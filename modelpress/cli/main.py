@@ -172,8 +172,6 @@ def compress_cmd(
 
     export = _export_format(export)
     budget = target_bits is not None or target_mb is not None or target_sparsity is not None
-    if workers > 1 or dist.launched():
-        _refuse("several workers", {"--stream": (stream, "streamed compression runs in one process yet")})
     device = _workers(workers, device)
     evaluate = evaluate and dist.is_main()
     quant = dict(sym=sym, act_order=act_order, mse=mse, shrink=shrink, static_groups=static_groups)
@@ -252,7 +250,8 @@ def compress_cmd(
         import torch
 
         # a 16-bit model streams in 16 bits unless float32 forwards are asked for
-        sm = open_streamed(model, device=device, dtype=torch.float32 if compute_dtype == "float32" else "auto")
+        with dist.main_first():  # rank 0 converts a GGUF once; the others read the converted folder
+            sm = open_streamed(model, device=device, dtype=torch.float32 if compute_dtype == "float32" else "auto")
         m, tok = sm.model, sm.tokenizer
     else:
         with dist.main_first():  # rank 0 fills the caches (a converted GGUF) the others read
