@@ -56,3 +56,20 @@ class Allocator:
 
     def _record(self) -> dict:
         return {}
+
+
+def score_all(fitness, plans: list[list[int]], sample, parent=None) -> list[float]:
+    """fitness(plan, sample) for every plan. Under data-parallel workers (utils.dist) rank r scores
+    plans r, r + N, ... and the scores are shared (each is summed with zeros: exact), so every rank
+    goes on with the same scores, hence the same plan, as one process would."""
+    import torch
+
+    from ..utils.dist import reduce_, world
+
+    rank, size = world()
+    if size == 1:
+        return [fitness(p, sample, parent=parent) for p in plans]
+    scores = torch.zeros(len(plans), dtype=torch.float64)
+    for j in range(rank, len(plans), size):
+        scores[j] = fitness(plans[j], sample, parent=parent)
+    return reduce_(scores).tolist()

@@ -22,13 +22,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError
 from ..utils.dist import from_main
 from ..utils.io import write_json
 from ..utils.progress import Bar
-from .base import ALLOCATORS, Allocator
+from .base import ALLOCATORS, Allocator, score_all
 from .problem import Problem, fill
 
 log = logging.getLogger(__name__)
@@ -299,17 +298,3 @@ class Evolutionary(Allocator):
                         "rng": rng.bit_generator.state, "history": self.history,
                         "start_validation": self.start_validation, "start_plan": self.start_plan})
 
-
-def score_all(fitness, plans: list[list[int]], sample, parent=None) -> list[float]:
-    """fitness(plan, sample) for every plan. Under data-parallel workers (utils.dist) rank r scores
-    plans r, r + N, ... and the scores are shared (each is summed with zeros: exact), so every rank
-    goes on with the same scores, hence the same plan, as one process would."""
-    from ..utils.dist import reduce_, world
-
-    rank, size = world()
-    if size == 1:
-        return [fitness(p, sample, parent=parent) for p in plans]
-    scores = torch.zeros(len(plans), dtype=torch.float64)
-    for j in range(rank, len(plans), size):
-        scores[j] = fitness(plans[j], sample, parent=parent)
-    return reduce_(scores).tolist()

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from ..utils.dist import from_main, is_main
 from ..utils.io import write_json
 from ..utils.progress import Bar
-from .base import ALLOCATORS, Allocator
+from .base import ALLOCATORS, Allocator, score_all
 from .dp import DP
 from .problem import Problem
 from .uniform import Uniform
@@ -65,26 +66,19 @@ class Sensitivity(Allocator):
         key = hashlib.sha256(json.dumps([problem.units, problem.costs, problem.budget, self.tokens, self.seed, sample],
                                         default=str).encode()).hexdigest()[:16]
         path = Path(self.cache) if self.cache else None
-        done: dict[str, float] = {}
-        if path is not None and path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                saved = {}
-                log.warning("sensitivity cache %s is unreadable; measuring again", path)
-            if saved.get("key") == key:
-                done = saved["delta"]
+        done: dict[str, float] = from_main(lambda: _cached(path, key))  # data-parallel workers: rank 0 reads it
         f0 = fitness(base, sample, parent=base)
         left = [(u, i) for u, i in todo if f"{u}:{i}" not in done]
         if done:
             log.info("sensitivity: %d of %d measurements read from %s", len(todo) - len(left), len(todo), path)
         with Bar(total=len(todo), desc="sensitivities", initial=len(todo) - len(left)) as bar:
-            for n, (u, i) in enumerate(left):
-                child = list(base)
-                child[u] = i
-                done[f"{u}:{i}"] = fitness(child, sample, parent=base) - f0
-                bar.update(1)
-                if path is not None and (n % 20 == 19 or n == len(left) - 1):
+            for s in range(0, len(left), 20):  # in chunks: workers score a chunk side by side, then it is saved
+                chunk = left[s:s + 20]
+                children = [[i if j == u else b for j, b in enumerate(base)] for u, i in chunk]
+                for (u, i), f in zip(chunk, score_all(fitness, children, sample, parent=base)):
+                    done[f"{u}:{i}"] = f - f0
+                bar.update(len(chunk))
+                if path is not None and is_main():
                     write_json(path, {"key": key, "fitness": f0, "delta": done})
         log.info("sensitivities: %d measured on one sample of %d tokens (uniform plan fitness %.5f)",
                  len(todo), self.tokens, f0)
@@ -104,3 +98,15 @@ class Sensitivity(Allocator):
                 row.append(dj * (e[i] - e[base[u]]) / de if de else dj)
             errors.append(row)
         return dataclasses.replace(problem, errors=errors)
+
+
+def _cached(path: Path | None, key: str) -> dict[str, float]:
+    """The measurements kept in `path` for this problem (`key`), or none."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("sensitivity cache %s is unreadable; measuring again", path)
+        return {}
+    return saved["delta"] if saved.get("key") == key else {}
