@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..utils.dist import from_main
+from ..utils.dist import from_main, is_main
 from ..utils.io import write_json
 from ..utils.progress import Bar
 from .base import ALLOCATORS, Allocator, score_all
@@ -290,11 +290,8 @@ class Evolutionary(Allocator):
         return plans[best]
 
     def _save(self, ck: Path | None, key: str, gen: int, parent, fit, rng) -> None:
-        from ..utils.dist import is_main
-
         if ck is None or not is_main():  # data-parallel workers hold the same state; rank 0 writes it
             return
         write_json(ck, {"key": key, "generation": gen, "parent": parent, "fitness": fit,
                         "rng": rng.bit_generator.state, "history": self.history,
                         "start_validation": self.start_validation, "start_plan": self.start_plan})
-

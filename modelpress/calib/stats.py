@@ -91,8 +91,11 @@ class LinearStats:
         else:
             x = x.float()
             self._acc += (x * x).sum(0)
-        self.sqnorm = (torch.diagonal(self._acc) if self.want_xtx else self._acc).float()
+        self._sqnorm_from_sum()
         self.n += x.shape[0]
+
+    def _sqnorm_from_sum(self) -> None:
+        self.sqnorm = (torch.diagonal(self._acc) if self.want_xtx else self._acc).float()
 
     def reduce(self, device=None) -> "LinearStats":
         """Sum these statistics over the data-parallel ranks (utils.dist), in place; a rank whose
@@ -102,7 +105,7 @@ class LinearStats:
         self._start(device if self._acc is None else self._acc.device)
         reduce_(self._acc)
         self.n = reduce_int(self.n, "sum")
-        self.sqnorm = (torch.diagonal(self._acc) if self.want_xtx else self._acc).float()
+        self._sqnorm_from_sum()
         return self
 
     @classmethod
@@ -198,8 +201,8 @@ class StatsReducer:
     same layer order on every rank. Layers fed the same tensor share one LinearStats on a rank that
     saw them; a rank that saw no tokens for a layer cannot tell, so the ranks agree on the sharing
     first (any rank that saw the layer knows the earlier layer it shares with; all that saw it
-    agree) and the shared sum is reduced once. For one
-    process it returns the statistics as they are."""
+    agree) and the shared sum is reduced once. For one process it returns the statistics as
+    they are."""
 
     def __init__(self):
         self._local: list[LinearStats | None] = []

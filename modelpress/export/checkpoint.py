@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError
-from ..models.arch import drop_subblock, set_weight
+from ..models.arch import drop_subblock, replace_module, set_weight
 from ..models.moe import unfuse_experts
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.io import atomic_dir, dir_size, sha256_file
@@ -298,11 +298,10 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device | None = Non
         if keep_packed:  # the stored tensors become the layer; the decoded check above is dropped
             from ..ops.packed_linear import Int4Linear, PackedLinear, int4_eligible
 
-            parent, _, attr = name.rpartition(".")
             bias = getattr(linears[name], "bias", None)
             layer = (Int4Linear(pw, bias) if kernel == "int4" and int4_eligible(pw)
                      else PackedLinear(packed.pop(name, {}), meta, bias))
-            setattr(model.get_submodule(parent) if parent else model, attr, layer)
+            replace_module(model, name, layer)
             del pw
         else:
             set_weight(linears[name], pw.dequantize())

@@ -180,7 +180,7 @@ class LevelDB:
         """Store levels (value -> (packed weight, error)) of `unit`, keeping the ones already there.
         Data-parallel workers (utils.dist) share the layers out (calib.driver's `split`): one rank
         computes and writes each unit (two writers of one file would race: a reader of a file
-        being replaced can get a mix of both, since safetensors opens it by name twice)."""
+        being replaced got a mix of both; apparently safetensors opens a file by name more than once)."""
         levels = dict(self.levels_of(unit))
         packed: dict[str, dict[str, torch.Tensor]] = {}
         for value, (pw, err) in new.items():

@@ -38,6 +38,14 @@ def get_weight(m: nn.Module) -> torch.Tensor:
     return m.weight.data.t()  # Conv1D stores (in, out)
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` at the dotted path `name` under `root`; returns the module that now holds it."""
+    parent, _, attr = name.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    setattr(owner, attr, new)
+    return owner
+
+
 def set_weight(m: nn.Module, w: torch.Tensor) -> None:
     """Write an (out, in) weight back in the module's own layout, dtype and device."""
     target = m.weight.data

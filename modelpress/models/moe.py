@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
+from .arch import replace_module
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ def unfuse_experts(model: nn.Module) -> int:
                     "otherwise than Mixtral's): they stay dense", ", ".join(sorted(others)))
     found = [(name, m) for name, m in model.named_modules() if is_fused_experts(m)]
     for name, m in found:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, ExpertLinears(m))
+        replace_module(model, name, ExpertLinears(m))
     return len(found)
 
 
@@ -126,10 +126,7 @@ def fuse_experts(model: nn.Module) -> list[tuple[nn.Module, str, ExpertLinears]]
     done = []
     for name, m in list(model.named_modules()):
         if isinstance(m, ExpertLinears):
-            parent, _, attr = name.rpartition(".")
-            owner = model.get_submodule(parent) if parent else model
-            setattr(owner, attr, m.fused())
-            done.append((owner, attr, m))
+            done.append((replace_module(model, name, m.fused()), name.rpartition(".")[2], m))
     return done
 
 
