@@ -20,6 +20,11 @@ def auto_batch_size(model: torch.nn.Module, seq_len: int, budget_bytes: int = 1 
     return max(1, budget_bytes // (seq_len * vocab * 4 * 2))
 
 
+def _nll(lp: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed negative log-likelihood of `batch`'s next tokens under log-probabilities `lp`."""
+    return -lp.gather(-1, batch[:, 1:].to(lp.device).unsqueeze(-1)).sum().item()
+
+
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     with forwards(model):  # the compute dtype; log-softmax and the sums below stay float32
         out = model(input_ids=ids.to(model_device(model)), use_cache=False)
@@ -29,17 +34,25 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 class ReferenceLogprobs:
     """The reference model's next-token log-probabilities on fixed windows, computed once (float16).
 
-    Lets many compressed candidates be compared to one reference without re-running it.
+    Lets many compressed candidates be compared to one reference without re-running it. The same
+    forwards give the reference model's own result (`result`: perplexity, KL 0), so it need not be
+    evaluated again.
     """
 
     def __init__(self, model, ids: torch.Tensor, batch_size: int | None = None, desc: str = "reference"):
         self.ids = ids
         self.batch_size = batch_size or auto_batch_size(model, ids.shape[1])
         self.batches: list[torch.Tensor] = []
+        nll_sum, n = 0.0, 0
         with torch.no_grad():
             for s in progress(range(0, len(ids), self.batch_size), desc=desc):
-                lp = F.log_softmax(_logits(model, ids[s:s + self.batch_size])[:, :-1], dim=-1)
+                batch = ids[s:s + self.batch_size]
+                lp = F.log_softmax(_logits(model, batch)[:, :-1], dim=-1)
+                nll_sum += _nll(lp, batch)
+                n += lp.shape[0] * lp.shape[1]
                 self.batches.append(lp.to(torch.float16).cpu())
+        nll = nll_sum / n
+        self.result = EvalResult(ppl=math.exp(nll), nll=nll, kl=0.0, n_tokens=n)
 
 
 @dataclasses.dataclass
@@ -69,9 +82,8 @@ def evaluate(model, ids: torch.Tensor, reference=None, batch_size: int | None = 
     for bi, s in enumerate(progress(range(0, len(ids), bs), desc=desc)):
         batch = ids[s:s + bs]
         lp = F.log_softmax(_logits(model, batch)[:, :-1], dim=-1)
-        target = batch[:, 1:].to(lp.device)
-        nll_sum += -lp.gather(-1, target.unsqueeze(-1)).sum().item()
-        n += target.numel()
+        nll_sum += _nll(lp, batch)
+        n += lp.shape[0] * lp.shape[1]
         if reference is not None:
             if isinstance(reference, ReferenceLogprobs):
                 ref = reference.batches[bi].to(lp.device).float()

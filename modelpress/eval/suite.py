@@ -1,8 +1,8 @@
 """Evaluation over several text domains: perplexity and KL per domain, and the worst ratio to dense.
 
-`SuiteReference` runs the dense model once over every domain (its perplexities and its next-token
-log-probabilities, kept for the KL of each candidate). `evaluate_suite` scores a model on every
-domain; `suite_row` turns that into report columns: `ppl:<domain>`, `ratio:<domain>` (perplexity
+`SuiteReference` runs the dense model once over every domain: its next-token log-probabilities
+(kept for the KL of each candidate) and its perplexities come from the same forwards.
+`evaluate_suite` scores a model on every domain; `suite_row` turns that into report columns: `ppl:<domain>`, `ratio:<domain>` (perplexity
 over dense perplexity), `kl` (mean over domains, tokens weighted), `worst_ratio` and `worst_domain`.
 """
 from __future__ import annotations
@@ -16,8 +16,7 @@ class SuiteReference:
         self.domains = domains
         self.logprobs = {d: ReferenceLogprobs(model, ids, batch_size=batch_size, desc=f"dense {d}")
                          for d, ids in domains.windows.items()}
-        self.dense = {d: evaluate(model, ids, reference=self.logprobs[d], desc=f"eval dense {d}")
-                      for d, ids in domains.windows.items()}
+        self.dense = {d: lp.result for d, lp in self.logprobs.items()}
 
 
 def evaluate_suite(model, domains: EvalDomains, reference: SuiteReference | None = None, desc: str = "eval",
