@@ -348,9 +348,10 @@ def _run_search(model_name: str, config, device) -> None:
     _warn_skipped((rep.get("evaluation") or {}).get("skipped", {}))
     print_rows(rep["rows"], [tuple(c) for c in rep["columns"]], title=f"{model_name} @ {rep['budget']} → {out}")
     fit = rep.get("fitness") or {}
-    if fit.get("final_validation") is not None:
+    if fit.get("final_validation") is not None:  # allocators without a start plan (sensitivity) report no start
         console.print(f"search validation KL ({fit['validation_windows']} held-out calibration windows): "
-                      f"start {fit['start_validation']:.5f} → returned plan {fit['final_validation']:.5f}"
+                      + (f"start {fit['start_validation']:.5f} → " if fit.get("start_validation") is not None else "")
+                      + f"returned plan {fit['final_validation']:.5f}"
                       + (f" (generation {fit['selected_generation']})" if fit.get("selected_generation") is not None
                          else ""))
     report_dir = out.with_name(out.stem + ".report") if out.suffix == ".gguf" else out
@@ -413,7 +414,11 @@ def search_cmd(
     init: Optional[str] = typer.Option(None, "--init", help="evolutionary start: best (of the model-free "
                                        "allocators, default), sensitivity (also measured sensitivities), uniform, dp"),
     seed: int = SeedOpt,
-    fitness_windows: int = typer.Option(16, "--fitness-windows", help="calibration windows the fitness samples"),
+    fitness_windows: int = typer.Option(16, "--fitness-windows", help="windows of the calibration source the "
+                                        "fitness samples"),
+    held_out: bool = typer.Option(True, "--held-out-fitness/--calibration-fitness",
+                                  help="fitness and validation windows beyond the calibration windows (default), "
+                                       "or the calibration windows themselves"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="apply this plan.json instead of searching"),
     db: Optional[Path] = typer.Option(None, "--db", help="level database folder (default: in the cache)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="checkpoint folder, or FILE.gguf for --kind gguf"),
@@ -421,7 +426,7 @@ def search_cmd(
                                                "(packed, for vLLM / transformers, OUT-ct)"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval"), eval_suite: str = EvalSuiteOpt,
     validation_windows: int = typer.Option(4, "--validation-windows",
-                                           help="calibration windows after the fitness windows that score each "
+                                           help="windows after the fitness windows that score each "
                                                 "generation's plan; the one scoring best is returned (0 = none)"),
     data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
     device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt, workers: int = WorkersOpt,
@@ -456,7 +461,7 @@ def search_cmd(
                           compare=tuple(_parse_list(compare, str) or ()),
                           data=_data_config(data, n_samples, seq_len, seed, None),
                           fitness=SearchSettings(fitness_windows=fitness_windows,
-                                                 validation_windows=validation_windows),
+                                                 validation_windows=validation_windows, held_out=held_out),
                           db=db, out=out, plan_file=plan, evaluate=evaluate, eval_suite=eval_suite,
                           n_eval=n_eval or N_EVAL, export=export)
     _run_search(model, config, device)
