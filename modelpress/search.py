@@ -11,7 +11,7 @@ from .allocate import ALLOCATORS, Problem
 from .allocate.budget import Budget, make_problem
 from .allocate.plan import Plan
 from .api import Compressed, as_windows, export_path
-from .data.windows import DataConfig, Windows
+from .data.windows import DataConfig, Windows, get_windows
 from .errors import ConfigError
 from .eval.fitness import KLFitness
 from .export.checkpoint import round_to_storage
@@ -28,8 +28,13 @@ log = logging.getLogger(__name__)
 class SearchSettings:
     """Fitness settings for allocators that measure the model."""
 
-    fitness_windows: int = 16  # calibration windows the fitness samples from
-    validation_windows: int = 4  # the calibration windows after those: the fixed validation sample
+    fitness_windows: int = 16  # windows of the calibration source the fitness samples from
+    validation_windows: int = 4  # windows after those: the fixed validation sample
+    # True: fitness and validation windows are drawn beyond the calibration windows (same source,
+    # disjoint), so the search does not favour levels for fitting the text it is measured on; a
+    # search on the levels' own calibration text picks low levels that overfit it (docs/presets.md).
+    # False: the first calibration windows, as before.
+    held_out: bool = True
     topk: int = 512
     batch_size: int = 4
     reuse_prefix: bool = True
@@ -81,11 +86,25 @@ def open_database(model, tokenizer, kind: str | Kind = "quant", *, data: DataCon
     return d
 
 
+def fitness_windows(tokenizer, data: DataConfig | Windows | None, settings: SearchSettings, model=None) -> Windows:
+    """The windows a search's fitness samples (the first `fitness_windows`) and validates on (the
+    `validation_windows` after them). Windows are taken as given; for a DataConfig (the calibration
+    data) with `settings.held_out`, windows of its source disjoint from its calibration windows."""
+    if isinstance(data, Windows):
+        return data
+    data = data or DataConfig()
+    if not settings.held_out:
+        return as_windows(tokenizer, data, model)
+    n = settings.fitness_windows + settings.validation_windows
+    return get_windows(tokenizer, dataclasses.replace(data, n_samples=n), model=model, after=data.n_samples)
+
+
 @takes_compute_dtype
 def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary", *,
              data: DataConfig | Windows | None = None, tokenizer=None, settings: SearchSettings | None = None,
              state: PlanState | None = None, reference: list | None = None, **allocator_settings) -> SearchResult:
-    """Choose a level per unit under `budget`. Measuring allocators run the model through `state`
+    """Choose a level per unit under `budget`. Measuring allocators sample `fitness_windows(data)`
+    and run the model through `state`
     (the caller's PlanState, if it keeps one) and leave it dense; `reference` is an earlier
     result's `.reference` on the same windows (the dense model's top-K, not computed again)."""
     settings = settings or SearchSettings()
@@ -98,7 +117,7 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
     fitness = None
     t0 = time.time()
     if alloc.needs_fitness:
-        windows = as_windows(tokenizer, data, model)
+        windows = fitness_windows(tokenizer, data, settings, model)
         state = state or PlanState(model, db)
         fw, vw = settings.fitness_windows, settings.validation_windows
         validation = windows.calib[fw:fw + vw] if vw else None
@@ -243,6 +262,7 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
     results: dict[str, SearchResult] = {}
     state = PlanState(model, database)
     reference = None  # the fitness's dense top-K, computed once for every measuring allocator
+    fit_windows = None  # the windows they measure on (held out from the database's by default)
     for name in [*cfg.compare, allocator]:
         if name in results:
             continue
@@ -255,7 +275,10 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
         resume = ALLOCATORS.get(name).resume_setting
         if name == allocator and resume and resume not in kw:  # long allocators resume from a file beside the db
             kw[resume] = str(database.path / "searches" / f"{budget.kind}-{budget.value:g}-{name}.json")
-        results[name] = allocate(model, database, budget, name, data=windows, settings=cfg.fitness, state=state,
+        if fit_windows is None and ALLOCATORS.get(name).needs_fitness:
+            with dist.main_first():  # self-generated text is made once and cached
+                fit_windows = fitness_windows(tokenizer, cfg.data, cfg.fitness, model)
+        results[name] = allocate(model, database, budget, name, data=fit_windows, settings=cfg.fitness, state=state,
                                  reference=reference, **kw)
         reference = results[name].reference or reference
         log.info("%s: %s", name, results[name].plan.info)

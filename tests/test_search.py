@@ -150,3 +150,42 @@ def test_search_serve_vllm_cli(model_dir, tmp_path):  # noqa: F811
     r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--levels", "2,3,4", "--serve", "vllm",
                             "--target-bits", "3", "--no-eval", *small(model_dir)])
     assert r.exit_code == 2 and "no fast kernel" in r.output
+
+
+def test_search_fitness_measures_on_windows_the_levels_never_saw(model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """By default the fitness and validation windows are the source's windows after the database's
+    calibration windows (disjoint from them); held_out=False measures on the calibration windows."""
+    import importlib
+
+    import torch
+
+    import modelpress as mp
+    from modelpress.allocate.budget import Budget
+    from modelpress.data import DataConfig, get_windows
+    from modelpress.eval import fitness as fitness_mod
+    from modelpress.models import load_model
+    from modelpress.search import SearchSettings
+
+    seen = []
+
+    class Recording(fitness_mod.KLFitness):
+        def __init__(self, model, state, problem, ids, **kw):
+            seen.append(torch.cat([ids, kw["validation"]]))
+            super().__init__(model, state, problem, ids, **kw)
+
+    monkeypatch.setattr(importlib.import_module("modelpress.search"), "KLFitness", Recording)  # the module, not mp.search
+    data = DataConfig(corpus=str(model_dir / "text.txt"), n_samples=4, seq_len=64)
+    for held_out in (True, False):
+        m, tok = load_model(str(model_dir / "tiny"))  # search leaves its plan in the model
+        cfg = mp.SearchConfig(Budget("bits", 3), kind_settings={"levels": (2, 3, 4), "group_size": 32},
+                              allocator="evolutionary", allocator_settings=dict(generations=1, offspring=2,
+                                                                                tokens=(64,), survivors=(1,)),
+                              data=data, out=tmp_path / f"o{held_out}", evaluate=False, db=tmp_path / "db",
+                              fitness=SearchSettings(fitness_windows=3, validation_windows=1, held_out=held_out))
+        mp.search(m, tok, cfg)
+    held, same = seen
+    cal = get_windows(tok, data)
+    after = get_windows(tok, DataConfig(corpus=data.corpus, n_samples=4, seq_len=64), after=4)
+    assert torch.equal(held, after.calib) and torch.equal(same, cal.calib)
+    spans = lambda w: {range(s, s + 64) for _, s in w.calib_starts}  # noqa: E731
+    assert all(not set(a) & set(b) for a in spans(after) for b in spans(cal))  # no token in both

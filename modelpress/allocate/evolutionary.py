@@ -129,15 +129,13 @@ class Evolutionary(Allocator):
         self.start_plan: list[int] | None = None
         self.selected_generation: int | None = None  # which parent was returned (0 = the start)
 
-    def _key(self, p: Problem, with_generations: bool = False) -> str:
-        """What a checkpoint must match to be resumed. The number of generations is not part of it,
-        so a finished search can be extended; `with_generations` gives the key of checkpoints whose
-        key did include it, which are still resumed."""
-        cfg = dataclasses.asdict(self) | {"checkpoint": None}
+    def _key(self, p: Problem, fitness) -> str:
+        """What a checkpoint must match to be resumed: the problem, the settings and the fitness's
+        text. The number of generations is not part of it, so a finished search can be extended."""
+        cfg = dataclasses.asdict(self) | {"checkpoint": None, "generations": None}
         cfg.pop("select")  # which parent is returned does not change the search
-        if not with_generations:
-            cfg.pop("generations")
         h = hashlib.sha256(json.dumps([p.units, p.costs, p.budget, cfg], default=str).encode())
+        h.update(fitness.digest().encode())
         return h.hexdigest()[:16]
 
     def allocate(self, problem: Problem, fitness=None) -> list[int]:
@@ -147,13 +145,13 @@ class Evolutionary(Allocator):
         from .uniform import Uniform
 
         rng = np.random.default_rng(self.seed)
-        key = self._key(problem)
+        key = self._key(problem, fitness)
         start = self.resumed_at = 0
         parent: list[int] | None = None
         best_fit = None
         ck = Path(self.checkpoint) if self.checkpoint else None
         # data-parallel workers (utils.dist): rank 0 reads (and moves aside) the checkpoint, all resume from it
-        state = from_main(lambda: self._resumable(ck, (key, self._key(problem, with_generations=True))))
+        state = from_main(lambda: self._resumable(ck, key))
         if state:
             start, parent, best_fit = state["generation"], state["parent"], state["fitness"]
             self.resumed_at = start
@@ -221,7 +219,7 @@ class Evolutionary(Allocator):
         return fill(problem, self._selected(parent))  # fill: no-op with equal-cost partners; uses slack left by compensating ones
 
     @staticmethod
-    def _resumable(ck: Path | None, keys: tuple[str, ...]) -> dict | None:
+    def _resumable(ck: Path | None, key: str) -> dict | None:
         """The checkpoint's state if it belongs to this problem; one of another problem is moved
         aside (it holds that search's work), an unreadable one ignored."""
         if ck is None or not ck.is_file():
@@ -231,7 +229,7 @@ class Evolutionary(Allocator):
         except json.JSONDecodeError:
             log.warning("search checkpoint %s is unreadable; starting over", ck)
             return None
-        if state and state.get("key") in keys:
+        if state and state.get("key") == key:
             return state
         if state:
             aside = ck.with_name(f"{ck.stem}.{state.get('key', 'old')}{ck.suffix}")

@@ -63,8 +63,8 @@ class Sensitivity(Allocator):
         todo = [(u, i) for u in range(len(problem.units)) for i in range(problem.n_levels(u))
                 if i != base[u] and (self.reach is None or abs(i - base[u]) <= self.reach)]
         sample = fitness.new_sample(self.tokens, np.random.default_rng(self.seed))
-        key = hashlib.sha256(json.dumps([problem.units, problem.costs, problem.budget, self.tokens, self.seed, sample],
-                                        default=str).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([problem.units, problem.costs, problem.budget, self.tokens, self.seed, sample,
+                                         fitness.digest()], default=str).encode()).hexdigest()[:16]
         path = Path(self.cache) if self.cache else None
         done: dict[str, float] = from_main(lambda: _cached(path, key))  # data-parallel workers: rank 0 reads it
         f0 = fitness(base, sample, parent=base)

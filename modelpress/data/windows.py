@@ -169,9 +169,17 @@ def _shares(n: int, parts: dict[str, float]) -> list[int]:
     return counts
 
 
-def get_windows(tokenizer, config: DataConfig | None = None, *, model=None, **overrides) -> Windows:
-    """Calibration and evaluation windows for `config`; `model` is needed for `self` text."""
+def get_windows(tokenizer, config: DataConfig | None = None, *, model=None, after: int = 0, **overrides) -> Windows:
+    """Calibration and evaluation windows for `config`; `model` is needed for `self` text.
+
+    `after=N` gives windows disjoint from those of the same config with `n_samples=N`: each part
+    is drawn for its share of N + n_samples windows and its first share of N is left out (a draw's
+    first windows do not depend on how many are drawn; disjoint as long as each text part holds
+    that many non-overlapping windows). A search's fitness takes these: text of the calibration
+    source that the levels it chooses between were not fitted to."""
     cfg = dataclasses.replace(config or DataConfig(), **overrides)
+    if after < 0:
+        raise ValueError(f"after must be >= 0, got {after}")
     L = cfg.seq_len
     parts = parse_source(cfg.corpus)
     text_parts = [p for p in parts if p != "self"]
@@ -181,22 +189,23 @@ def get_windows(tokenizer, config: DataConfig | None = None, *, model=None, **ov
     ev = torch.stack([ev_ids[s:s + L] for s in ev_starts])
     eval_starts = [(ev_stream, ev_base + s) for s in ev_starts]
     if list(parts) == [eval_corpus]:  # one corpus: exactly the windows it always had
-        starts = _calib_from(cal_ids, L, cfg.n_samples, cfg.seed, eval_corpus)
+        starts = _calib_from(cal_ids, L, after + cfg.n_samples, cfg.seed, eval_corpus)[after:]
         cal = torch.stack([cal_ids[s:s + L] for s in starts])
         return Windows(cal, ev, [(0, s) for s in starts], eval_starts, cfg)
     counts = _shares(cfg.n_samples, parts)
+    skip = _shares(after, parts) if after else [0] * len(parts)
     rows, where, keys = [], [], []
-    for i, (part, n) in enumerate(zip(parts, counts)):
+    for i, (part, n, k) in enumerate(zip(parts, counts, skip)):
         if n == 0:
             continue
         if part == "self":
             from .selfgen import self_windows
 
-            rows.append(self_windows(model, tokenizer, n, L, seed=cfg.seed))
+            rows.append(self_windows(model, tokenizer, k + n, L, seed=cfg.seed)[k:])
             where += [(i, -1)] * n
         else:
             ids = cal_ids if part == eval_corpus else corpus_split(tokenizer, part, L, cfg.eval_fraction)[0]
-            starts = _calib_from(ids, L, n, cfg.seed * 7919 + i, part)
+            starts = _calib_from(ids, L, k + n, cfg.seed * 7919 + i, part)[k:]
             rows.append(torch.stack([ids[s:s + L] for s in starts]))
             where += [(i, s) for s in starts]
         keys += [((j + 0.5) / n, i) for j in range(n)]

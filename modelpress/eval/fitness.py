@@ -15,6 +15,7 @@ block i restarts from the parent's state at block i instead of running blocks 0.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -80,6 +81,11 @@ class KLFitness(Fitness):
                 top, idx = torch.topk(lp, self.topk, dim=-1)
                 tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
                 self.ref.append((idx[0].to(torch.int32).cpu(), top[0].float().cpu(), tail[0].float().cpu()))
+
+    def digest(self) -> str:
+        h = hashlib.sha256(self.ids.numpy().tobytes())
+        h.update(f"{self.n_fit}:{self.topk}".encode())
+        return h.hexdigest()[:16]
 
     # ---- samples ---------------------------------------------------------------------------
     def new_sample(self, n_tokens: int, rng: np.random.Generator) -> tuple[int, ...]:

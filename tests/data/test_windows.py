@@ -72,3 +72,12 @@ def test_errors(tokenizer, tmp_path):
         DataConfig(seq_len=1)
     with pytest.raises(DataError):
         DataConfig(eval_fraction=1.5)
+
+
+def test_windows_after_a_draw_of_one_corpus(tokenizer):
+    cal = get_windows(tokenizer, DataConfig(corpus="pydoc", n_samples=5, seq_len=64))
+    fit = get_windows(tokenizer, DataConfig(corpus="pydoc", n_samples=3, seq_len=64), after=5)
+    starts = {s for _, s in cal.calib_starts}
+    assert not starts & {s for _, s in fit.calib_starts} and fit.calib.shape == (3, 64)
+    longer = get_windows(tokenizer, DataConfig(corpus="pydoc", n_samples=8, seq_len=64))
+    assert torch.equal(torch.cat([cal.calib, fit.calib]), longer.calib)
