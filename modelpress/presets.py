@@ -18,7 +18,7 @@ from .search import SearchConfig, SearchSettings
 
 # per machine: the quant levels, the calibration windows, the fitness windows and the evolutionary search
 PRESETS: dict[str, dict] = {
-    "cpu": {"levels": (2, 3, 4), "n_samples": 32, "fitness_windows": 16, "validation_windows": 4,
+    "cpu": {"levels": (2, 3, 4), "n_samples": 128, "fitness_windows": 16, "validation_windows": 4,
             "search": {"generations": 12, "offspring": 8, "tokens": (1024, 4096), "survivors": (2, 1)}},
     "gpu": {"levels": (2, 3, 4, 5, 6), "n_samples": 128, "fitness_windows": 64, "validation_windows": 4,
             "search": {"generations": 150, "offspring": 32, "tokens": (1024, 8192), "survivors": (4, 1)}},

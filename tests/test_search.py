@@ -38,6 +38,13 @@ def test_search_cli_writes_plan_checkpoint_report_plots(model_dir, tmp_path):  #
     assert r.exit_code == 0, r.output
     assert (out2 / "weights.safetensors").read_bytes() == (out / "weights.safetensors").read_bytes()
 
+    # an allocator with no start plan reports the returned plan's validation KL alone
+    r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--kind", "quant", "--levels", "2,3,4",
+                            "--group-size", "32", "--target-bits", "3", "-a", "sensitivity", "--fitness-windows", "4",
+                            "--db", str(tmp_path / "db"), "--out", str(tmp_path / "out3"), *small(model_dir)])
+    assert r.exit_code == 0, r.output
+    assert "returned plan" in r.output and "start" not in r.output.split("validation KL")[1].split("\n")[0]
+
 
 def test_budget_compress_and_bad_budgets(model_dir, tmp_path):  # noqa: F811
     r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--target-bits", "3.5", "--out", str(tmp_path / "o"),
