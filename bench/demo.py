@@ -51,7 +51,9 @@ def render(r: dict) -> None:
     ev = r["evaluation"]
     fit = r.get("fitness") or {}
     gen = fit.get("selected_generation")
-    val = (f"The search's validation KL ({fit['validation_windows']} calibration windows that never pick offspring) "
+    where = {True: "windows of the calibration source after the calibration and fitness windows",
+             False: "calibration windows"}.get(fit.get("held_out"), "windows")
+    val = (f"The search's validation KL ({fit['validation_windows']} {where}, which never pick offspring) "
            f"went from {fit['start_validation']:.4f} at its start to {fit['final_validation']:.4f} for the plan it "
            + (f"returned (generation {gen}). " if gen is not None else "returned. ")
            if fit.get("final_validation") is not None else "")

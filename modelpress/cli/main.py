@@ -349,7 +349,7 @@ def _run_search(model_name: str, config, device) -> None:
     print_rows(rep["rows"], [tuple(c) for c in rep["columns"]], title=f"{model_name} @ {rep['budget']} → {out}")
     fit = rep.get("fitness") or {}
     if fit.get("final_validation") is not None:  # allocators without a start plan (sensitivity) report no start
-        console.print(f"search validation KL ({fit['validation_windows']} held-out calibration windows): "
+        console.print(f"search validation KL ({fit['validation_windows']} windows that never pick offspring): "
                       + (f"start {fit['start_validation']:.5f} → " if fit.get("start_validation") is not None else "")
                       + f"returned plan {fit['final_validation']:.5f}"
                       + (f" (generation {fit['selected_generation']})" if fit.get("selected_generation") is not None

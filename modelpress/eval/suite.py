@@ -2,8 +2,9 @@
 
 `SuiteReference` runs the dense model once over every domain: its next-token log-probabilities
 (kept for the KL of each candidate) and its perplexities come from the same forwards.
-`evaluate_suite` scores a model on every domain; `suite_row` turns that into report columns: `ppl:<domain>`, `ratio:<domain>` (perplexity
-over dense perplexity), `kl` (mean over domains, tokens weighted), `worst_ratio` and `worst_domain`.
+`evaluate_suite` scores a model on every domain; `suite_row` turns that into report columns:
+`ppl:<domain>`, `ratio:<domain>` (perplexity over dense perplexity), `kl` (mean over domains,
+tokens weighted), `worst_ratio` and `worst_domain`.
 """
 from __future__ import annotations
 

@@ -40,6 +40,9 @@ def test_cached_reference_equals_live_reference(ids):
     cached = evaluate(other, ids, reference=ReferenceLogprobs(m, ids, batch_size=2))
     assert cached.ppl == pytest.approx(live.ppl, rel=1e-6)
     assert cached.kl == pytest.approx(live.kl, rel=2e-3)
+    own = ReferenceLogprobs(m, ids, batch_size=2).result  # the reference's own perplexity, same forwards
+    assert own.ppl == pytest.approx(evaluate(m, ids, batch_size=2).ppl, rel=1e-6) and own.kl == 0.0
+    assert own.n_tokens == live.n_tokens and own.ppl != pytest.approx(live.ppl, rel=1e-3)
 
 
 def test_eval_leaves_training_flag(ids):
