@@ -8,7 +8,12 @@ model in its own compute dtype against the dense model in that dtype, on every d
 default suite. Rows are cached (bench/results/compute_dtype.json); `--only SUBSTRING` runs a
 subset.
 
-    python bench/compute_dtype.py [--only SUBSTRING] [--force] [--n-eval 16] [--render]
+`--spread` measures what those quality differences compare with: the GPTQ rows compressed again
+from a second calibration draw (seed 1), in both dtypes, so the change bfloat16 makes sits beside
+the change another sample of the same calibration source makes in float32 (section
+`compute_dtype_spread`, rows in bench/results/compute_dtype_spread.json).
+
+    python bench/compute_dtype.py [--only SUBSTRING] [--force] [--n-eval 16] [--render] [--spread]
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import time
 
 import numpy as np
 
-from common import bench_args, SCRATCH, RowCache, machine, not_run_note, print_table, write_section
+from common import bench_args, SCRATCH, RowCache, machine, measure_rows, not_run_note, print_table, write_section
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget, make_problem
@@ -38,6 +43,8 @@ COMPRESS = {
 }
 LEVELS = dict(levels=(2, 3, 4), group_size=64, sequential_level=3)  # the CPU demo's database
 SEARCH = dict(generations=1, offspring=8, tokens=(1024, 4096), survivors=(2, 1))  # one generation of the CPU default
+SPREAD = ("GPTQ 3-bit g64", "GPTQ 4-bit g64")
+SEEDS = (0, 1)
 ROWS = ["eval (dense, 3 domains)", "GPTQ 4-bit g64", "SparseGPT 50%", "level database 2/3/4", "fitness evaluation",
         "search generation", "GPTQ 3-bit g64"]  # the order they run in
 
@@ -46,10 +53,13 @@ class Ctx:
     def __init__(self, n_eval: int):
         self.base, self.tok = mp.load_model("smollm2-135m", device="cpu")
         self.domains = suite_windows(self.tok, SUITES["default"], seq_len=512, n_eval=n_eval)
-        self.windows = mp.get_windows(self.tok, mp.DataConfig(corpus="mix+self", n_samples=128, seq_len=512),
-                                      model=self.base)
+        self.windows = self.calibration(0)
         self.refs: dict[str, SuiteReference] = {}
         self.dbs: dict[str, object] = {}
+
+    def calibration(self, seed: int):
+        return mp.get_windows(self.tok, mp.DataConfig(corpus="mix+self", n_samples=128, seq_len=512, seed=seed),
+                              model=self.base)
 
     @staticmethod
     def db_path(dt: str):
@@ -80,13 +90,14 @@ def timed(fn) -> float:
     return time.time() - t
 
 
-def measure(ctx: Ctx, key: str, dt: str) -> dict:
-    """One row's work in one dtype: seconds, plus quality columns for the compression rows."""
+def measure(ctx: Ctx, key: str, dt: str, windows=None) -> dict:
+    """One row's work in one dtype: seconds, plus quality columns for the compression rows
+    (calibrated on `windows`, by default the seed-0 draw)."""
     if key in COMPRESS:
         method, kw = COMPRESS[key]
         model = copy.deepcopy(ctx.base)
         with compute_dtype(dt):
-            s = timed(lambda: mp.compress(model, ctx.tok, method, data=ctx.windows, **kw))
+            s = timed(lambda: mp.compress(model, ctx.tok, method, data=windows or ctx.windows, **kw))
             ref = ctx.ref(dt)
             out = {"s": s, **suite_row(evaluate_suite(model, ctx.domains, ref), ref.dense)}
         del model
@@ -124,7 +135,10 @@ def measure(ctx: Ctx, key: str, dt: str) -> dict:
 
 
 def main() -> None:
-    args = bench_args(__doc__)
+    args = bench_args(__doc__, extra=lambda ap: ap.add_argument(
+        "--spread", action="store_true", help="the GPTQ rows from a second calibration draw, in both dtypes"))
+    if args.spread:
+        return spread(args)
     cache = RowCache("compute_dtype", force=args.force)
     todo = [k for k in ROWS if (not args.only or args.only in k) and not cache.get(k)]
     if todo and not args.render:
@@ -174,6 +188,55 @@ def render(cache: RowCache) -> None:
         + not_run_note(missing, "compute_dtype.py")
         + f"Machine: {machine()}.\n\n" + speed + "\n\n" + qual)
     write_section("compute_dtype", body)
+
+
+def spread(args) -> None:
+    cache = RowCache("compute_dtype_spread", force=args.force)
+    cells = {f"{op} | {dt} | seed {seed}": (op, dt, seed) for op in SPREAD for seed in SEEDS for dt in DTYPES}
+    ctx: Ctx | None = None
+
+    def one(cell: tuple) -> dict:
+        nonlocal ctx
+        ctx = ctx or Ctx(args.n_eval)
+        op, dt, seed = cell
+        return {"operator": op, "dtype": dt, "seed": seed, **measure(ctx, op, dt, ctx.calibration(seed)),
+                "machine": machine()}
+
+    measure_rows(cache, cells, args, one)
+    rows = cache.everything().rows
+    done = [rows[k] for k in cells if k in rows]
+    if not done:
+        return
+    domains = [d for d in SUITES["default"] if f"ppl:{d}" in done[0]]
+    get = {(r["operator"], r["dtype"], r["seed"]): r for r in done}
+    table = [dict(r, label=f"{r['operator']}, {r['dtype']}, seed {r['seed']}") for r in done]
+    pairs = [("bfloat16 − float32, seed 0", ("bfloat16", 0), ("float32", 0)),
+             ("bfloat16 − float32, seed 1", ("bfloat16", 1), ("float32", 1)),
+             ("seed 1 − seed 0, float32", ("float32", 1), ("float32", 0)),
+             ("seed 1 − seed 0, bfloat16", ("bfloat16", 1), ("bfloat16", 0))]
+    diffs = []
+    for op in SPREAD:
+        for label, a, b in pairs:
+            ra, rb = get.get((op, *a)), get.get((op, *b))
+            if ra and rb:
+                d = {f"ppl:{x}": 100 * (ra[f"ppl:{x}"] / rb[f"ppl:{x}"] - 1) for x in domains}
+                diffs.append({"label": f"{op}: {label}", **d,
+                              "largest": max(abs(v) for v in d.values())})
+    missing = [k for k in cells if k not in rows]
+    body = ("## Compute dtype against calibration sampling (`bench/compute_dtype.py --spread`)\n\n"
+            "smollm2-135m; each GPTQ row of `compute_dtype` compressed from two draws of the default calibration "
+            "(128 × 512 tokens of mix+self, seed 0 and seed 1: other pydoc and State of the Union windows, other "
+            "self-generated text), in float32 and in bfloat16, each evaluated in its own compute dtype against the "
+            f"dense model in that dtype, {args.n_eval} held-out windows per domain. The second table puts the "
+            "perplexity change bfloat16 makes beside the change another calibration sample makes (in %; "
+            "largest = the largest absolute change over the domains).\n\n"
+            + not_run_note(missing, "compute_dtype.py --spread")
+            + f"Machine: {done[0]['machine']}.\n\n"
+            + print_table(table, [("label", "compressed"), *[(f"ppl:{d}", f"ppl {d}") for d in domains],
+                                  ("worst_ratio", "worst × dense"), ("kl", "KL to dense")])
+            + "\n\n" + print_table(diffs, [("label", "perplexity change (%)"),
+                                           *[(f"ppl:{d}", d) for d in domains], ("largest", "largest")]))
+    write_section("compute_dtype_spread", body)
 
 
 if __name__ == "__main__":

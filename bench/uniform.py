@@ -25,6 +25,7 @@ from common import not_run_note, RowCache, machine, print_table, write_section
 import modelpress as mp
 from modelpress.data.suites import SUITES, suite_windows
 from modelpress.eval.suite import SuiteReference, evaluate_suite, suite_row
+from modelpress.utils.device import forward_dtype_name
 
 ROWS = [("dense", None, {}, 0)]
 ROWS += [(f"rtn w{b} g64", "rtn", dict(bits=b, group_size=64), 0) for b in (4, 3, 2)]
@@ -80,7 +81,7 @@ def main() -> None:
                 row = {"size_mb": info["weights_mb"], "bits_per_weight": info["bits_per_weight"],
                        "bits_per_param": info["bits_per_param"], "seconds": time.time() - t0,
                        "dropped": c.dropped}
-        row.update(label=label, calibration=windows.config.corpus,
+        row.update(label=label, calibration=windows.config.corpus, compute=forward_dtype_name(base), machine=machine(),
                    **suite_row(evaluate_suite(model, domains, ref), ref.dense))
         cache.put(label, row)
         print(json.dumps(row), flush=True)
@@ -112,18 +113,19 @@ def render(cache: RowCache) -> None:
     first = rows[0] if rows else {}
     body = (
         "## Uniform compression (`bench/uniform.py`)\n\n"
-        f"smollm2-135m (SmolLM2-135M-Instruct, float32 compute), calibration 128 x 512 tokens of "
+        f"smollm2-135m (SmolLM2-135M-Instruct, {first.get('compute', 'float32')} forwards), calibration 128 x 512 tokens of "
         f"`{first.get('calibration', 'mix+self')}`; evaluation {first.get('eval_tokens', '?')} held-out tokens, "
         f"16 windows of 512 from each of {', '.join(DOMAINS)}; worst = the largest perplexity ratio to dense. "
         "Size = weights file on disk (embeddings and norms in float16). bits/weight counts codes, scales, zeros, "
         "masks and permutations of the compressed Linear layers; bits/param divides the whole weights file by all "
         "134.5M parameters. compress s = calibrate + compress + save on the machine below (eval excluded). "
-        "`gptq w* g64` rows run GPTQ as it runs by default (act-order, the per-group clipping search); the "
+        "`gptq w* g64` rows run GPTQ as it runs by default (act-order, the per-group clipping search, the Hessian "
+        "blended with its diagonal, shrink 0.1); the "
         "`no-mse` rows without the clipping search. The `sparsegpt` rows refit the kept weights on the final mask "
         "(30 conjugate-gradient steps, the default); `sparsegpt 50% no refit` is the plain OBS sweep. "
         + timing_note(cache.get("cli gptq w4 timing"), cache.get("cli gptq w4 no-mse timing"))
         + not_run_note(missing, "uniform.py")
-        + f"Machine: {machine()}.\n\n" + md
+        + f"Machine: {first.get('machine') or machine()}.\n\n" + md
     )
     write_section("uniform", body)
 

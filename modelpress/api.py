@@ -184,8 +184,7 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
             pw = comp.apply(w, pw, stats)
         set_weight(mod, pw.dequantize())
         units[name] = pw
-        if stream is not None:  # a wide layer's solve leaves scratch that glibc would keep
-            release_freed_memory(collect=False)
+        release_freed_memory(collect=False)  # a wide layer's solve leaves scratch that glibc would keep
 
     label = (op.label() if op else "dense") + (comp.label() if comp else "")
     # data-parallel workers (utils.dist) all compress the same blocks; rank 0 writes them
@@ -262,11 +261,9 @@ def open_compressed(path: str | Path, *, device: str | torch.device | None = Non
 
     mf = Path(path) / MANIFEST
     fmt = None
-    if mf.is_file():
-        try:
-            fmt = json.loads(mf.read_text()).get("format")
-        except json.JSONDecodeError:
-            fmt = None
+    if mf.is_file():  # a damaged manifest is reported by the packed checkpoint's reader
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            fmt = json.loads(mf.read_bytes().decode("utf-8")).get("format")
     if fmt == BITSTACK:
         model, tok, loaded = load_bitstack(path, max_memory_mb, device=device)
         return Loaded(model, tok, dict(loaded))

@@ -51,7 +51,7 @@ def budget_config(budget: Budget, *, machine: str = "cpu", corpus: str = DEFAULT
         # every level on the inputs of the level nearest the budget: one pass, and on smollm2 at 3 bits
         # better plans than calibrating each level on its own level's model (docs/presets.md)
         kind_settings["sequential_level"] = min(kind_settings["levels"], key=lambda b: (abs(b - budget.value), b))
-    data = DataConfig(corpus=corpus, n_samples=n_samples or p["n_samples"], seq_len=seq_len, seed=seed)
+    data = DataConfig(corpus=corpus, n_samples=p["n_samples"] if n_samples is None else n_samples, seq_len=seq_len, seed=seed)
     return SearchConfig(budget=budget, kind=kind_for_budget(budget.kind), kind_settings=kind_settings,
                         allocator="evolutionary", allocator_settings={**p["search"], "seed": seed},
                         compare=("uniform",), data=data,

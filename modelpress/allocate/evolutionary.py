@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..utils.dist import from_main, is_main
-from ..utils.io import write_json
+from ..utils.io import CorruptFileError, read_json, write_json
 from ..utils.progress import Bar
 from .base import ALLOCATORS, Allocator, score_all
 from .problem import Problem, fill
@@ -225,9 +225,11 @@ class Evolutionary(Allocator):
         if ck is None or not ck.is_file():
             return None
         try:
-            state = json.loads(ck.read_text())
-        except json.JSONDecodeError:
-            log.warning("search checkpoint %s is unreadable; starting over", ck)
+            state = read_json(ck, "search checkpoint", "starting over")
+        except CorruptFileError as e:
+            aside = ck.with_name(f"{ck.stem}.damaged{ck.suffix}")
+            ck.replace(aside)
+            log.warning("%s (kept as %s)", e, aside)
             return None
         if state and state.get("key") == key:
             return state
@@ -292,4 +294,4 @@ class Evolutionary(Allocator):
             return
         write_json(ck, {"key": key, "generation": gen, "parent": parent, "fitness": fit,
                         "rng": rng.bit_generator.state, "history": self.history,
-                        "start_validation": self.start_validation, "start_plan": self.start_plan})
+                        "start_validation": self.start_validation, "start_plan": self.start_plan}, checksum=True)

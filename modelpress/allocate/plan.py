@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..utils.io import write_json
+from ..utils.io import CorruptFileError, read_json, write_json
 
 FORMAT = "modelpress-plan"
 
@@ -38,17 +37,23 @@ class Plan:
         return {"format": FORMAT, **dataclasses.asdict(self)}
 
     def save(self, path: str | Path) -> None:
-        write_json(path, self.to_dict())
+        write_json(path, self.to_dict(), checksum=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        if not Path(path).is_file():
+            raise ConfigError(f"plan {path} does not exist; give the plan.json a search wrote")
         try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            d = read_json(path, "plan", 'write it again (`modelpress search ... --out`); if you edited it by hand, '
+                                        'delete its "sha256" line')
+        except OSError as e:
             raise ConfigError(f"cannot read plan {path}: {e}") from None
+        except CorruptFileError as e:
+            raise ConfigError(str(e)) from None
         if d.get("format") != FORMAT:
             raise ConfigError(f"{path} is not a modelpress plan")
         d.pop("format")
+        d.pop("sha256", None)
         try:
             return cls(**d)
         except TypeError as e:

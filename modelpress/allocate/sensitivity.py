@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..utils.dist import from_main, is_main
-from ..utils.io import write_json
+from ..utils.io import CorruptFileError, read_json, write_json
 from ..utils.progress import Bar
 from .base import ALLOCATORS, Allocator, score_all
 from .dp import DP
@@ -79,7 +79,7 @@ class Sensitivity(Allocator):
                     done[f"{u}:{i}"] = f - f0
                 bar.update(len(chunk))
                 if path is not None and is_main():
-                    write_json(path, {"key": key, "fitness": f0, "delta": done})
+                    write_json(path, {"key": key, "fitness": f0, "delta": done}, checksum=True)
         log.info("sensitivities: %d measured on one sample of %d tokens (uniform plan fitness %.5f)",
                  len(todo), self.tokens, f0)
         errors = []
@@ -105,8 +105,9 @@ def _cached(path: Path | None, key: str) -> dict[str, float]:
     if path is None or not path.is_file():
         return {}
     try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        log.warning("sensitivity cache %s is unreadable; measuring again", path)
+        saved = read_json(path, "sensitivity cache", "measuring again")
+    except CorruptFileError as e:
+        log.warning("%s", e)
         return {}
-    return saved["delta"] if saved.get("key") == key else {}
+    delta = saved.get("delta")
+    return delta if saved.get("key") == key and isinstance(delta, dict) else {}

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ..errors import DataError
 from ..models.arch import Arch, get_weight, set_weight
 from ..models.moe import expert_of
 from ..utils.dist import broadcast_, world
@@ -69,6 +70,10 @@ def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dic
     def handed(n: str, mod: nn.Module, st: LinearStats | None) -> None:
         kind = kinds if isinstance(kinds, str) else kinds.get(n, "none")
         width = get_weight(mod).shape[1]
+        if st is not None and st.sqnorm is not None and not bool(torch.isfinite(st.sqnorm).all()):
+            raise DataError(f"the calibration inputs of {n} hold NaN or Inf values (or overflow float32 when "
+                            "squared): the model is not finite on this text; check its weights, or run the forwards "
+                            "in float32 (--compute-dtype float32)")
         if kind != "none" and expert_of(n) and (st is None or st.n < width // FEW_TOKENS_DIV):
             starved[n] = 0 if st is None else st.n
             st = LinearStats.isotropic(width, want_xtx=(kind == "xtx"), device=get_weight(mod).device)

@@ -20,10 +20,38 @@ from ..errors import ConfigError, ModelpressError
 from ..utils.io import slug
 from ..utils.progress import enable_progress
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compress neural networks to a budget.")
 console = Console()
 err_console = Console(stderr=True)
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (a wrong type, an unknown option, a missing argument) as one line naming the
+    option and where the help is, like every other error, instead of click's framed block."""
+
+    # click's UsageError, wherever this typer keeps its click (newer ones vendor it)
+    _usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except self._usage_error as e:
+            where = e.ctx.command_path if e.ctx is not None else "modelpress"
+            if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:  # `modelpress` alone: the help
+                typer.echo(e.ctx.get_help())
+                return sys.exit(2) if standalone_mode else 2
+            err_console.print(f"[bold red]error:[/] {e.format_message()} (see `{where} --help`)",
+                              highlight=False, soft_wrap=True)
+            rv = 2
+        except typer.Abort:
+            err_console.print("interrupted")
+            rv = 130
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress neural networks to a budget.")
 
 
 def _setup(verbose: bool) -> None:
@@ -88,7 +116,7 @@ def _data_config(data: str, n_samples: int, seq_len: int, seed: int, n_eval: Opt
 def _suite(tok, eval_suite: str, seq_len: int, n_eval: Optional[int]):
     from ..data import suite_windows
 
-    domains = suite_windows(tok, eval_suite, seq_len=seq_len, n_eval=n_eval or N_EVAL)
+    domains = suite_windows(tok, eval_suite, seq_len=seq_len, n_eval=N_EVAL if n_eval is None else n_eval)
     _warn_skipped(domains.skipped)
     return domains
 
@@ -219,9 +247,9 @@ def compress_cmd(
         config = budget_config(_budget(target_bits, target_mb, target_sparsity, None), machine=machine_for(device),
                                corpus=data, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                level_settings=level_settings, out=out, evaluate=evaluate, eval_suite=eval_suite,
-                               n_eval=n_eval or N_EVAL, export=export)
+                               n_eval=N_EVAL if n_eval is None else n_eval, export=export)
         return _run_search(model, config, device)
-    n_samples = n_samples or 128
+    n_samples = 128 if n_samples is None else n_samples
     rank = 16 if rank is None else rank
     from .. import api
     from ..eval.suite import SuiteReference, evaluate_suite, suite_row
@@ -463,7 +491,7 @@ def search_cmd(
                           fitness=SearchSettings(fitness_windows=fitness_windows,
                                                  validation_windows=validation_windows, held_out=held_out),
                           db=db, out=out, plan_file=plan, evaluate=evaluate, eval_suite=eval_suite,
-                          n_eval=n_eval or N_EVAL, export=export)
+                          n_eval=N_EVAL if n_eval is None else n_eval, export=export)
     _run_search(model, config, device)
 
 

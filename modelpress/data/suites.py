@@ -63,6 +63,10 @@ def suite_names(suite: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 def suite_windows(tokenizer, suite: str | list[str] | tuple[str, ...] = DEFAULT_SUITE, *, seq_len: int = 512,
                   n_eval: int | None = N_EVAL) -> EvalDomains:
     """Up to `n_eval` held-out windows of every domain of `suite` (spread over its held-out text)."""
+    if n_eval is not None and n_eval < 1:
+        raise DataError(f"n_eval must be at least 1, got {n_eval}")
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2, got {seq_len}")
     windows, skipped = {}, {}
     names = suite_names(suite)
     for name in names:

@@ -30,7 +30,7 @@ from ..models.arch import Arch, get_weight, set_weight
 from ..ops.base import output_error
 from ..ops.lowrank.factor import truncated
 from ..ops.packing import pack_mask, unpack_mask
-from ..utils.io import atomic_dir, sha256_file
+from ..utils.io import atomic_dir, read_json, sha256_file, with_checksum
 from .checkpoint import MANIFEST, WEIGHTS, empty_model, dense_tensors, storage_dtype_for, verify_files
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def build_bitstack(model, tokenizer, windows: Windows, out_dir: str | Path, cfg:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(with_checksum(manifest)) + "\n")
     return manifest
 
 
@@ -201,10 +201,7 @@ def read_manifest_any(path: Path, fmt: str) -> dict:
     mf = path / MANIFEST
     if not mf.is_file():
         raise CheckpointError(f"{path} is not a modelpress checkpoint (no {MANIFEST})")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{mf} is corrupt ({e})") from None
+    manifest = read_json(mf, "checkpoint manifest", "re-run the build that wrote it")
     if manifest.get("format") != fmt:
         raise CheckpointError(f"{path} is not a {fmt} checkpoint")
     return manifest

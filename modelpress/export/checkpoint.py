@@ -23,7 +23,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models.arch import drop_subblock, replace_module, set_weight
 from ..models.moe import unfuse_experts
 from ..ops.packed import PackedWeight, load_weight
-from ..utils.io import atomic_dir, dir_size, sha256_file
+from ..utils.io import atomic_dir, dir_size, read_json, recover_interrupted, sha256_file, with_checksum
 from ..utils.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,7 @@ class CheckpointWriter:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.tmp))
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(self.tmp.iterdir()) if p.is_file()}
+        manifest = with_checksum(manifest)  # covers the config, the units' formats and the files' checksums
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         return manifest
 
@@ -196,16 +197,14 @@ def weight_files(manifest: dict) -> list[str]:
 
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
+    recover_interrupted(path)
     mf = path / MANIFEST
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; give the folder written by `modelpress compress --out`")
     if not mf.is_file():
         raise CheckpointError(f"{path} is not a modelpress checkpoint (no {MANIFEST}); "
                               "for a plain model folder use load_model")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{mf} is corrupt ({e}); re-run the compression that wrote it") from None
+    manifest = read_json(mf, "checkpoint manifest", "re-run the compression that wrote it")
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mf} is not a modelpress checkpoint manifest")
     if manifest.get("version", 0) > VERSION:
@@ -215,7 +214,12 @@ def read_manifest(path: str | Path) -> dict:
 
 def verify_files(path: str | Path, manifest: dict) -> None:
     path = Path(path)
-    for name, digest in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    unlisted = [f for f in weight_files(manifest) if f not in files]
+    if unlisted:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its manifest lists no checksum for {unlisted[0]}; "
+                              "re-run the compression that wrote it")
+    for name, digest in files.items():
         p = path / name
         if not p.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")

@@ -19,6 +19,7 @@ import torch
 from ..errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 from ..ops.ggmlweight import GGMLWeight
 from ..ops import ggml
+from ..utils.io import commit_file, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,7 @@ def export_gguf(model, out: str | Path, *, weights: dict | None = None, default_
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     dt = ggml.qtype(default_type)
     tied = getattr(cfg, "tie_word_embeddings", False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
+    tmp = temp_path(out)
     try:
         writer = gguf.GGUFWriter(tmp, arch="llama")
         if src is not None:
@@ -183,7 +182,7 @@ def export_gguf(model, out: str | Path, *, weights: dict | None = None, default_
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
+        commit_file(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -30,7 +30,7 @@ from ..export.checkpoint import SEP, dense_tensors, storage_dtype_for
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.device import forward_dtype_name
 from ..utils.dist import is_main, merged_dicts
-from ..utils.io import atomic_file, cache_root, write_json
+from ..utils.io import atomic_file, cache_root, read_json, write_json
 from .kinds import KINDS, Kind, UnitInfo
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,7 @@ class LevelDB:
         mf = path / "db.json"
         kind.resolve(model)  # settings that depend on the model, before they are compared or stored
         if mf.is_file():
-            try:
-                meta = json.loads(mf.read_text())
-            except json.JSONDecodeError:
-                raise CheckpointError(f"level database {path} has a corrupt db.json; delete the folder to rebuild") from None
+            meta = read_json(mf, "level database index", f"delete the folder {path} to rebuild it")
             if meta.get("format") != FORMAT:
                 raise CheckpointError(f"{path} is not a modelpress level database")
             if meta["fingerprint"] != fp:
@@ -111,7 +108,7 @@ class LevelDB:
             if meta["data"] != json.loads(json.dumps(dataclasses.asdict(windows.config))):
                 raise ConfigError(f"level database {path} was built on other calibration data; use another --db folder")
             if _migrate(meta, model, kind, path):
-                write_json(mf, meta)
+                write_json(mf, meta, checksum=True)
             # levels built in another compute dtype differ in their last bits
             if meta["compute_dtype"] != (compute := forward_dtype_name(model)):
                 raise ConfigError(f"level database {path} was built with compute dtype {meta['compute_dtype']}, not "
@@ -130,7 +127,7 @@ class LevelDB:
                                "group": u.group, "extra": u.extra} for u in units},
         }
         (path / "units").mkdir(parents=True, exist_ok=True)
-        write_json(mf, meta)
+        write_json(mf, meta, checksum=True)
         return cls(path, meta)
 
     def save_meta(self) -> None:
@@ -140,7 +137,7 @@ class LevelDB:
         for n, e in extra.items():
             self.set_unit_extra(n, **e)
         if is_main():
-            write_json(self.path / "db.json", self.meta)
+            write_json(self.path / "db.json", self.meta, checksum=True)
 
     def refresh(self) -> None:
         """Forget what was read of the unit files (other workers wrote some of them)."""
@@ -164,6 +161,9 @@ class LevelDB:
                     tensors = {k: sf.get_tensor(k) for k in sf.keys()}
                 if md.get("digest") != _digest(tensors):
                     raise ValueError("digest mismatch")
+                # older unit files have no digest of their levels' metadata (sizes, errors)
+                if "levels_digest" in md and md["levels_digest"] != hashlib.sha256(md["levels"].encode()).hexdigest():
+                    raise ValueError("levels metadata digest mismatch")
                 levels = json.loads(md["levels"])
                 for v, m in levels.items():  # levels stored before their header entries were counted
                     mine = {k.split(SEP, 1)[1]: t for k, t in tensors.items() if k.startswith(f"{v}{SEP}")}
@@ -205,6 +205,7 @@ class LevelDB:
                 tensors[k] = t.clone()
             seen.add(tensors[k].data_ptr())
         md = {"levels": json.dumps(levels), "digest": _digest(tensors)}
+        md["levels_digest"] = hashlib.sha256(md["levels"].encode()).hexdigest()
         with atomic_file(f, "wb") as fh:
             fh.write(_serialize(tensors, md))
 

@@ -159,8 +159,31 @@ def _from_folder(folder: str, dtype: torch.dtype, device: torch.device, **kw):
         tok = None
     from .moe import unfuse_experts
 
+    check_loaded(model, folder)
     unfuse_experts(model)  # a MoE's experts as Linear layers: the units compression works on
     return model.to(device).eval(), tok
+
+
+def check_loaded(model, where: str) -> None:
+    """Refuse weights that are not finite, and a model whose predictions look ahead (an encoder
+    such as BERT loads as a "causal LM" head but attends both ways): compressing either gives
+    numbers that mean nothing."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise ModelLoadError(f"{where!r}: weight {name} holds NaN or Inf values; the file is damaged or the "
+                                 "model diverged in training: download or export it again")
+    vocab = getattr(model.config, "vocab_size", None) or 2
+    ids = torch.arange(8, device=next(model.parameters()).device).remainder(vocab).repeat(2, 1)
+    ids[1, -1] = (ids[1, -1] + 1) % vocab
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    # a causal model's earlier positions do not see the changed last token: equal up to rounding
+    before = (logits[0, :-1] - logits[1, :-1]).abs().max()
+    last = (logits[0, -1] - logits[1, -1]).abs().max()
+    if before > 1e-3 * last:
+        raise UnsupportedArchitectureError(
+            f"{where!r} ({type(model).__name__}) is not causal: its outputs at a position change with later tokens; "
+            "modelpress compresses decoder-only causal LMs (Llama, Qwen, Mistral, GPT-2, ...)")
 
 
 def load_model(name: str | os.PathLike, *, device: str | torch.device | None = None,

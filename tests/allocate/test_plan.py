@@ -49,7 +49,7 @@ def test_plan_rejects_unknown_units_and_levels(tmp_path):
     with pytest.raises(ConfigError, match="kind"):
         Plan("sparsity", good.levels).validate(db)
     (tmp_path / "x.json").write_text("{]")
-    with pytest.raises(ConfigError, match="cannot read plan"):
+    with pytest.raises(ConfigError, match="plan is corrupt"):
         Plan.load(tmp_path / "x.json")
 
 

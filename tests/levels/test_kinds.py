@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 import modelpress
+from modelpress.allocate.budget import Budget
 from modelpress.errors import CheckpointError
 from modelpress.levels import KINDS, Kind
 from modelpress.levels.build import on_dense_inputs
 from modelpress.models.arch import get_weight
 from modelpress.ops.base import output_error
 from modelpress.search import allocate, open_database
-from modelpress.allocate.budget import Budget
+from modelpress.utils.io import json_checksum
 from tests.conftest import tiny_model
 from tests.export.test_checkpoint import windows
 
@@ -77,14 +78,15 @@ def test_database_version_is_checked_and_older_ones_migrate(tmp_path, float32_fo
     mf = db.path / "db.json"
     meta = json.loads(mf.read_text())
     assert meta["version"] == 2 and meta["compute_dtype"] == "float32"
-    old = {k: v for k, v in meta.items() if k not in ("compute_dtype", "fixed_header_bytes", "fixed_tensors")}
+    old = {k: v for k, v in meta.items() if k not in ("compute_dtype", "fixed_header_bytes", "fixed_tensors", "sha256")}
     mf.write_text(json.dumps({**old, "version": 1}))  # as version 1 wrote it
     again = open_database(m, None, "quant", data=w, db=db.path, levels=(2, 3), group_size=16)
     assert not again.missing()
     migrated = json.loads(mf.read_text())
+    assert migrated["sha256"] == json_checksum(migrated)  # rewritten with its checksum
     assert migrated["version"] == 2 and migrated["compute_dtype"] == "float32"
     assert migrated["fixed_header_bytes"] == meta["fixed_header_bytes"]
-    mf.write_text(json.dumps({**meta, "version": 99}))
+    mf.write_text(json.dumps({**meta, "version": 99, "sha256": json_checksum({**meta, "version": 99})}))
     with pytest.raises(CheckpointError, match="newer modelpress"):
         open_database(m, None, "quant", data=w, db=db.path, levels=(2, 3), group_size=16)
 

@@ -56,6 +56,15 @@ class SparsityKind(Kind):
         if budget.kind == "sparsity" and not 0 <= budget.value <= self.max_sparsity:
             raise BudgetError(f"target sparsity {budget.value:g} is outside 0..{self.max_sparsity:g}")
 
+    def missing(self, db) -> dict[str, list]:
+        """As every kind's, plus every level of a unit whose outlier ratio (kept in db.json) was
+        lost: a run killed after the unit's file was written and before db.json."""
+        out = super().missing(db)
+        for u, info in db.units.items():
+            if u not in out and "outlier_ratio" not in info.extra:
+                out[u] = self.values(info)
+        return out
+
     def operator(self, n_prune: int):
         from ...ops import OPERATORS
 
