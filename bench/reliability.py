@@ -28,7 +28,8 @@ def rows(kills: int, flips: int) -> dict:
     out = {f"kill {job}": ("kill", job, kills) for job in crash.JOBS}
     out |= {"corrupt checkpoint": ("corrupt", "checkpoint", flips),
             "corrupt database units": ("corrupt", "database units", max(flips // 5, 1)),
-            "corrupt database index": ("corrupt", "database index", flips)}
+            "corrupt database index": ("corrupt", "database index", flips),
+            "corrupt gguf": ("corrupt", "gguf", max(flips // 2, 1))}
     out |= {f"corrupt {name}": ("corrupt", name, flips) for name in JSON_FILES}
     out["bad input"] = ("bad input", None, None)
     out |= {f"memory {job} smollm2-135m": ("memory", job, None) for job in MEMORY}
@@ -66,6 +67,15 @@ def corrupt(name: str, n: int) -> dict:
         if name == "checkpoint":
             mp.compress(tiny_model("llama"), None, "rtn", bits=4, group_size=16).save(tmp / "ck")
             return fz.checkpoint_trials(tmp / "ck", tmp / "work", n, seed=7)
+        if name == "gguf":
+            import os
+
+            from modelpress.export.ggufio import export_gguf
+            from tests.conftest import byte_tokenizer
+
+            os.environ["MODELPRESS_CACHE"] = str(tmp / "cache")  # the conversions of the damaged copies
+            export_gguf(tiny_model("llama"), tmp / "m.gguf", default_type="Q8_0", tokenizer=byte_tokenizer())
+            return fz.gguf_trials(tmp / "m.gguf", tmp / "work", n, seed=7)
         if name in JSON_FILES:
             path, read = fz.json_artifacts(tmp / "files")[name]
             return fz.json_trials(path, tmp / "work", n, read=read, seed=7)

@@ -7,6 +7,7 @@ file holds exactly the bytes that were evaluated) or quantized here with llama.c
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -66,12 +67,70 @@ def embedding_name(model) -> str:
     return next(n for n, m in model.named_modules() if m is emb)
 
 
+# sha256 of the whole file with this value's 64 characters as "0" (written last, in place): a
+# GGUF file has no checksum of its own, and llama.cpp ignores keys it does not know
+CHECKSUM_KEY = "modelpress.sha256"
+_PLACEHOLDER = b"0" * 64
+
+
+def _checksum_span(path: Path) -> tuple[int, int] | None:
+    """Byte range of the checksum's value in the file, or None for a file without one."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get(CHECKSUM_KEY)
+    if field is None:
+        return None
+    start = field.offset + sum(p.nbytes for p in field.parts[:field.data[0]])
+    return start, start + len(_PLACEHOLDER)
+
+
+def _hash_with_placeholder(path: Path, span: tuple[int, int], chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    pos = 0
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            lo, hi = max(span[0] - pos, 0), min(span[1] - pos, len(b))
+            if lo < hi:  # the checksum's own bytes count as the placeholder
+                b = b[:lo] + _PLACEHOLDER[lo + pos - span[0]:hi + pos - span[0]] + b[hi:]
+            h.update(b)
+            pos += len(b)
+    return h.hexdigest()
+
+
+def verify_gguf(path: str | Path) -> None:
+    """Refuse a GGUF file modelpress wrote if any byte of it changed since (a file without the
+    checksum, from llama.cpp or a hub, is only checked for being readable)."""
+    path = Path(path)
+    try:
+        span = _checksum_span(path)
+    except Exception as e:  # truncated or damaged header: gguf raises whatever its parser meets
+        raise ModelLoadError(f"GGUF file {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                             "write or download it again") from None
+    if span is None:
+        return
+    with open(path, "rb") as f:
+        f.seek(span[0])
+        stored = f.read(span[1] - span[0]).decode("ascii", "replace")
+    if _hash_with_placeholder(path, span) != stored:
+        raise ModelLoadError(f"GGUF file {path} is corrupt: its content does not match the checksum modelpress "
+                             "wrote into it; write it again")
+
+
+def _seal(path: Path) -> None:
+    """Write the file's checksum into its placeholder."""
+    span = _checksum_span(path)
+    digest = _hash_with_placeholder(path, span)
+    with open(path, "r+b") as f:
+        f.seek(span[0])
+        f.write(digest.encode("ascii"))
+
+
 def _metadata_from_source(writer, path: Path) -> None:
     from gguf import GGUFReader, GGUFValueType
 
     reader = GGUFReader(str(path))
     for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type",
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type", CHECKSUM_KEY,
                                                  "general.quantization_version", "general.alignment"):
             continue
         vtype = field.types[0]
@@ -147,6 +206,7 @@ def export_gguf(model, out: str | Path, *, weights: dict | None = None, default_
     tmp = temp_path(out)
     try:
         writer = gguf.GGUFWriter(tmp, arch="llama")
+        writer.add_string(CHECKSUM_KEY, _PLACEHOLDER.decode("ascii"))
         if src is not None:
             _metadata_from_source(writer, src)
         else:
@@ -182,6 +242,7 @@ def export_gguf(model, out: str | Path, *, weights: dict | None = None, default_
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        _seal(tmp)
         commit_file(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -92,8 +92,11 @@ def _require(module: str, pip_name: str, why: str) -> None:
 
 def _convert_gguf(path: Path, out: Path) -> None:
     """Dequantize a GGUF file with transformers and store it as a safetensors HF folder."""
+    from ..export.ggufio import verify_gguf
+
     _require("gguf", "gguf", "loading a .gguf file")
     _require("accelerate", "accelerate", "loading a .gguf file")
+    verify_gguf(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (one time; later loads use %s)", path.name, out)

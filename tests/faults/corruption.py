@@ -227,3 +227,28 @@ def db_json_reader(model_fn, kind, windows):
         return json.loads(json.dumps(LevelDB.open_or_create(folder, model_fn(), kind, windows).meta))
 
     return read
+
+
+def gguf_trials(path: Path, work: Path, n: int, seed: int = 0) -> dict:
+    """A GGUF file modelpress wrote: loading it (the conversion verifies the checksum modelpress
+    wrote into it) gives the same logits or a one-line error."""
+    from modelpress.models import load_model
+
+    rng = np.random.default_rng(seed)
+    ids = torch.arange(64).reshape(2, 32) % 200
+    with torch.no_grad():
+        want = load_model(path, device="cpu")[0](ids).logits
+    out = Outcomes()
+    for t in range(n):
+        trial = work / f"g{t}" / path.name
+        trial.parent.mkdir(parents=True)
+        shutil.copy(path, trial)
+        what = f"{path.name} {damage(trial, rng)}"
+
+        def run():
+            with torch.no_grad():
+                return load_model(trial, device="cpu")[0](ids).logits
+
+        _trial(out, what, run, lambda got: torch.equal(got, want))
+        shutil.rmtree(trial.parent)
+    return out.as_dict()

@@ -61,3 +61,12 @@ def test_level_database_damage(tmp_path):
     shutil.copytree(tmp_path / "db", tmp_path / "db2")
     read = fz.db_json_reader(lambda: tiny_model("llama"), QuantKind(**QK), w)
     _clean(fz.json_trials(tmp_path / "db2" / "db.json", tmp_path / "work2", n=30, read=read))
+
+
+def test_gguf_damage_is_detected(tmp_path, monkeypatch):
+    from modelpress.export.ggufio import export_gguf
+    from tests.conftest import byte_tokenizer
+
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path / "cache"))
+    export_gguf(tiny_model("llama"), tmp_path / "m.gguf", default_type="Q8_0", tokenizer=byte_tokenizer())
+    _clean(fz.gguf_trials(tmp_path / "m.gguf", tmp_path / "work", n=12))
