@@ -104,7 +104,7 @@ def verify_gguf(path: str | Path) -> None:
     try:
         span = _checksum_span(path)
     except Exception as e:  # truncated or damaged header: gguf raises whatever its parser meets
-        raise ModelLoadError(f"GGUF file {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+        raise ModelLoadError(f"could not read GGUF file {path}: corrupt or truncated ({type(e).__name__}: {e}); "
                              "write or download it again") from None
     if span is None:
         return

@@ -11,12 +11,13 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError, UnsupportedArchitectureError
-from ..utils.io import atomic_dir, cache_root
+from ..errors import CheckpointError, ModelLoadError, UnsupportedArchitectureError
+from ..utils.io import atomic_dir, cache_root, read_json, write_json
 from ..utils.packages import Package, PackageFetchError
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,21 @@ def _convert_gguf(path: Path, out: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{path.resolve()}\n")
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        write_json(tmp / CACHE_INDEX, {"source": str(path.resolve()), "sizes": sizes}, checksum=True)
+
+
+CACHE_INDEX = "modelpress-cache.json"
+
+
+def _cache_intact(folder: Path) -> bool:
+    """A converted model whose files are all there at the sizes they were written with (a cheap
+    check: a truncated or missing file is found without reading the weights)."""
+    try:
+        sizes = read_json(folder / CACHE_INDEX, "converted model index", "")["sizes"]
+    except (OSError, CheckpointError, KeyError):
+        return False
+    return all((folder / n).is_file() and (folder / n).stat().st_size == s for n, s in sizes.items())
 
 
 def _check_causal_lm(config, where: str) -> None:
@@ -211,6 +227,9 @@ def load_model(name: str | os.PathLike, *, device: str | torch.device | None = N
 
     if gguf_path is not None:
         cached = _gguf_cache_dir(gguf_path)
+        if cached.exists() and not _cache_intact(cached):
+            log.warning("the converted copy of %s in %s is incomplete or damaged; converting again", gguf_path, cached)
+            shutil.rmtree(cached)
         if not (cached / "config.json").is_file():
             _convert_gguf(gguf_path, cached)
         return _from_folder(str(cached), dt, dev)

@@ -79,3 +79,20 @@ def test_checkpoint_given_to_load_model(tmp_path):
     (tmp_path / "modelpress.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="load_compressed"):
         load_model(tmp_path)
+
+
+def test_damaged_converted_copy_is_converted_again(tmp_path, monkeypatch):
+    """A GGUF file is converted once into the cache; a cached copy cut short (a crash, a full disk)
+    is found by its recorded sizes and converted again, giving the same model."""
+    from modelpress.export.ggufio import export_gguf
+    from modelpress.models.loading import _gguf_cache_dir
+
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path / "cache"))
+    export_gguf(tiny_model("llama"), tmp_path / "m.gguf", default_type="Q8_0", tokenizer=byte_tokenizer())
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        want = load_model(tmp_path / "m.gguf", device="cpu")[0](ids).logits
+    weights = next(_gguf_cache_dir(tmp_path / "m.gguf").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "m.gguf", device="cpu")[0](ids).logits, want)
