@@ -93,7 +93,8 @@ def bad_inputs() -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         files = bad.make_files(Path(tmp))
-        problems = {" ".join(a).replace("{d}/", ""): bad.check(files, a, m) for a, m in bad.CASES}
+        cases = list(bad.CASES) + [(a, a[-2]) for a in bad.NUMERIC]
+        problems = {" ".join(a).replace("{d}/", ""): bad.check(files, a, m) for a, m in cases}
     return {"trials": len(problems), "refused cleanly": sum(p is None for p in problems.values()),
             "failures": [f"{k}: {p}" for k, p in problems.items() if p]}
 
@@ -139,8 +140,8 @@ def render(cache: RowCache, kills: int, flips: int) -> None:
             + print_table(corrupt_rows, [("label", "file"), ("trials", "trials"), ("detected", "detected"),
                                          ("harmless", "harmless"), ("failed", "failures")])
             + "\n\n## Bad input (`tests/faults/test_bad_input.py`)\n\n"
-            + (f"{bad['refused cleanly']} of {bad['trials']} bad commands (every verb: wrong types, unknown names, "
-               "out-of-range values, missing or unreadable paths, empty or too short text, an encoder model, "
+            + (f"{bad['refused cleanly']} of {bad['trials']} bad commands (every verb: a word for each of the "
+               "options that take a number, unknown names and commands, out-of-range values, missing or unreadable paths, empty or too short text, an encoder model, "
                "NaN weights, activations that overflow) exit with status 2 and one `error:` line naming what to "
                "fix, no traceback, and leave an existing output untouched.\n\n" if bad else "Not measured yet.\n\n")
             + "## Peak memory (`tests/faults/memory.py`)\n\n"

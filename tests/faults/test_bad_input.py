@@ -139,3 +139,47 @@ def test_table_covers_every_verb():
     covered = {args[0] for args, _ in CASES}
     assert verbs <= covered, verbs - covered
     json.dumps(CASES)  # the table is plain data: bench/reliability.py counts it
+
+
+def _commands():
+    """(command words, callback) of every verb, sub-verbs included."""
+    for c in app.registered_commands:
+        yield [c.name], c.callback
+    for g in app.registered_groups:
+        for c in g.typer_instance.registered_commands:
+            yield [g.name, c.name], c.callback
+
+
+def numeric_option_cases() -> list[list[str]]:
+    """Every option that takes a number, on every verb, given a word: click refuses it while parsing,
+    before any work, and modelpress must say so in one line that names the option."""
+    import inspect
+    import typing
+
+    import typer.models
+
+    cases = []
+    for words, fn in _commands():
+        hints = typing.get_type_hints(fn)
+        fixed, numeric = [], []
+        for name, p in inspect.signature(fn).parameters.items():
+            info, kind = p.default, typing.get_args(hints[name]) or (hints[name],)
+            if isinstance(info, typer.models.ArgumentInfo):
+                fixed.insert(0, "x")  # positional arguments go first
+            elif isinstance(info, typer.models.OptionInfo):
+                decl = next(d for d in info.param_decls if d.startswith("--"))
+                if info.default is ...:  # a required option
+                    fixed += [decl, "x"]
+                if set(kind) & {int, float}:
+                    numeric.append(decl)
+        cases += [[*words, *fixed, decl, "x"] for decl in numeric]
+    return cases
+
+
+NUMERIC = numeric_option_cases()
+
+
+def test_every_numeric_option_refuses_a_word_in_one_line(files):
+    assert len(NUMERIC) > 40
+    problems = [p for args in NUMERIC if (p := check(files, args, args[-2]))]
+    assert not problems, problems[:5]
