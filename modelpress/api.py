@@ -27,6 +27,7 @@ from .registry import config_dict
 from .report import write_report
 from .utils.device import forward_dtype_name, takes_compute_dtype
 from .utils.dist import is_main
+from .utils.io import recover_interrupted
 from .utils.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ def open_compressed(path: str | Path, *, device: str | torch.device | None = Non
     from .export.bitstack import FORMAT as BITSTACK, load_bitstack
     from .export.checkpoint import MANIFEST
 
+    recover_interrupted(path, again=True)  # a save that was killed between its two renames
     mf = Path(path) / MANIFEST
     fmt = None
     if mf.is_file():  # a damaged manifest is reported by the packed checkpoint's reader

@@ -228,8 +228,11 @@ class Evolutionary(Allocator):
             state = read_json(ck, "search checkpoint", "starting over")
         except CorruptFileError as e:
             aside = ck.with_name(f"{ck.stem}.damaged{ck.suffix}")
-            ck.replace(aside)
-            log.warning("%s (kept as %s)", e, aside)
+            try:
+                ck.replace(aside)
+                log.warning("%s (kept as %s)", e, aside)
+            except OSError:
+                log.warning("%s", e)
             return None
         if state and state.get("key") == key:
             return state

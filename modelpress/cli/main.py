@@ -28,8 +28,9 @@ class _OneLineErrors(typer.core.TyperGroup):
     """Usage errors (a wrong type, an unknown option, a missing argument) as one line naming the
     option and where the help is, like every other error, instead of click's framed block."""
 
-    # click's UsageError, wherever this typer keeps its click (newer ones vendor it)
+    # click's exception classes, wherever this typer keeps its click (newer ones vendor it)
     _usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    _click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -42,6 +43,9 @@ class _OneLineErrors(typer.core.TyperGroup):
             err_console.print(f"[bold red]error:[/] {e.format_message()} (see `{where} --help`)",
                               highlight=False, soft_wrap=True)
             rv = 2
+        except _OneLineErrors._click_error as e:  # e.g. a file option click could not open
+            err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+            rv = e.exit_code
         except typer.Abort:
             err_console.print("interrupted")
             rv = 130

@@ -197,7 +197,7 @@ def weight_files(manifest: dict) -> list[str]:
 
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
-    recover_interrupted(path)
+    recover_interrupted(path, again=True)
     mf = path / MANIFEST
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; give the folder written by `modelpress compress --out`")

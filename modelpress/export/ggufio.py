@@ -113,7 +113,8 @@ def verify_gguf(path: str | Path) -> None:
         stored = f.read(span[1] - span[0]).decode("ascii", "replace")
     if _hash_with_placeholder(path, span) != stored:
         raise ModelLoadError(f"GGUF file {path} is corrupt: its content does not match the checksum modelpress "
-                             "wrote into it; write it again")
+                             f"wrote into it ({CHECKSUM_KEY}); write it again. If another tool rewrote it and kept "
+                             f"that key, remove the key (gguf-new-metadata --remove-metadata {CHECKSUM_KEY}) to load it")
 
 
 def _seal(path: Path) -> None:

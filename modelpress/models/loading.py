@@ -178,9 +178,10 @@ def _from_folder(folder: str, dtype: torch.dtype, device: torch.device, **kw):
         tok = None
     from .moe import unfuse_experts
 
-    check_loaded(model, folder)
     unfuse_experts(model)  # a MoE's experts as Linear layers: the units compression works on
-    return model.to(device).eval(), tok
+    model = model.to(device).eval()
+    check_loaded(model, folder)
+    return model, tok
 
 
 def check_loaded(model, where: str) -> None:
@@ -188,18 +189,23 @@ def check_loaded(model, where: str) -> None:
     such as BERT loads as a "causal LM" head but attends both ways): compressing either gives
     numbers that mean nothing."""
     for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p).all()):
+        if p.device.type != "meta" and not bool(torch.isfinite(p).all()):
             raise ModelLoadError(f"{where!r}: weight {name} holds NaN or Inf values; the file is damaged or the "
                                  "model diverged in training: download or export it again")
     vocab = getattr(model.config, "vocab_size", None) or 2
-    ids = torch.arange(8, device=next(model.parameters()).device).remainder(vocab).repeat(2, 1)
-    ids[1, -1] = (ids[1, -1] + 1) % vocab
-    with torch.no_grad():
-        logits = model(ids).logits.float()
+    ids = torch.arange(8, device=next(model.parameters()).device).remainder(vocab).unsqueeze(0)
+    other = ids.clone()
+    other[0, -1] = (other[0, -1] + 1) % vocab
+    try:  # two separate forwards: nothing in one batch row can depend on the other's tokens
+        with torch.no_grad():
+            a, b = (model(x) for x in (ids, other))
+        a, b = ((o.logits if hasattr(o, "logits") else o[0]).float()[0] for o in (a, b))
+    except Exception as e:  # a model this probe cannot run (custom code, offloaded weights): no verdict
+        log.warning("could not check that %s is causal (%s: %s)", where, type(e).__name__, e)
+        return
     # a causal model's earlier positions do not see the changed last token: equal up to rounding
-    before = (logits[0, :-1] - logits[1, :-1]).abs().max()
-    last = (logits[0, -1] - logits[1, -1]).abs().max()
-    if before > 1e-3 * last:
+    before, last = (a[:-1] - b[:-1]).abs().max(), (a[-1] - b[-1]).abs().max()
+    if before > 1e-4 * last:  # causal models: exactly 0 here, or rounding (MoE expert batches change shape)
         raise UnsupportedArchitectureError(
             f"{where!r} ({type(model).__name__}) is not causal: its outputs at a position change with later tokens; "
             "modelpress compresses decoder-only causal LMs (Llama, Qwen, Mistral, GPT-2, ...)")
@@ -229,7 +235,7 @@ def load_model(name: str | os.PathLike, *, device: str | torch.device | None = N
         cached = _gguf_cache_dir(gguf_path)
         if cached.exists() and not _cache_intact(cached):
             log.warning("the converted copy of %s in %s is incomplete or damaged; converting again", gguf_path, cached)
-            shutil.rmtree(cached)
+            shutil.rmtree(cached, ignore_errors=True)
         if not (cached / "config.json").is_file():
             _convert_gguf(gguf_path, cached)
         return _from_folder(str(cached), dt, dev)

@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -42,41 +44,68 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
+            with open(os.path.join(folder, name), "rb") as f, contextlib.suppress(OSError):
+                os.fsync(f.fileno())  # some filesystems refuse fsync (EINVAL): nothing more to do there
         _fsync_dir(Path(folder))
 
 
-def _pid_alive(pid: int) -> bool:
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _tag() -> str:
+    """What temporary names carry so a later run can tell whether their writer is gone: this
+    process's id and this machine's (a shared folder may be written from several machines)."""
+    return f"{os.getpid()}x{_host()}"
+
+
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)x(?P<host>[0-9a-f]{8})-", re.ASCII)
+_recovered: set[str] = set()  # folders this process has looked through already
+
+
+def _writer_gone(pid: int, host: str) -> bool:
+    if host != _host() or os.name == "nt" or pid == os.getpid():  # another machine's: leave it
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
 
 
-def recover_interrupted(target: str | os.PathLike) -> None:
-    """Undo what a crash in the middle of `atomic_dir` left next to `target`: a previous result moved
-    aside while the new one was being put in place goes back; temporary folders of processes that are
-    gone are removed. Called before every write and every checkpoint read."""
-    target = Path(target)
-    if not target.parent.is_dir():
+def recover_interrupted(target: str | os.PathLike, *, again: bool = False) -> None:
+    """Undo what crashed writers left in the folder of `target`: a previous version moved aside
+    while a new one was being put in place goes back (if nothing took its place); temporary files
+    and folders of processes of this machine that are gone are removed. Runs once per folder and
+    process (`again` forces it: before reading a checkpoint); a folder it cannot change (read-only)
+    is left as it is."""
+    folder = Path(target).parent
+    key = str(folder.resolve()) if folder.is_dir() else None
+    if key is None or (key in _recovered and not again):
         return
-    for p in target.parent.glob(f".{target.name}.*-*"):
-        kind, _, rest = p.name[len(target.name) + 2:].partition("-")  # ".NAME.tmp-PID-..." / ".NAME.old-PID-..."
-        pid = rest.split("-", 1)[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
-            continue  # not ours, or its writer may still be at work
-        if kind == "old" and not target.exists():
-            log.warning("%s: restoring the previous version, moved aside by a run that was killed", target)
-            os.replace(p, target)
-            _fsync_dir(target.parent)
-        elif p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+    _recovered.add(key)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = _LEFTOVER.match(name)
+        if m is None or not _writer_gone(int(m["pid"]), m["host"]):
+            continue
+        p, dest = folder / name, folder / m["target"]
+        try:
+            if m["kind"] == "old" and not dest.exists():
+                log.warning("%s: restoring the previous version, moved aside by a run that was killed", dest)
+                os.replace(p, dest)
+                _fsync_dir(folder)
+            elif p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError as e:
+            log.warning("could not clean up %s (%s)", p, e)
 
 
 @contextlib.contextmanager
@@ -88,14 +117,14 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_tag()}-", dir=target.parent))
     try:
         yield tmp
         _fsync_tree(tmp)
         if target.exists():
             if not overwrite:
                 raise FileExistsError(target)
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            old = target.parent / f".{target.name}.old-{_tag()}-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
             try:
                 os.replace(tmp, target)
@@ -118,7 +147,7 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_tag()}-", dir=target.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -138,7 +167,7 @@ def temp_path(target: str | os.PathLike) -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_interrupted(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{_tag()}-", dir=target.parent)
     os.close(fd)
     return Path(tmp)
 
@@ -152,9 +181,9 @@ def commit_file(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
 
 
 def json_checksum(obj: dict) -> str:
-    """sha256 of `obj` without its own checksum, in a canonical form (sorted keys, no spaces), so
-    the checksum depends on the content only."""
-    body = {k: v for k, v in obj.items() if k != CHECKSUM}
+    """sha256 of `obj` without its own checksum, as JSON reads it back (integer keys become strings)
+    in a canonical form (sorted keys, no spaces), so the checksum depends on the content only."""
+    body = json.loads(json.dumps({k: v for k, v in obj.items() if k != CHECKSUM}))
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -83,6 +83,7 @@ def run(job: str, work: Path, events: Path) -> None:
     else:
         raise SystemExit(f"unknown job {job}")
     log.write("done\n")
+    print("done", flush=True)
 
 
 if __name__ == "__main__":

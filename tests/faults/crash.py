@@ -42,6 +42,13 @@ def run_child(job: str, work: Path, events: Path, kill_after: float | None = Non
         if line.strip() != b"ready":
             p.wait()
             raise RuntimeError(f"child {job} failed to start: {(work / 'stderr.log').read_text()[-2000:]}")
+        if kill_after is None:  # the job's own length: from ready to done (not the interpreter's exit)
+            p.stdout.readline()
+            span = time.monotonic() - t0
+            p.wait()
+            if p.returncode != 0:
+                raise RuntimeError(f"child {job} exited {p.returncode}: {(work / 'stderr.log').read_text()[-2000:]}")
+            return False, span
         try:
             p.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
