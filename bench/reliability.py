@@ -147,8 +147,10 @@ def render(cache: RowCache, kills: int, flips: int) -> None:
             + "## Peak memory (`tests/faults/memory.py`)\n\n"
             "smollm2-135m, each job in a fresh process: peak resident memory over the process's fixed overhead "
             "(the resident size after the same job on a tiny model), against the float32 model's bytes; "
-            "128 x 512 calibration tokens (random ids); activations = what one block boundary holds for them "
-            "(n x seq x (2 x hidden + intermediate) x 4 bytes). Ceiling = factor x model + activations: compress 2 "
+            "128 x 512 calibration tokens (random ids); activations = one block's activations for them, "
+            "n x seq x (2 x hidden + 3 x intermediate) x 4 bytes (the block's input and normed input, its MLP's "
+            "gate, up and their product: the one-pass sequential calibration holds them for every window while "
+            "the windows wait at a layer for its statistics). Ceiling = factor x model + activations: compress 2 "
             "(the issue's target), database 3 (it keeps the dense weights to put back), search 5 (every level of "
             "every unit decoded, here 2/3/4 bits, plus the model).\n\n"
             + print_table(mem_rows, [("label", "job"), ("model_mb", "model MB"), ("over_mb", "peak over fixed MB"),

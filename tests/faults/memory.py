@@ -4,8 +4,10 @@
 database: the GPTQ 2/3/4-bit level database; search: the database plus a short evolutionary
 search) on MODEL in this fresh process and prints one JSON line: the model's float bytes, the
 fixed overhead (resident size after the same job on a tiny model: libraries and code paths
-loaded), the peak over it, and the activations one block boundary holds for the calibration
-windows (n_samples x seq_len x (2 x hidden + intermediate) x 4 bytes). The ceilings the tests and
+loaded), the peak over it, and one block's activations for the calibration windows:
+n_samples x seq_len x (2 x hidden + 3 x intermediate) x 4 bytes, the block's input and normed
+input and its MLP's gate, up and their product — what the one-pass sequential calibration holds
+while every window waits at a layer for that layer's statistics. The ceilings the tests and
 docs/reliability.md state: peak over fixed <= CEILING[job] x model + those activations. compress
 holds the model and its packed layers; a database build also keeps the dense weights to put back
 (one more model); a search keeps every level of every unit decoded for its forwards (levels + 1
@@ -27,7 +29,7 @@ CEILING = {"compress": 2.0, "database": 3.0, "search": 5.0}  # x the float model
 
 def activation_bytes(config, n_samples: int, seq_len: int) -> int:
     inter = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-    return n_samples * seq_len * (2 * config.hidden_size + inter) * 4
+    return n_samples * seq_len * (2 * config.hidden_size + 3 * inter) * 4
 
 
 def run_job(job: str, model, tok, n_samples: int, seq_len: int, work: Path) -> None:
@@ -67,7 +69,8 @@ def measure(job: str, name: str, n_samples: int = 16, seq_len: int = 128) -> dic
     act = activation_bytes(model.config, n_samples, seq_len)
     return {"job": job, "model": str(name), "model_bytes": size, "fixed_bytes": fixed, "peak_bytes": peak,
             "peak_over_fixed": peak - fixed, "activation_bytes": act, "ratio": (peak - fixed) / size,
-            "ceiling_bytes": CEILING[job] * size + act, "ceiling": CEILING[job], "n_samples": n_samples, "seq_len": seq_len, "seconds": time.time() - t0}
+            "ceiling_bytes": CEILING[job] * size + act, "ceiling": CEILING[job], "hidden": model.config.hidden_size,
+            "intermediate": getattr(model.config, "intermediate_size", None), "n_samples": n_samples, "seq_len": seq_len, "seconds": time.time() - t0}
 
 
 if __name__ == "__main__":
