@@ -1,7 +1,7 @@
 """Memory ceilings: the peak resident memory of compress, a level database build and a search on a
 200 MB random Llama, each in a fresh process, over the process's fixed overhead, stays within its
 ceiling (tests/faults/memory.py: compress 2x the float model plus one block's activations for the
-calibration windows; database 3x; search 5x, plus the same activations). docs/reliability.md has the figures on smollm2-135m."""
+calibration windows; database 3x; search 6x, plus the same activations). docs/reliability.md has the figures on smollm2-135m."""
 import json
 import subprocess
 import sys
