@@ -68,7 +68,8 @@ class Outcomes:
 
 
 def _trial(out: Outcomes, what: str, run, compare) -> None:
-    """`run()` reads the damaged artifact; a ModelpressError is a detection, a result is compared."""
+    """`run()` reads the damaged artifact; a ModelpressError is a detection, so is `None` (a reader
+    that sets the file aside and starts over, saying so in the log); a result is compared."""
     try:
         result = run()
     except ModelpressError as e:
@@ -77,7 +78,20 @@ def _trial(out: Outcomes, what: str, run, compare) -> None:
     except Exception as e:  # noqa: BLE001 - any other exception is what the fuzz looks for
         out.crash(e, what)
         return
-    out.compare(compare(result), what)
+    if result is None:
+        out.counts["detected"] += 1
+    else:
+        out.compare(compare(result), what)
+
+
+def _damaged_copies(path: Path, work: Path, n: int, rng, prefix: str):
+    """(copy, what was done to it) for n damaged copies of the file `path`, each in its own folder."""
+    for t in range(n):
+        trial = work / f"{prefix}{t}" / path.name
+        trial.parent.mkdir(parents=True)
+        shutil.copy(path, trial)
+        yield trial, f"{path.name} {damage(trial, rng)}"
+        shutil.rmtree(trial.parent)
 
 
 def checkpoint_trials(folder: Path, work: Path, n: int, seed: int = 0) -> dict:
@@ -113,23 +127,8 @@ def json_trials(path: Path, work: Path, n: int, read, seed: int = 0) -> dict:
     shutil.copy(path, tmp)
     want = read(tmp)
     out = Outcomes()
-    for t in range(n):
-        trial = work / f"j{t}" / path.name
-        trial.parent.mkdir(parents=True)
-        shutil.copy(path, trial)
-        what = f"{path.name} {damage(trial, rng)}"
-        try:
-            got = read(trial)
-        except ModelpressError as e:
-            out.detected(e, what)
-            continue
-        except Exception as e:  # noqa: BLE001
-            out.crash(e, what)
-            continue
-        if got is None:  # the reader set it aside and starts over: reported in the log
-            out.counts["detected"] += 1
-        else:
-            out.compare(got == want, what)
+    for trial, what in _damaged_copies(path, work, n, rng, "j"):
+        _trial(out, what, lambda: read(trial), lambda got: got == want)
     return out.as_dict()
 
 
@@ -239,16 +238,10 @@ def gguf_trials(path: Path, work: Path, n: int, seed: int = 0) -> dict:
     with torch.no_grad():
         want = load_model(path, device="cpu")[0](ids).logits
     out = Outcomes()
-    for t in range(n):
-        trial = work / f"g{t}" / path.name
-        trial.parent.mkdir(parents=True)
-        shutil.copy(path, trial)
-        what = f"{path.name} {damage(trial, rng)}"
-
+    for trial, what in _damaged_copies(path, work, n, rng, "g"):
         def run():
             with torch.no_grad():
                 return load_model(trial, device="cpu")[0](ids).logits
 
         _trial(out, what, run, lambda got: torch.equal(got, want))
-        shutil.rmtree(trial.parent)
     return out.as_dict()
