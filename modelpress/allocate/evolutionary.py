@@ -227,20 +227,26 @@ class Evolutionary(Allocator):
         try:
             state = read_json(ck, "search checkpoint", "starting over")
         except CorruptFileError as e:
-            aside = ck.with_name(f"{ck.stem}.damaged{ck.suffix}")
-            try:
-                ck.replace(aside)
-                log.warning("%s (kept as %s)", e, aside)
-            except OSError:
-                log.warning("%s", e)
+            Evolutionary._set_aside(ck, "damaged", str(e))
             return None
         if state and state.get("key") == key:
             return state
         if state:
-            aside = ck.with_name(f"{ck.stem}.{state.get('key', 'old')}{ck.suffix}")
-            ck.replace(aside)
-            log.warning("search checkpoint %s belongs to another problem (moved to %s); starting over", ck, aside)
+            Evolutionary._set_aside(ck, state.get("key", "old"),
+                                    f"search checkpoint {ck} belongs to another problem; starting over")
         return None
+
+    @staticmethod
+    def _set_aside(ck: Path, tag: str, why: str) -> None:
+        """Keep a checkpoint this search will not resume as CK.<tag>.json (it holds other work),
+        saying why; where the folder cannot be changed, only say why."""
+        aside = ck.with_name(f"{ck.stem}.{tag}{ck.suffix}")
+        try:
+            ck.replace(aside)
+        except OSError:
+            log.warning("%s", why)
+            return
+        log.warning("%s (kept as %s)", why, aside)
 
     def _record(self) -> dict:
         return {"history": list(self.history), "resumed_at": self.resumed_at,

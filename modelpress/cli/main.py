@@ -36,12 +36,12 @@ class _OneLineErrors(typer.core.TyperGroup):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except self._usage_error as e:
-            where = e.ctx.command_path if e.ctx is not None else "modelpress"
             if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:  # `modelpress` alone: the help
                 typer.echo(e.ctx.get_help())
-                return sys.exit(2) if standalone_mode else 2
-            err_console.print(f"[bold red]error:[/] {e.format_message()} (see `{where} --help`)",
-                              highlight=False, soft_wrap=True)
+            else:
+                where = e.ctx.command_path if e.ctx is not None else "modelpress"
+                err_console.print(f"[bold red]error:[/] {e.format_message()} (see `{where} --help`)",
+                                  highlight=False, soft_wrap=True)
             rv = 2
         except _OneLineErrors._click_error as e:  # e.g. a file option click could not open
             err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)

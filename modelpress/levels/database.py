@@ -64,6 +64,10 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def discover_units(model, kind: Kind) -> list[UnitInfo]:
     return kind.discover(model)
 
@@ -162,7 +166,7 @@ class LevelDB:
                 if md.get("digest") != _digest(tensors):
                     raise ValueError("digest mismatch")
                 # older unit files have no digest of their levels' metadata (sizes, errors)
-                if "levels_digest" in md and md["levels_digest"] != hashlib.sha256(md["levels"].encode()).hexdigest():
+                if "levels_digest" in md and md["levels_digest"] != _text_digest(md["levels"]):
                     raise ValueError("levels metadata digest mismatch")
                 levels = json.loads(md["levels"])
                 for v, m in levels.items():  # levels stored before their header entries were counted
@@ -204,8 +208,8 @@ class LevelDB:
             if t.numel() and t.data_ptr() in seen:
                 tensors[k] = t.clone()
             seen.add(tensors[k].data_ptr())
-        md = {"levels": json.dumps(levels), "digest": _digest(tensors)}
-        md["levels_digest"] = hashlib.sha256(md["levels"].encode()).hexdigest()
+        text = json.dumps(levels)
+        md = {"levels": text, "digest": _digest(tensors), "levels_digest": _text_digest(text)}
         with atomic_file(f, "wb") as fh:
             fh.write(_serialize(tensors, md))
 
