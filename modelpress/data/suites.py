@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SUITES: dict[str, tuple[str, ...]] = {
     "default": ("pydoc", "austen", "chitchat"),
-    "all": ("pydoc", "austen", "chitchat", "sotu"),
+    "all": ("pydoc", "austen", "chitchat", "sotu", "wiki", "mobydick"),
 }
 
 

