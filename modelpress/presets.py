@@ -20,7 +20,7 @@ from .search import SearchConfig, SearchSettings
 PRESETS: dict[str, dict] = {
     "cpu": {"levels": (2, 3, 4), "n_samples": 128, "fitness_windows": 16, "validation_windows": 4,
             "search": {"generations": 12, "offspring": 8, "tokens": (1024, 4096), "survivors": (2, 1)}},
-    "gpu": {"levels": (2, 3, 4, 5, 6), "n_samples": 128, "fitness_windows": 64, "validation_windows": 4,
+    "gpu": {"levels": (2, 3, 4, 5, 6), "n_samples": 512, "fitness_windows": 64, "validation_windows": 4,
             "search": {"generations": 150, "offspring": 32, "tokens": (1024, 8192), "survivors": (4, 1)}},
 }
 
