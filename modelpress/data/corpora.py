@@ -96,6 +96,13 @@ def _fetched(pkg: Package, relative: str) -> Path:
         raise DataError(str(e)) from None
 
 
+def _r_datasets(pkg: Package, r_package: str) -> dict:
+    """The data sets of an R package installed by a Debian package (its lazy-load database)."""
+    from .rdata import read_lazyload
+
+    return read_lazyload(_fetched(pkg, f"usr/lib/R/site-library/{r_package}/data"))
+
+
 @CORPORA.register("austen")
 @dataclasses.dataclass
 class Austen:
@@ -111,11 +118,8 @@ class Austen:
     eval_fraction: float = 0.4
 
     def load(self) -> tuple[str, str | None]:
-        from .rdata import read_lazyload
-
-        folder = _fetched(self.package, "usr/lib/R/site-library/janeaustenr/data")
         cal, ev = [], []
-        for name, lines in sorted(read_lazyload(folder).items()):
+        for name, lines in sorted(_r_datasets(self.package, "janeaustenr").items()):
             lines = lines[0] if isinstance(lines, tuple) else lines
             c, e = _split_paragraphs(_unwrap("\n".join(x or "" for x in lines)), self.eval_fraction)
             cal.append(c)
@@ -211,14 +215,12 @@ class MobyDick:
     eval_fraction: float = 0.4
 
     def load(self) -> tuple[str, str | None]:
-        from .rdata import read_lazyload
-
-        folder = _fetched(self.package, "usr/lib/R/site-library/tokenizers/data")
-        obj = read_lazyload(folder)["mobydick"]
+        obj = _r_datasets(self.package, "tokenizers")["mobydick"]
         text = (obj[0] if isinstance(obj, tuple) else obj)[0].replace("\r\n", "\n")
         start, end = text.find("*** START"), text.find("*** END")
         if start < 0 or end < start:
-            raise DataError(f"unexpected layout of the Moby-Dick text in {folder}: no Gutenberg START/END markers")
+            raise DataError(f"unexpected layout of the Moby-Dick text in {self.package.name}: no Gutenberg "
+                            "START/END markers")
         paras = _unwrap(text[text.index("\n", start):end]).split("\n\n")
         # the transcriber's credit line and the closing "End of Project Gutenberg's ..." are not the book
         paras = [p for p in paras if not p.startswith(("Produced by", "End of Project Gutenberg"))]
