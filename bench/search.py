@@ -26,9 +26,8 @@ from common import RowCache, bench_args, machine, not_run_note, print_table, wri
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget
-from modelpress.data.windows import DataConfig
-from modelpress.presets import PRESETS, budget_config
-from modelpress.search import SearchConfig, SearchSettings, search
+from modelpress.presets import PRESETS, budget_config, preset_search
+from modelpress.search import SearchConfig, search
 
 # run key -> (budget, model-free allocators run beside the search); most informative first
 RUNS = {
@@ -43,13 +42,9 @@ RUNS = {
 
 
 def config(budget: Budget, compare: tuple[str, ...], out: str, n_eval: int, sparsity_levels: int) -> SearchConfig:
-    if budget.kind == "drop":  # the preset's search and data, over the depth kind
-        p = PRESETS["cpu"]
+    if budget.kind == "drop":  # budget_config makes quant / sparsity searches: the preset's search over depth
         return SearchConfig(budget=budget, kind="depth", compare=compare, out=out, n_eval=n_eval,
-                            allocator_settings={**p["search"], "seed": 0},
-                            data=DataConfig(n_samples=p["n_samples"], seq_len=512),
-                            fitness=SearchSettings(fitness_windows=p["fitness_windows"],
-                                                   validation_windows=p["validation_windows"]))
+                            **preset_search("cpu"))
     levels = {"max_levels": sparsity_levels} if budget.kind == "sparsity" else None
     cfg = budget_config(budget, machine="cpu", out=out, n_eval=n_eval, level_settings=levels)
     return dataclasses.replace(cfg, compare=compare)
