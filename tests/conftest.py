@@ -80,6 +80,21 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 20)
 
 
+def bpe_tokenizer():
+    """byte_tokenizer plus four merges (260 symbols): llama.cpp loads a BPE vocabulary only with merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 20)
+
+
 @pytest.fixture
 def tokenizer():
     return byte_tokenizer()

@@ -735,7 +735,7 @@ def eval_cmd(
     if engine not in ("torch", "llama.cpp"):
         raise ConfigError("--engine is torch or llama.cpp")
     if engine == "llama.cpp":
-        from ..export.ggufio import llama_cpp_perplexity
+        from ..export.llamacpp import perplexity as llama_cpp_perplexity
         from ..models import load_model
 
         if not model.endswith(".gguf") or not Path(model).is_file():

@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp (Llama family), and llama.cpp-side evaluation.
+"""GGUF export for llama.cpp (Llama family); llama.cpp itself runs the files in `llamacpp`.
 
 Metadata (tokenizer included) is copied from the GGUF file the model came from when there is one,
 so llama.cpp tokenizes exactly as before; otherwise it is built from the Hugging Face config and a
@@ -10,11 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
@@ -260,53 +258,3 @@ def gguf_fixed_bytes(model, units: dict[str, tuple[int, int]], tokenizer=None) -
     for name, shape in units.items():
         size -= _pad(ggml.bytes_per_row(ggml.qtype("Q8_0"), shape[1]) * shape[0])
     return size
-
-
-def llama_cpp_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def _llama(path: str | Path, n_ctx: int, threads: int | None = None):
-    if not llama_cpp_available():
-        raise ModelLoadError("evaluating with llama.cpp needs `pip install llama-cpp-python`")
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
-                 n_threads=threads or int(os.environ.get("MODELPRESS_LLAMA_THREADS", 0)) or max(1, os.cpu_count() or 1))
-
-
-def llama_cpp_perplexity(path: str | Path, ids: torch.Tensor) -> dict:
-    """Perplexity computed by llama.cpp itself on token windows (no tokenization on its side)."""
-    import time
-
-    llm = _llama(path, ids.shape[1])
-    nll, n = 0.0, 0
-    t0 = time.time()
-    for row in ids.tolist():
-        llm.reset()
-        llm.eval(row)
-        logits = torch.from_numpy(np.array(llm.scores[: len(row)], dtype=np.float32))
-        lp = torch.log_softmax(logits[:-1].double(), dim=-1)
-        tgt = torch.tensor(row[1:])
-        nll += -float(lp.gather(-1, tgt[:, None]).sum())
-        n += len(row) - 1
-    return {"ppl": float(np.exp(nll / n)), "nll": nll / n, "n_tokens": n, "seconds": time.time() - t0}
-
-
-def llama_cpp_generate(path: str | Path, prompt_ids: list[int], n_new: int = 64) -> dict:
-    """Greedy generation with llama.cpp: the tokens and the decode speed (tokens/s)."""
-    import time
-
-    llm = _llama(path, len(prompt_ids) + n_new + 8)
-    llm.reset()
-    llm.eval(prompt_ids)
-    out = []
-    t = time.time()
-    for _ in range(n_new):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
-    dt = time.time() - t
-    return {"tokens": out, "tokens_per_s": n_new / dt}

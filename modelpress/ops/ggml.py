@@ -1,19 +1,16 @@
 """GGML quantization with llama.cpp's own arithmetic.
 
-When llama-cpp-python is installed its bundled ggml library is loaded with ctypes and
+llama.cpp's ggml library (found or fetched by `export.llamacpp`) is loaded with ctypes and
 `ggml_quantize_chunk` / the type traits' `to_float` are used: the bytes modelpress writes are the
 bytes llama.cpp's quantizer would write, and the floats modelpress evaluates are the ones
-llama.cpp decodes. Without it, the `gguf` package's NumPy port is used, which covers only the
-legacy block-32 types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) plus F16/F32.
+llama.cpp decodes. Where no llama.cpp library can be had, the `gguf` package's NumPy port is used,
+which covers only the legacy block-32 types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) plus F16/F32.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import glob
-import importlib.util
 import logging
-import os
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -38,30 +35,26 @@ _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_in
 
 @functools.lru_cache(maxsize=1)
 def _libggml():
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
+    from ..export import llamacpp
+
+    try:
+        lib = llamacpp.library().base
+    except llamacpp.LlamaCppUnavailable as e:
+        log.warning("K-quant GGML types are unavailable (%s); legacy types use the gguf package's NumPy port", e)
         return None
-    for loc in spec.submodule_search_locations:
-        for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll", "libggml.so", "libggml.dylib"):
-            for path in glob.glob(os.path.join(loc, "**", name), recursive=True):
-                try:
-                    lib = ctypes.CDLL(path)
-                    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-                    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-                    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-                    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-                    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
-                    lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
-                except (OSError, AttributeError):
-                    continue
-                # the struct layout must match this library: check it against gguf's table
-                t = lib.ggml_get_type_traits(int(GGMLQuantizationType.Q4_K)).contents
-                if (t.blck_size, t.type_size) != GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]:
-                    log.warning("ggml library at %s has an unexpected layout; using the gguf package", path)
-                    continue
-                return lib
-    return None
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
+    # the traits struct's layout must match this library: check it against gguf's table
+    t = lib.ggml_get_type_traits(int(GGMLQuantizationType.Q4_K)).contents
+    if (t.blck_size, t.type_size) != GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K]:
+        log.warning("the ggml library has an unexpected type-traits layout; using the gguf package")
+        return None
+    return lib
 
 
 def backend() -> str:
@@ -99,7 +92,7 @@ def quantize(w: np.ndarray, t: GGMLQuantizationType) -> np.ndarray:
     rows, n = w.shape
     if not supported(t, n):
         raise ConfigError(f"type {t.name} cannot store rows of {n} weights here"
-                          + ("" if _libggml() else " (K-quants and IQ types need `pip install llama-cpp-python`)"))
+                          + ("" if _libggml() else " (K-quants need llama.cpp's library: see modelpress.export.llamacpp)"))
     if t == GGMLQuantizationType.F32:
         return w.view(np.uint8).reshape(rows, -1).copy()
     if t == GGMLQuantizationType.F16:

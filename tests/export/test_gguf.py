@@ -1,10 +1,7 @@
-import importlib.util
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import modelpress as mp
 from modelpress.allocate.budget import Budget, make_problem
 from modelpress.errors import ConfigError, UnsupportedArchitectureError
 from modelpress.ops import ggml
@@ -14,9 +11,6 @@ from modelpress.ops.ggmlweight import GGMLWeight
 from modelpress.search import allocate, materialize, open_database
 from tests.conftest import byte_tokenizer, tiny_model
 from tests.export.test_checkpoint import windows
-
-HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
-
 
 @pytest.mark.parametrize("t", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 def test_legacy_types_roundtrip_and_size(t):
@@ -75,27 +69,3 @@ def test_gguf_search_file_size_matches_prediction(tmp_path):
     m2 = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="s.gguf", dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(m(w.eval).logits, m2(w.eval).logits)
-
-
-@pytest.mark.real
-@pytest.mark.skipif(not HAVE_LLAMA, reason="needs llama-cpp-python (pip install 'modelpress[gguf]')")
-def test_llama_cpp_runs_export_and_agrees_on_default_model(tmp_path):
-    from modelpress.export.ggufio import llama_cpp_generate, llama_cpp_perplexity
-
-    model, tok = mp.load_model("smollm2-135m", device="cpu")
-    w = mp.get_windows(tok, mp.DataConfig(corpus="pydoc", n_samples=4, n_eval=6))
-    weights = {}
-    for n, mod in Arch(model).all_linears().items():
-        g = GGMLWeight.quantize(get_weight(mod), "Q4_K" if mod.in_features % 256 == 0 else "Q5_0",
-                                heads={"q_proj": 9, "k_proj": 3}.get(n.rsplit(".", 1)[-1]))
-        weights[n] = g
-        set_weight(mod, g.dequantize())
-    out = export_gguf(model, tmp_path / "m.gguf", weights=weights, tokenizer=tok)
-    gen = llama_cpp_generate(out, w.eval[0, :16].tolist(), n_new=12)
-    assert len(gen["tokens"]) == 12 and gen["tokens_per_s"] > 0
-    with torch.no_grad():
-        torch_greedy = model.generate(w.eval[:1, :16], max_new_tokens=12, do_sample=False)[0, 16:].tolist()
-    assert gen["tokens"][:4] == torch_greedy[:4]
-    ours = mp.evaluate(model, w.eval).ppl
-    theirs = llama_cpp_perplexity(out, w.eval)["ppl"]
-    assert abs(theirs / ours - 1) < 0.01, (ours, theirs)

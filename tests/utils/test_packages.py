@@ -73,3 +73,32 @@ def test_failures_say_how_to_get_the_package(tmp_path, monkeypatch):
     with pytest.raises(pk.PackageFetchError, match="has no apt-get"):
         pk.Package("debian", "p", "1").root()
     assert not list(tmp_path.rglob("*.txt"))  # nothing half-made left behind
+
+
+def test_npm_tarball_is_checked_against_its_pinned_checksum(tmp_path, monkeypatch):
+    import base64
+    import hashlib
+
+    monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path / "cache"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("package/bins/lib.so")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"elf"))
+    body = buf.getvalue()
+    urls = []
+
+    def fake_urlopen(url, timeout):
+        urls.append(url)
+        return io.BytesIO(body)
+
+    monkeypatch.setattr(pk.urllib.request, "urlopen", fake_urlopen)
+    good = "sha512-" + base64.b64encode(hashlib.sha512(body).digest()).decode()
+    bad = pk.Package("npm", "@scope/pkg", "1.0", integrity="sha512-" + base64.b64encode(b"0" * 64).decode())
+    with pytest.raises(pk.PackageFetchError, match="does not match its pinned sha512"):
+        bad.root()
+    assert not bad.cache_dir.exists() and not list(tmp_path.glob("cache/packages/*"))
+    ok = pk.Package("npm", "@scope/pkg", "1.0", integrity=good)
+    assert ok.file("package/bins/lib.so").read_bytes() == b"elf"
+    assert urls[-1] == "https://registry.npmjs.org/@scope/pkg/-/pkg-1.0.tgz"
+    assert "+" in ok.cache_dir.name and "/" not in ok.cache_dir.name

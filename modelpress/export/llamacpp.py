@@ -1,0 +1,340 @@
+"""llama.cpp itself, loaded with ctypes: it scores, generates from and quantizes the GGUF files
+modelpress writes, so the numbers in a GGUF report are the engine's own.
+
+The libraries are taken from the first of:
+1. `MODELPRESS_LLAMA_CPP_LIB`: a folder holding a llama.cpp build's shared libraries
+   (`libllama*.so`, `libggml*.so`, e.g. a build's `bin/`); `none` turns llama.cpp off;
+2. llama-cpp-python, when it is installed: the libraries it bundles;
+3. on Linux x86-64, the CPU build that node-llama-cpp publishes on npm (`@node-llama-cpp/linux-x64`,
+   llama.cpp 0.5.0, built on Ubuntu 22.04; ggml picks the best of its CPU variants, SSE4.2 to
+   AVX512/AMX, when it loads): 10.8 MB fetched once into the modelpress cache and checked against its
+   pinned checksum. The files are plain llama.cpp shared libraries; Node.js is not needed.
+
+Only long-stable parts of llama.h are relied on: `llama_batch`, the first three fields of
+`llama_context_params` (n_ctx, n_batch, n_ubatch) and the first two of
+`llama_model_quantize_params` (nthread, ftype); the other parameter structs are passed through as
+the library fills them. The defaults are checked when the library loads, so a build with another
+layout is refused with a clear error instead of read wrongly.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import glob
+import importlib.util
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import LlamaFileType
+
+from ..errors import ModelLoadError
+from ..utils.packages import Package, PackageFetchError
+
+log = logging.getLogger(__name__)
+
+NODE_LLAMA_CPP = Package("npm", "@node-llama-cpp/linux-x64", "3.22.1",
+                         integrity="sha512-5uCCDNqWCNfaAm8aR/Uzxbo4HBpKgNF91kCHPepKhgMgV2OAmatoefbOlMihsqCiH2Od35E/"
+                                   "eUHQCFbfRBJuOg==")
+
+
+class _OPAQUE(ctypes.Structure):
+    """Room for any version's parameter structs, returned and passed by value as the library fills them
+    (x86-64 and arm64 pass structs this large through memory, so only the callee's own bytes are read)."""
+    _fields_ = [("raw", ctypes.c_uint8 * 1024)]
+
+
+_LOG_CB = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+class LlamaCppUnavailable(ModelLoadError):
+    """No usable llama.cpp library on this machine."""
+
+
+class _Batch(ctypes.Structure):
+    _fields_ = [("n_tokens", ctypes.c_int32), ("token", ctypes.POINTER(ctypes.c_int32)),
+                ("embd", ctypes.POINTER(ctypes.c_float)), ("pos", ctypes.POINTER(ctypes.c_int32)),
+                ("n_seq_id", ctypes.POINTER(ctypes.c_int32)),
+                ("seq_id", ctypes.POINTER(ctypes.POINTER(ctypes.c_int32))), ("logits", ctypes.POINTER(ctypes.c_int8))]
+
+
+def _candidate_dirs() -> list[Path]:
+    env = os.environ.get("MODELPRESS_LLAMA_CPP_LIB")
+    if env:
+        if env.lower() == "none":
+            raise LlamaCppUnavailable("llama.cpp is turned off (MODELPRESS_LLAMA_CPP_LIB=none)")
+        return [Path(env)]
+    dirs = []
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            dirs += sorted({Path(p).parent for p in glob.glob(os.path.join(loc, "**", "libllama*.so"), recursive=True)})
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        try:
+            dirs.append(NODE_LLAMA_CPP.root() / "package" / "bins" / "linux-x64")
+        except PackageFetchError as e:
+            if not dirs:
+                raise LlamaCppUnavailable(f"no llama.cpp library here and the prebuilt one could not be fetched: {e}; "
+                                          "or point MODELPRESS_LLAMA_CPP_LIB at a llama.cpp build's libraries, or "
+                                          "`pip install llama-cpp-python`") from None
+    if not dirs:
+        raise LlamaCppUnavailable(f"no prebuilt llama.cpp for {platform.system()} {platform.machine()}: "
+                                  "`pip install llama-cpp-python`, or point MODELPRESS_LLAMA_CPP_LIB at a llama.cpp "
+                                  "build's libraries")
+    return dirs
+
+
+def _one(folder: Path, pattern: str) -> Path | None:
+    found = sorted(folder.glob(pattern))
+    return found[0] if found else None
+
+
+_GGML_LOG_WARN = 3  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
+_problems: collections.deque[str] = collections.deque(maxlen=2)  # its last warnings, for our error messages
+
+
+def _forward_log(level: int, text: bytes | None, _user) -> None:
+    if not text:
+        return
+    line = text.decode(errors="replace").rstrip()
+    if level in (_GGML_LOG_WARN, _GGML_LOG_WARN + 1) and line:
+        _problems.append(line)
+    log.debug("llama.cpp: %s", line)
+
+
+def _said() -> str:
+    """What llama.cpp last warned about, for an error message."""
+    return f" (llama.cpp said: {' / '.join(_problems)})" if _problems else " (run with --log-level debug to see its log)"
+
+
+_log_cb = _LOG_CB(_forward_log)  # kept alive for the process: the library holds the pointer
+
+
+class _Lib:
+    """The loaded libraries with their signatures declared."""
+
+    def __init__(self, folder: Path):
+        base = _one(folder, "libggml-base*.so")
+        ggml = _one(folder, "libggml.so") or _one(folder, "libggml.v*.so")
+        llama = _one(folder, "libllama.so") or _one(folder, "libllama.v*.so")
+        if not (base and llama):
+            raise LlamaCppUnavailable(f"{folder} holds no libllama / libggml-base shared library")
+        mode = ctypes.RTLD_GLOBAL
+        self.folder = folder
+        self.base = ctypes.CDLL(str(base), mode=mode)
+        self.ggml = ctypes.CDLL(str(ggml), mode=mode) if ggml else self.base
+        self.llama = ctypes.CDLL(str(llama), mode=mode)
+        c = ctypes
+        self._sig(self.base, "ggml_log_set", None, [_LOG_CB, c.c_void_p])
+        self._sig(self.llama, "llama_log_set", None, [_LOG_CB, c.c_void_p])
+        self.base.ggml_log_set(_log_cb, None)
+        self.llama.llama_log_set(_log_cb, None)
+        if hasattr(self.ggml, "ggml_backend_load_all_from_path"):  # builds whose CPU backends are plugins
+            self._sig(self.ggml, "ggml_backend_load_all_from_path", None, [c.c_char_p])
+            self.ggml.ggml_backend_load_all_from_path(str(folder).encode())
+        self._sig(self.ggml, "ggml_backend_dev_count", c.c_size_t, [])
+        if self.ggml.ggml_backend_dev_count() == 0:
+            raise LlamaCppUnavailable(f"llama.cpp at {folder} found no backend for this CPU")
+        L = self.llama
+        self._sig(L, "llama_backend_init", None, [])
+        L.llama_backend_init()
+        self._sig(L, "llama_model_default_params", _OPAQUE, [])
+        self._sig(L, "llama_model_load_from_file", c.c_void_p, [c.c_char_p, _OPAQUE])
+        self._sig(L, "llama_model_free", None, [c.c_void_p])
+        self._sig(L, "llama_context_default_params", _OPAQUE, [])
+        self._sig(L, "llama_init_from_model", c.c_void_p, [c.c_void_p, _OPAQUE])
+        self._sig(L, "llama_free", None, [c.c_void_p])
+        self._sig(L, "llama_set_n_threads", None, [c.c_void_p, c.c_int32, c.c_int32])
+        self._sig(L, "llama_model_get_vocab", c.c_void_p, [c.c_void_p])
+        self._sig(L, "llama_vocab_n_tokens", c.c_int32, [c.c_void_p])
+        self._sig(L, "llama_n_ctx", c.c_uint32, [c.c_void_p])
+        self._sig(L, "llama_batch_init", _Batch, [c.c_int32, c.c_int32, c.c_int32])
+        self._sig(L, "llama_batch_free", None, [_Batch])
+        self._sig(L, "llama_decode", c.c_int32, [c.c_void_p, _Batch])
+        self._sig(L, "llama_get_logits", c.POINTER(c.c_float), [c.c_void_p])
+        self._sig(L, "llama_get_memory", c.c_void_p, [c.c_void_p])
+        self._sig(L, "llama_memory_clear", None, [c.c_void_p, c.c_bool])
+        self._sig(L, "llama_model_quantize_default_params", _OPAQUE, [])
+        self._sig(L, "llama_model_quantize", c.c_uint32, [c.c_char_p, c.c_char_p, c.POINTER(_OPAQUE)])
+        cp = tuple(int(v) for v in np.frombuffer(bytes(L.llama_context_default_params().raw), np.uint32)[:3])
+        qp = tuple(int(v) for v in np.frombuffer(bytes(L.llama_model_quantize_default_params().raw), np.int32)[:2])
+        # llama.h's defaults for years: n_ctx 512, n_batch 2048, n_ubatch 512; nthread 0 and a valid ftype
+        if cp != (512, 2048, 512) or qp[0] != 0 or qp[1] not in {int(t) for t in LlamaFileType}:
+            raise LlamaCppUnavailable(f"the llama.cpp library at {folder} lays out its parameters differently from "
+                                      f"the llama.h modelpress reads (defaults {cp}, {qp}); use llama.cpp 0.5 or "
+                                      "set MODELPRESS_LLAMA_CPP_LIB")
+
+    @staticmethod
+    def _sig(lib, name, restype, argtypes) -> None:
+        try:
+            f = getattr(lib, name)
+        except AttributeError:
+            raise LlamaCppUnavailable(f"the llama.cpp library has no {name} (another llama.cpp version than 0.5?)") \
+                from None
+        f.restype, f.argtypes = restype, argtypes
+
+
+_loaded: list = []  # the _Lib, or the LlamaCppUnavailable that says why there is none (tried once a process)
+
+
+def library() -> _Lib:
+    """The llama.cpp libraries, loaded once (raises LlamaCppUnavailable with what to do)."""
+    if not _loaded:
+        _loaded.append(_load())
+    if isinstance(_loaded[0], LlamaCppUnavailable):
+        raise _loaded[0]
+    return _loaded[0]
+
+
+def _load() -> _Lib | LlamaCppUnavailable:
+    errors = []
+    try:
+        folders = _candidate_dirs()
+    except LlamaCppUnavailable as e:
+        return e
+    for folder in folders:
+        try:
+            lib = _Lib(folder)
+        except (OSError, LlamaCppUnavailable) as e:
+            errors.append(f"{folder}: {e}")
+            continue
+        log.info("llama.cpp libraries: %s", folder)
+        return lib
+    return LlamaCppUnavailable("no usable llama.cpp library: " + "; ".join(errors))
+
+
+def available() -> bool:
+    try:
+        library()
+    except LlamaCppUnavailable as e:
+        log.debug("%s", e)
+        return False
+    return True
+
+
+def threads() -> int:
+    return int(os.environ.get("MODELPRESS_LLAMA_THREADS", 0)) or max(1, os.cpu_count() or 1)
+
+
+class Session:
+    """One GGUF model loaded in llama.cpp with a context of n_ctx tokens (one sequence)."""
+
+    def __init__(self, path: str | Path, n_ctx: int, n_threads: int | None = None):
+        self.lib = L = library().llama
+        path = Path(path)
+        if not path.is_file():
+            raise ModelLoadError(f"no GGUF file at {path}")
+        _problems.clear()
+        self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        if not self.model:
+            raise ModelLoadError(f"llama.cpp could not load {path}{_said()}")
+        params = L.llama_context_default_params()
+        n_ctx = int(n_ctx)
+        np.frombuffer(params.raw, dtype=np.uint32)[:3] = (n_ctx, n_ctx, n_ctx)  # n_ctx, n_batch, n_ubatch
+        self.ctx = L.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise ModelLoadError(f"llama.cpp could not make a {n_ctx}-token context for {path}{_said()}")
+        n = n_threads or threads()
+        L.llama_set_n_threads(self.ctx, n, n)
+        self.n_ctx = n_ctx
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.n_past = 0
+
+    def close(self) -> None:
+        if self.ctx:
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def reset(self) -> None:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        self.n_past = 0
+
+    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
+        """Feed tokens after those already fed; the logits of every fed token (or only the last),
+        float32 (n, vocab)."""
+        n = len(tokens)
+        if not n or self.n_past + n > self.n_ctx:
+            raise ValueError(f"{n} tokens after {self.n_past} do not fit a {self.n_ctx}-token context")
+        batch = self.lib.llama_batch_init(n, 0, 1)
+        try:
+            for i, t in enumerate(tokens):
+                batch.token[i] = int(t)
+                batch.pos[i] = self.n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1 if all_logits or i == n - 1 else 0
+            batch.n_tokens = n
+            rc = self.lib.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc}")
+        finally:
+            self.lib.llama_batch_free(batch)
+        self.n_past += n
+        rows = n if all_logits else 1
+        return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(rows, self.n_vocab)).copy()
+
+
+def perplexity(path: str | Path, ids) -> dict:
+    """Perplexity computed by llama.cpp itself on token windows (no tokenization on its side)."""
+    import torch
+
+    nll, n = 0.0, 0
+    t0 = time.time()
+    with Session(path, ids.shape[1]) as s:
+        for row in ids.tolist():
+            s.reset()
+            logits = torch.from_numpy(s.eval(row))
+            lp = torch.log_softmax(logits[:-1].double(), dim=-1)
+            nll += -float(lp.gather(-1, torch.tensor(row[1:])[:, None]).sum())
+            n += len(row) - 1
+    return {"ppl": float(np.exp(nll / n)), "nll": nll / n, "n_tokens": n, "seconds": time.time() - t0}
+
+
+def generate(path: str | Path, prompt_ids: list[int], n_new: int = 64) -> dict:
+    """Greedy generation with llama.cpp: the new tokens and the decode speed (tokens/s)."""
+    with Session(path, len(prompt_ids) + n_new + 8) as s:
+        last = s.eval(list(prompt_ids), all_logits=False)[-1]
+        out = []
+        t = time.time()
+        for _ in range(n_new):
+            out.append(int(np.argmax(last)))
+            last = s.eval([out[-1]], all_logits=False)[-1]
+        dt = time.time() - t
+    return {"tokens": out, "tokens_per_s": n_new / dt}
+
+
+def quantize(src: str | Path, dst: str | Path, preset: str, n_threads: int | None = None) -> Path:
+    """`llama-quantize SRC DST PRESET` through the library (no importance matrix): e.g. Q4_K_M."""
+    from ..errors import ConfigError
+    from ..utils.io import commit_file, temp_path
+
+    try:
+        ftype = LlamaFileType[f"MOSTLY_{preset.upper()}"]
+    except KeyError:
+        raise ConfigError(f"unknown llama.cpp preset {preset!r}; e.g. Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q8_0") from None
+    L = library().llama
+    params = L.llama_model_quantize_default_params()
+    np.frombuffer(params.raw, dtype=np.int32)[:2] = (n_threads or threads(), int(ftype))
+    tmp = temp_path(dst)
+    try:
+        _problems.clear()
+        rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise ModelLoadError(f"llama.cpp could not quantize {src} to {preset}{_said()}")
+        commit_file(tmp, dst)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return Path(dst)

@@ -1,0 +1,104 @@
+"""llama.cpp itself (through ctypes) runs what modelpress exports: logits, greedy tokens, perplexity,
+its own quantizer's presets, and clear errors. Runs wherever a llama.cpp library can be had (on
+Linux x86-64 the prebuilt npm build is fetched once); skipped, saying why, elsewhere."""
+import pytest
+import torch
+
+import modelpress as mp
+from modelpress.errors import ConfigError, ModelLoadError
+from modelpress.export import llamacpp
+from modelpress.export.ggufio import export_gguf
+from modelpress.models.arch import Arch, get_weight, set_weight
+from modelpress.ops import ggml
+from modelpress.ops.ggmlweight import GGMLWeight
+from tests.conftest import bpe_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def lib():
+    try:
+        return llamacpp.library()
+    except llamacpp.LlamaCppUnavailable as e:
+        pytest.skip(f"no llama.cpp library: {e}")
+
+
+def _f16_tiny(tmp_path):
+    tok = bpe_tokenizer()
+    m = tiny_model("llama", vocab=len(tok))
+    with torch.no_grad():  # hold exactly what an F16 file stores, so only llama.cpp's arithmetic differs
+        for p in m.parameters():
+            p.copy_(p.half().float())
+    return m, tok, export_gguf(m, tmp_path / "t.gguf", default_type="F16", tokenizer=tok)
+
+
+def test_logits_greedy_tokens_and_perplexity_match_torch(lib, tmp_path):
+    m, tok, path = _f16_tiny(tmp_path)
+    ids = torch.randint(0, len(tok), (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = m(ids).logits
+    with llamacpp.Session(path, 48) as s:
+        first = torch.from_numpy(s.eval(ids[0].tolist()))
+        s.reset()
+        second = torch.from_numpy(s.eval(ids[1, :20].tolist()))
+        rest = torch.from_numpy(s.eval(ids[1, 20:].tolist()))  # continues from the cache
+    spread = float(ours.std())
+    assert (first - ours[0]).abs().max() < 0.02 * spread
+    assert (torch.cat([second, rest]) - ours[1]).abs().max() < 0.02 * spread
+    assert (first - ours[1]).abs().max() > spread  # another window's logits: the check can tell them apart
+    gen = llamacpp.generate(path, ids[0, :8].tolist(), n_new=8)
+    with torch.no_grad():
+        assert gen["tokens"] == m.generate(ids[:1, :8], max_new_tokens=8, do_sample=False)[0, 8:].tolist()
+    assert abs(llamacpp.perplexity(path, ids)["ppl"] / mp.evaluate(m, ids).ppl - 1) < 0.005
+
+
+def test_quantize_presets_and_errors(lib, tmp_path):
+    _, _, path = _f16_tiny(tmp_path)
+    out = llamacpp.quantize(path, tmp_path / "q.gguf", "Q4_0")
+    from gguf import GGUFReader
+
+    types = {t.name: t.tensor_type.name for t in GGUFReader(out).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and out.stat().st_size < path.stat().st_size / 2.5
+    with pytest.raises(ModelLoadError, match="requantizing"):  # llama.cpp's own reason is passed on
+        llamacpp.quantize(out, tmp_path / "r.gguf", "Q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.gguf", "t.gguf"]  # nothing half-made
+    with pytest.raises(ConfigError, match="unknown llama.cpp preset"):
+        llamacpp.quantize(path, tmp_path / "x.gguf", "Q7_K")
+    with pytest.raises(ModelLoadError, match="no GGUF file"):
+        llamacpp.Session(tmp_path / "missing.gguf", 16)
+
+
+def test_where_the_library_comes_from(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELPRESS_LLAMA_CPP_LIB", "none")
+    with pytest.raises(llamacpp.LlamaCppUnavailable, match="turned off"):
+        llamacpp._candidate_dirs()
+    monkeypatch.setenv("MODELPRESS_LLAMA_CPP_LIB", str(tmp_path))
+    err = llamacpp._load()
+    assert isinstance(err, llamacpp.LlamaCppUnavailable) and "holds no libllama" in str(err)
+
+
+def test_kquants_come_from_the_same_library(lib):
+    w = torch.randn(4, 256)
+    g = GGMLWeight.quantize(w, "Q4_K")
+    assert g.data.numel() == 4 * 144 and ggml.backend().startswith("llama.cpp")
+    assert (g.dequantize() - w).abs().max() < 0.5
+
+
+@pytest.mark.real
+def test_llama_cpp_runs_export_and_agrees_on_default_model(lib, tmp_path):
+    model, tok = mp.load_model("smollm2-135m", device="cpu")
+    w = mp.get_windows(tok, mp.DataConfig(corpus="pydoc", n_samples=4, n_eval=6))
+    weights = {}
+    for n, mod in Arch(model).all_linears().items():
+        g = GGMLWeight.quantize(get_weight(mod), "Q4_K" if mod.in_features % 256 == 0 else "Q5_0",
+                                heads={"q_proj": 9, "k_proj": 3}.get(n.rsplit(".", 1)[-1]))
+        weights[n] = g
+        set_weight(mod, g.dequantize())
+    out = export_gguf(model, tmp_path / "m.gguf", weights=weights, tokenizer=tok)
+    gen = llamacpp.generate(out, w.eval[0, :16].tolist(), n_new=12)
+    assert len(gen["tokens"]) == 12 and gen["tokens_per_s"] > 0
+    with torch.no_grad():
+        torch_greedy = model.generate(w.eval[:1, :16], max_new_tokens=12, do_sample=False)[0, 16:].tolist()
+    assert gen["tokens"][:4] == torch_greedy[:4]
+    ours = mp.evaluate(model, w.eval).ppl
+    theirs = llamacpp.perplexity(out, w.eval)["ppl"]
+    assert abs(theirs / ours - 1) < 0.01, (ours, theirs)
