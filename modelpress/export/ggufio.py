@@ -249,6 +249,28 @@ def export_gguf(model, out: str | Path, *, weights: dict | None = None, default_
     return out
 
 
+def export_gguf_types(model, out: str | Path, types: dict[str, str], *, imatrix: dict | None = None,
+                      tokenizer=None, source: str | Path | None = None) -> Path:
+    """Export with the GGML type `types` names for each GGUF tensor (e.g. those of a llama.cpp preset
+    file, `llamacpp.tensor_types`), every matrix quantized here from the model's float weights with
+    llama.cpp's quantizer: with `imatrix` (layer name -> mean x² per input column,
+    `calib.imatrix.importance`) for the layers it covers, this is what `llama-quantize --imatrix`
+    writes for that importance matrix."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    imatrix = imatrix or {}
+    weights = {}
+    for hf_name, t in model.state_dict().items():
+        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if t.dim() != 2 or gname not in types:
+            continue
+        unit = hf_name[: -len(".weight")]
+        weights[unit] = GGMLWeight.quantize(t.float(), types[gname], heads=unit_heads(unit, model),
+                                            imatrix=imatrix.get(unit))
+    return export_gguf(model, out, weights=weights, tokenizer=tokenizer, source=source)
+
+
 def gguf_fixed_bytes(model, units: dict[str, tuple[int, int]], tokenizer=None) -> int:
     """File bytes of a GGUF export that do not depend on the units' types: header, metadata,
     tensor infos and the float tensors. A unit adds its data padded to 32 bytes."""

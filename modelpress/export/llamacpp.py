@@ -316,6 +316,13 @@ def generate(path: str | Path, prompt_ids: list[int], n_new: int = 64) -> dict:
     return {"tokens": out, "tokens_per_s": n_new / dt}
 
 
+def tensor_types(path: str | Path) -> dict[str, str]:
+    """GGUF tensor name -> GGML type name of a file's matrices (e.g. the types a llama.cpp preset chose)."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors if len(t.shape) == 2}
+
+
 def quantize(src: str | Path, dst: str | Path, preset: str, n_threads: int | None = None) -> Path:
     """`llama-quantize SRC DST PRESET` through the library (no importance matrix): e.g. Q4_K_M."""
     from ..errors import ConfigError

@@ -86,8 +86,12 @@ def supported(t: GGMLQuantizationType, n_per_row: int) -> bool:
     return not lib.ggml_quantize_requires_imatrix(int(t))
 
 
-def quantize(w: np.ndarray, t: GGMLQuantizationType) -> np.ndarray:
-    """Quantize a float32 (rows, n_per_row) matrix; returns uint8 (rows, bytes_per_row)."""
+def quantize(w: np.ndarray, t: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Quantize a float32 (rows, n_per_row) matrix; returns uint8 (rows, bytes_per_row).
+
+    `imatrix` (n_per_row,): the importance of each input column, the mean of x² over calibration
+    tokens (what llama.cpp's importance matrix holds); ggml's quantizers then choose scales that
+    minimise the error weighted by it, as `llama-quantize --imatrix` does."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, n = w.shape
     if not supported(t, n):
@@ -98,10 +102,18 @@ def quantize(w: np.ndarray, t: GGMLQuantizationType) -> np.ndarray:
     if t == GGMLQuantizationType.F16:
         return w.astype(np.float16).view(np.uint8).reshape(rows, -1).copy()
     lib = _libggml()
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (n,):
+            raise ConfigError(f"an importance matrix for rows of {n} weights has {n} entries, not {imatrix.shape}")
+        if lib is None:
+            raise ConfigError("quantizing with an importance matrix needs llama.cpp's library "
+                              "(see modelpress.export.llamacpp)")
     if lib is None:
         return np.ascontiguousarray(gq.quantize(w, t))
     out = np.empty((rows, bytes_per_row(t, n)), dtype=np.uint8)
-    written = lib.ggml_quantize_chunk(int(t), w.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    written = lib.ggml_quantize_chunk(int(t), w.ctypes.data, out.ctypes.data, 0, rows, n,
+                                      None if imatrix is None else imatrix.ctypes.data)
     assert written == out.nbytes, (written, out.nbytes)
     return out
 

@@ -31,11 +31,13 @@ class GGMLWeight:
     heads: int | None = None  # q/k head count for the rotary row permutation
 
     @classmethod
-    def quantize(cls, w: torch.Tensor, type_name: str, heads: int | None = None) -> "GGMLWeight":
+    def quantize(cls, w: torch.Tensor, type_name: str, heads: int | None = None,
+                 imatrix: torch.Tensor | None = None) -> "GGMLWeight":
         from . import ggml
 
         rows = to_gguf_rows(w.float(), heads) if heads else w.float()
-        data = ggml.quantize(rows.detach().cpu().numpy(), ggml.qtype(type_name))
+        im = None if imatrix is None else imatrix.detach().float().cpu().numpy()  # per input column: rows permute only
+        data = ggml.quantize(rows.detach().cpu().numpy(), ggml.qtype(type_name), im)
         return cls(shape=tuple(w.shape), type=type_name, data=torch.from_numpy(data), heads=heads)
 
     def gguf_rows(self) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 import modelpress as mp
 from modelpress.errors import ConfigError, ModelLoadError
 from modelpress.export import llamacpp
-from modelpress.export.ggufio import export_gguf
+from modelpress.export.ggufio import export_gguf, export_gguf_types
 from modelpress.models.arch import Arch, get_weight, set_weight
 from modelpress.ops import ggml
 from modelpress.ops.ggmlweight import GGMLWeight
@@ -67,6 +67,29 @@ def test_quantize_presets_and_errors(lib, tmp_path):
         llamacpp.Session(tmp_path / "missing.gguf", 16)
 
 
+def _same_tensors(a, b) -> list[str]:
+    """Names of the tensors whose bytes differ between two GGUF files (or that only one has)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    ta = {t.name: np.asarray(t.data).view(np.uint8) for t in GGUFReader(a).tensors}
+    tb = {t.name: np.asarray(t.data).view(np.uint8) for t in GGUFReader(b).tensors}
+    return sorted(set(ta) ^ set(tb)) + [n for n in ta if n in tb and not np.array_equal(ta[n], tb[n])]
+
+
+def test_preset_remade_here_is_llama_cpps_file_and_imatrix_changes_it(lib, tmp_path):
+    m, tok, path = _f16_tiny(tmp_path)
+    preset = llamacpp.quantize(path, tmp_path / "p.gguf", "Q4_1")
+    types = llamacpp.tensor_types(preset)
+    assert "Q4_1" in set(types.values())
+    assert _same_tensors(preset, export_gguf_types(m, tmp_path / "r.gguf", types, tokenizer=tok)) == []
+    im = {n: torch.rand(mod.in_features) + 0.01 for n, mod in m.named_modules()
+          if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
+    with_im = export_gguf_types(m, tmp_path / "i.gguf", types, imatrix=im, tokenizer=tok)
+    changed = _same_tensors(preset, with_im)
+    assert len(changed) == len(im) and all(n.startswith("blk.") for n in changed)
+
+
 def test_where_the_library_comes_from(monkeypatch, tmp_path):
     monkeypatch.setenv("MODELPRESS_LLAMA_CPP_LIB", "none")
     with pytest.raises(llamacpp.LlamaCppUnavailable, match="turned off"):
@@ -102,3 +125,10 @@ def test_llama_cpp_runs_export_and_agrees_on_default_model(lib, tmp_path):
     ours = mp.evaluate(model, w.eval).ppl
     theirs = llamacpp.perplexity(out, w.eval)["ppl"]
     assert abs(theirs / ours - 1) < 0.01, (ours, theirs)
+    # llama.cpp's Q4_K_M preset (K-quants, Q6_K, fallbacks for 576-wide rows) remade here, byte for byte
+    dense, _ = mp.load_model("smollm2-135m", device="cpu")
+    preset = llamacpp.quantize(export_gguf(dense, tmp_path / "f32.gguf", default_type="F32", tokenizer=tok),
+                               tmp_path / "q4km.gguf", "Q4_K_M")
+    types = llamacpp.tensor_types(preset)
+    assert {"Q4_K", "Q6_K", "Q5_0"} <= set(types.values())
+    assert _same_tensors(preset, export_gguf_types(dense, tmp_path / "r.gguf", types, tokenizer=tok)) == []
