@@ -413,6 +413,9 @@ def search_cmd(
     model: str = typer.Argument(..., help="alias (smollm2-135m), .gguf file, HF folder or hub id"),
     kind: Optional[str] = typer.Option(None, "--kind", help="quant, sparsity, depth, joint, lowrank or gguf (default: from the budget)"),
     types: Optional[str] = typer.Option(None, "--types", help="gguf: GGML types to choose from, e.g. Q4_0,Q5_0,Q8_0"),
+    imatrix: Optional[bool] = typer.Option(None, "--imatrix/--no-imatrix",
+                                           help="gguf: quantize with an importance matrix from the calibration "
+                                                "text, as llama-quantize --imatrix does"),
     levels: Optional[str] = typer.Option(None, "--levels", help="quant/joint: bit-widths, e.g. 2,3,4,5,6"),
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help="joint: sparsity levels, e.g. 0,0.5"),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="joint: EoRA ranks, e.g. 0,16"),
@@ -474,7 +477,8 @@ def search_cmd(
     export = _export_format(export)
     kind = kind or kind_for_budget(budget.kind)
     given = {"levels": levels, "sparsities": sparsities, "ranks": ranks, "allow-drop": allow_drop,
-             "sequential-level": sequential_level, "ratios": ratios, "types": types, "group-size": group_size,
+             "sequential-level": sequential_level, "ratios": ratios, "types": types, "imatrix": imatrix,
+             "group-size": group_size,
              "static-groups": static_groups, "serve": serve, "sym": sym, "act-order": act_order, "mse": mse,
              "shrink": shrink, "max-sparsity": max_sparsity}
     ks = KINDS.get(kind).settings_from_options({k: v for k, v in given.items() if v is not None})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from ...errors import ConfigError
 from ...models.arch import Arch, get_weight
 from ...ops.base import output_error
@@ -16,13 +18,19 @@ from .base import KINDS, Kind, UnitInfo, pareto
 class GGUFKind(Kind):
     """Levels are llama.cpp (GGML) tensor types, each with its exact bytes in the GGUF file. A unit
     only gets the types its row width allows (K-quants need multiples of 256 weights per row).
-    The input embedding is a unit too (it is a fifth of a small model's file)."""
+    The input embedding is a unit too (it is a fifth of a small model's file).
+
+    `imatrix`: each Linear layer is quantized with llama.cpp's quantizer weighted by its importance
+    matrix (the mean x² per input column over the calibration windows, on the dense model's
+    inputs), as `llama-quantize --imatrix` does; the embedding has none (it is no matmul input)."""
 
     types: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
     embedding: bool = True
+    imatrix: bool = False
 
     budgets = ("mb",)
-    options = {"types": "types"}
+    options = {"types": "types", "imatrix": "imatrix"}
+    legacy = {"imatrix": False}
     ylabel = "GGML type"
 
     def __post_init__(self) -> None:
@@ -84,9 +92,10 @@ class GGUFKind(Kind):
 
         def per_layer(n, mod, st, want) -> None:
             w = get_weight(mod).float()
+            importance = torch.diagonal(st.hessian).float().cpu() if self.imatrix else None  # mean x² per column
             new = {}
             for t in want:
-                gw = GGMLWeight.quantize(w, t, heads=db.units[n].extra.get("heads"))
+                gw = GGMLWeight.quantize(w, t, heads=db.units[n].extra.get("heads"), imatrix=importance)
                 new[t] = (gw, output_error(w, gw.dequantize().to(w.device), st.hessian))
             db.add_levels(n, new)
 
