@@ -15,13 +15,25 @@ def test_imatrix_levels_have_the_same_bytes_and_lower_output_error(tmp_path):
     plain = open_database(m, tok, "gguf", data=w, db=tmp_path / "plain", types=types)
     aware = open_database(m, tok, "gguf", data=w, db=tmp_path / "aware", types=types, imatrix=True)
     assert aware.meta["kind"]["settings"]["imatrix"] is True and "imatrix" not in plain.meta["kind"]["settings"]
-    layers = [u for u in plain.units if plain.units[u].group != "embedding"]
+    layers = [u for u in plain.units if plain.units[u].group not in ("embedding", "output")]
     better = 0
     for u in layers:
+        assert sorted(aware.levels_of(u)) == ["Q4_0", "Q4_0+imatrix", "Q5_1", "Q5_1+imatrix"]
         for t in types:
-            p, a = plain.levels_of(u)[t], aware.levels_of(u)[t]
-            assert p["nbytes"] == a["nbytes"]
+            p, a = plain.levels_of(u)[t], aware.levels_of(u)[t + "+imatrix"]
+            assert p["nbytes"] == a["nbytes"] and p["error"] == aware.levels_of(u)[t]["error"]
             better += a["error"] < p["error"]
     assert better >= 0.8 * 2 * len(layers)  # weighted by the diagonal of XᵀX, judged on all of it
-    emb = next(u for u in plain.units if plain.units[u].group == "embedding")
-    assert plain.levels_of(emb)["Q4_0"]["error"] == aware.levels_of(emb)["Q4_0"]["error"]
+    for u in set(plain.units) - set(layers):  # the embedding and the untied output head: no matmul input here
+        assert sorted(aware.levels_of(u)) == ["Q4_0", "Q5_1"]
+    # a search over both quantizers keeps the budget and writes a file llama.cpp's reader takes
+    from modelpress.allocate.budget import Budget, make_problem
+    from modelpress.export.ggufio import export_gguf
+    from modelpress.search import allocate, materialize
+
+    p = make_problem(aware, Budget("mb", 1.0))
+    target = (aware.meta["fixed_bytes"] + (p.min_cost() + p.max_cost()) / 2) / 1e6
+    res = allocate(m, aware, Budget("mb", target), "evolutionary", data=w, generations=3, offspring=4, tokens=(32, 64))
+    assert any(v.endswith("+imatrix") for v in res.plan.levels.values())
+    out = export_gguf(m, tmp_path / "s.gguf", weights=materialize(m, tok, aware, res.plan).units, tokenizer=tok)
+    assert out.stat().st_size <= target * 1e6

@@ -13,6 +13,14 @@ from ..build import on_dense_inputs
 from .base import KINDS, Kind, UnitInfo, pareto
 
 
+IMATRIX = "+imatrix"  # suffix of a level quantized with the layer's importance matrix
+
+
+def ggml_type(level: str) -> str:
+    """The GGML type a gguf level stores ("Q4_K+imatrix" -> "Q4_K")."""
+    return level.removesuffix(IMATRIX)
+
+
 @KINDS.register("gguf")
 @dataclasses.dataclass
 class GGUFKind(Kind):
@@ -20,9 +28,12 @@ class GGUFKind(Kind):
     only gets the types its row width allows (K-quants need multiples of 256 weights per row).
     The input embedding is a unit too (it is a fifth of a small model's file).
 
-    `imatrix`: each Linear layer is quantized with llama.cpp's quantizer weighted by its importance
-    matrix (the mean x² per input column over the calibration windows, on the dense model's
-    inputs), as `llama-quantize --imatrix` does; the embedding has none (it is no matmul input)."""
+    `imatrix`: every Linear layer also gets each type quantized with llama.cpp's quantizer weighted
+    by the layer's importance matrix (the mean x² per input column over the calibration windows, on
+    the dense model's inputs), as `llama-quantize --imatrix` does: level "Q4_K+imatrix" beside
+    "Q4_K", the same bytes, so the search keeps whichever quantizer errs less (the other is
+    dominated). The embedding gets none (llama.cpp has none for it: it is no matmul input), nor does
+    an untied output head (the block-by-block pass does not see its inputs)."""
 
     types: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
     embedding: bool = True
@@ -70,7 +81,9 @@ class GGUFKind(Kind):
         if not ok:
             raise ConfigError(f"none of the GGML types {self.types} can store {unit.name} "
                               f"(rows of {unit.shape[1]} weights)")
-        return sorted(ok, key=lambda t: (ggml.bytes_per_row(ggml.qtype(t), unit.shape[1]), t))
+        if self.imatrix and unit.group not in ("embedding", "output"):
+            ok += [t + IMATRIX for t in ok]
+        return sorted(ok, key=lambda t: (ggml.bytes_per_row(ggml.qtype(ggml_type(t)), unit.shape[1]), t))
 
     def order(self, unit: UnitInfo, built: dict[str, dict]) -> list:
         return pareto(built)
@@ -92,11 +105,12 @@ class GGUFKind(Kind):
 
         def per_layer(n, mod, st, want) -> None:
             w = get_weight(mod).float()
-            importance = torch.diagonal(st.hessian).float().cpu() if self.imatrix else None  # mean x² per column
+            importance = torch.diagonal(st.hessian).float().cpu()  # mean x² per input column
             new = {}
-            for t in want:
-                gw = GGMLWeight.quantize(w, t, heads=db.units[n].extra.get("heads"), imatrix=importance)
-                new[t] = (gw, output_error(w, gw.dequantize().to(w.device), st.hessian))
+            for v in want:
+                gw = GGMLWeight.quantize(w, ggml_type(v), heads=db.units[n].extra.get("heads"),
+                                         imatrix=importance if v.endswith(IMATRIX) else None)
+                new[v] = (gw, output_error(w, gw.dequantize().to(w.device), st.hessian))
             db.add_levels(n, new)
 
         on_dense_inputs(db, model, windows, batch_size, device, "database gguf", per_layer)
