@@ -1,147 +1,184 @@
-"""GGUF for llama.cpp: llama.cpp's own preset mixes vs a searched mix of the same file size.
+"""GGUF for llama.cpp: llama.cpp's presets, without and with an importance matrix, against searched
+mixes of the same file size, all scored by llama.cpp itself on every evaluation domain.
 
-Presets are made by llama.cpp's quantizer (llama_model_quantize, no importance matrix) from an
-F32 GGUF export of smollm2-135m; each searched mix is an evolutionary search over GGML types per
-tensor (`--kind gguf`) with the preset's file size as the budget. Perplexity is computed by
-llama.cpp itself on the held-out `pydoc` windows, tokens/s is llama.cpp's greedy decoding. Rows
-are cached in bench/results/gguf.json; an interrupted run resumes.
+Rows per preset size:
+- `llama.cpp PRESET`: llama.cpp's quantizer (llama_model_quantize) on the float32 GGUF export;
+- `llama.cpp PRESET + imatrix`: the same per-tensor types, each matrix quantized by llama.cpp's
+  quantizer (ggml_quantize_chunk) with the importance matrix (mean x² per input column) of the
+  calibration windows, as `llama-quantize --imatrix` does; the matrix is measured in torch on the
+  dense model (llama.cpp's `llama-imatrix` tool is not in the prebuilt libraries);
+- `searched mix`: the evolutionary search over GGML types per tensor (`--kind gguf`, the cpu
+  preset) with the preset's file size as the budget, plain levels; `searched mix, imatrix levels`:
+  the same over both quantizers per type (`--imatrix`).
+Perplexity and KL to the float32 export are computed by llama.cpp on held-out windows of each
+domain; tokens/s is llama.cpp's greedy decoding, all files measured back to back at the end.
+Rows are cached in bench/results/gguf-domains.json; an interrupted run resumes.
 
-    python bench/llamacpp.py [--generations 12] [--force]
+    python bench/llamacpp.py [--only Q4_K_M] [--force] [--render]
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import time
 from pathlib import Path
 
-from common import SCRATCH, RowCache, machine, print_table, write_section
+from common import SCRATCH, RowCache, bench_args, machine, not_run_note, print_table, write_section
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget
-from modelpress.export.ggufio import export_gguf, llama_cpp_generate, llama_cpp_perplexity
-from modelpress.search import SearchSettings, allocate, materialize, open_database
+from modelpress.calib.imatrix import importance
+from modelpress.data.suites import SUITES, suite_windows
+from modelpress.export import llamacpp
+from modelpress.export.ggufio import export_gguf, export_gguf_types
+from modelpress.presets import preset_search
+from modelpress.search import allocate, materialize, open_database
 
-PRESETS = ["Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M"]
-N_EVAL = 40
+PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M"]
+SEARCH_FIRST = ["Q3_K_M", "Q4_K_M", "Q2_K", "Q3_K_S", "Q4_K_S", "Q5_K_M"]  # most informative searches first
+DOMAINS = SUITES["default"]
 WORK = SCRATCH / "gguf"
-COLUMNS = [("label", "file"), ("size_mb", "size MB"), ("ppl", "ppl (llama.cpp)"), ("vs_preset", "ppl vs preset"),
-           ("tok_s", "tokens/s"), ("search_s", "search s")]
+COLUMNS = [("label", "file"), ("size_mb", "size MB"), *[(f"ppl:{d}", f"ppl {d}") for d in DOMAINS],
+           ("worst_ratio", "worst × F32"), ("kl", "KL to F32"), ("tok_s", "tokens/s"), ("search_s", "search s")]
 
 
-def quantize_preset(src: Path, out: Path, preset: str) -> None:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{preset}")
-    params.nthread = 2
-    tmp = out.with_suffix(".tmp")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize {preset} failed ({rc})")
-    tmp.replace(out)
-
-
-def measure(path: Path, windows) -> dict:
-    r = llama_cpp_perplexity(path, windows.eval)
-    g = llama_cpp_generate(path, windows.eval[0, :64].tolist(), n_new=64)
-    return {"size_mb": path.stat().st_size / 1e6, "ppl": r["ppl"], "tok_s": g["tokens_per_s"], "n_tokens": r["n_tokens"]}
+def measure(path: Path, domains, f32: Path | None) -> dict:
+    row = {"size_mb": path.stat().st_size / 1e6}
+    kl, n = 0.0, 0
+    for d, ids in domains.windows.items():
+        r = llamacpp.perplexity(path, ids, reference=f32)
+        row[f"ppl:{d}"] = r["ppl"]
+        if f32 is not None:
+            kl += r["kl"] * r["n_tokens"]
+            n += r["n_tokens"]
+    row["n_tokens"] = sum(ids.numel() - ids.shape[0] for ids in domains.windows.values())
+    if f32 is not None:
+        row["kl"] = kl / n
+    return row
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--generations", type=int, default=12)
-    ap.add_argument("--offspring", type=int, default=8)
-    ap.add_argument("--search", default=",".join(PRESETS), help="presets to search a mix for (comma-separated)")
-    ap.add_argument("--force", action="store_true")
-    args = ap.parse_args()
-    cache = RowCache("gguf", force=args.force)
+    args = bench_args(__doc__, n_eval=8)
+    cache = RowCache("gguf-domains", force=args.force)
+    if args.render:
+        render(cache.everything())
+        return
     WORK.mkdir(parents=True, exist_ok=True)
     base, tok = mp.load_model("smollm2-135m", device="cpu")
-    windows = mp.get_windows(tok, mp.DataConfig(n_samples=64, seq_len=512, n_eval=N_EVAL))
+    shared = preset_search("cpu")
+    windows = mp.get_windows(tok, shared["data"], model=base)
+    domains = suite_windows(tok, DOMAINS, seq_len=512, n_eval=args.n_eval)
     f32 = WORK / "f32.gguf"
     if not f32.is_file():
         export_gguf(base, f32, default_type="F32", tokenizer=tok)
     if not cache.get("f32"):
-        cache.put("f32", dict(measure(f32, windows), label="F32 export (reference)"))
+        cache.put("f32", dict(measure(f32, domains, None), label="F32 export (reference)", machine=machine(),
+                              data=shared["data"].corpus, n_samples=shared["data"].n_samples, n_eval=args.n_eval))
+    im = None
     for preset in PRESETS:
-        key = f"preset|{preset}"
-        if not cache.get(key):
-            print("==", key, flush=True)
-            out = WORK / f"{preset}.gguf"
-            quantize_preset(f32, out, preset)
-            cache.put(key, dict(measure(out, windows), label=f"llama.cpp {preset}"))
-    db = open_database(base, tok, "gguf", data=windows, db=WORK / "db")
-    for preset in args.search.split(","):
-        key = f"search|{preset}"
-        if cache.get(key):
+        if args.only and args.only != preset:
             continue
-        print("==", key, flush=True)
-        size = cache.get(f"preset|{preset}")["size_mb"]
-        model = copy.deepcopy(base)
-        t = time.time()
-        res = allocate(model, db, Budget("mb", size), "evolutionary", data=windows,
-                       settings=SearchSettings(fitness_windows=16), generations=args.generations,
-                       offspring=args.offspring, tokens=(512, 2048), survivors=(2, 1),
-                       checkpoint=str(WORK / f"search-{preset}.json"))
-        secs = time.time() - t
-        c = materialize(model, tok, db, res.plan)
-        out = WORK / f"searched-{preset}.gguf"
-        export_gguf(model, out, weights=c.units, tokenizer=tok)
-        types: dict[str, int] = {}
-        for v in res.plan.levels.values():
-            types[v] = types.get(v, 0) + 1
-        cache.put(key, dict(measure(out, windows), label=f"searched mix @ {preset} size", search_s=secs, types=types))
-        del model
-        gc.collect()
-    speed_pass(cache)
-    render(cache.everything(), args.generations, args.offspring)
+        out = WORK / f"{preset}.gguf"
+        if not cache.get(f"preset|{preset}"):
+            print("== preset", preset, flush=True)
+            llamacpp.quantize(f32, out, preset)
+            cache.put(f"preset|{preset}", dict(measure(out, domains, f32), label=f"llama.cpp {preset}"))
+        if not cache.get(f"imatrix|{preset}"):
+            print("== preset + imatrix", preset, flush=True)
+            if im is None:
+                im = importance(base, windows.calib)
+            if not out.is_file():
+                llamacpp.quantize(f32, out, preset)
+            mine = export_gguf_types(base, WORK / f"{preset}-imatrix.gguf", llamacpp.tensor_types(out), imatrix=im,
+                                     tokenizer=tok)
+            cache.put(f"imatrix|{preset}", dict(measure(mine, domains, f32), label=f"llama.cpp {preset} + imatrix"))
+    for preset in SEARCH_FIRST:
+        if args.only and args.only != preset:
+            continue
+        for quantizers, settings in (("plain", {}), ("imatrix", {"imatrix": True})):
+            key = f"search|{quantizers}|{preset}"
+            if cache.get(key):
+                continue
+            print("==", key, flush=True)
+            db = open_database(base, tok, "gguf", data=windows, db=WORK / f"db-{quantizers}", **settings)
+            model = copy.deepcopy(base)
+            t = time.time()
+            res = allocate(model, db, Budget("mb", cache.get(f"preset|{preset}")["size_mb"]), shared["allocator"],
+                           data=windows, settings=shared["fitness"], **shared["allocator_settings"],
+                           checkpoint=str(WORK / f"search-{quantizers}-{preset}.json"))
+            secs = time.time() - t
+            out = WORK / f"searched-{quantizers}-{preset}.gguf"
+            export_gguf(model, out, weights=materialize(model, tok, db, res.plan).units, tokenizer=tok)
+            types: dict[str, int] = {}
+            for v in res.plan.levels.values():
+                types[v] = types.get(v, 0) + 1
+            label = "searched mix" + (", imatrix levels" if quantizers == "imatrix" else "")
+            cache.put(key, dict(measure(out, domains, f32), label=f"{label} @ {preset} size", search_s=secs,
+                                types=types, generations=shared["allocator_settings"]["generations"]))
+            del model
+            gc.collect()
+    speed_pass(cache, tok)
+    render(cache.everything())
 
 
-def speed_pass(cache: RowCache, rounds: int = 3) -> None:
-    """Re-measure every file's decode speed back to back (best of `rounds`), so all rows see the same machine load."""
-    import modelpress as mp
+def files(preset: str) -> dict[str, Path]:
+    return {f"preset|{preset}": WORK / f"{preset}.gguf", f"imatrix|{preset}": WORK / f"{preset}-imatrix.gguf",
+            f"search|plain|{preset}": WORK / f"searched-plain-{preset}.gguf",
+            f"search|imatrix|{preset}": WORK / f"searched-imatrix-{preset}.gguf"}
 
-    _, tok = mp.load_model("smollm2-135m", device="cpu")
-    prompt = mp.get_windows(tok, mp.DataConfig(n_samples=64, seq_len=512, n_eval=1)).eval[0, :64].tolist()
-    files = {"f32": WORK / "f32.gguf"} | {f"preset|{p}": WORK / f"{p}.gguf" for p in PRESETS} | {
-        f"search|{p}": WORK / f"searched-{p}.gguf" for p in PRESETS}
-    for key, path in files.items():
+
+def speed_pass(cache: RowCache, tok, rounds: int = 3) -> None:
+    """Every file's decode speed measured back to back (best of `rounds`), so all rows see the same machine load."""
+    prompt = mp.get_windows(tok, mp.DataConfig(corpus="pydoc", n_samples=4, seq_len=512, n_eval=1)).eval[0, :64].tolist()
+    paths = {"f32": WORK / "f32.gguf"}
+    for p in PRESETS:
+        paths.update(files(p))
+    for key, path in paths.items():
         if cache.get(key) and path.is_file():
-            best = max(llama_cpp_generate(path, prompt, n_new=64)["tokens_per_s"] for _ in range(rounds))
+            best = max(llamacpp.generate(path, prompt, n_new=64)["tokens_per_s"] for _ in range(rounds))
             cache.put(key, dict(cache.get(key), tok_s=best))
 
 
-def render(cache: RowCache, generations: int, offspring: int) -> None:
-    rows = [cache.get("f32")] if cache.get("f32") else []
+def render(cache: RowCache) -> None:
+    ref = cache.get("f32")
+    rows = [ref] if ref else []
     for preset in PRESETS:
-        p, s = cache.get(f"preset|{preset}"), cache.get(f"search|{preset}")
-        if p:
-            rows.append(p)
-        if p and s:
-            rows.append(dict(s, vs_preset=s["ppl"] / p["ppl"]))
+        for key in files(preset):
+            r = cache.get(key)
+            if r and ref:
+                rows.append(dict(r, worst_ratio=max(r[f"ppl:{d}"] / ref[f"ppl:{d}"] for d in DOMAINS)))
     md = print_table(rows, COLUMNS)
-    n_tok = rows[0].get("n_tokens", "?") if rows else "?"
-    unsearched = [p for p in PRESETS if cache.get(f"preset|{p}") and not cache.get(f"search|{p}")]
-    mixes = "; ".join(f"{k.split('|')[1]}: " + ", ".join(f"{t} x{n}" for t, n in sorted(r["types"].items()))
+    missing = [k for p in PRESETS for k in files(p) if not cache.get(k)]
+    mixes = "; ".join(f"{r['label']}: " + ", ".join(f"{t} x{n}" for t, n in sorted(r["types"].items()))
                       for k, r in cache.rows.items() if k.startswith("search|"))
+    gens = next((r["generations"] for k, r in cache.rows.items() if k.startswith("search|")), "?")
     body = (
         "## GGUF for llama.cpp (`bench/llamacpp.py`)\n\n"
-        "smollm2-135m. Presets: llama.cpp's quantizer (llama-cpp-python 0.3.36, no importance matrix) from an F32 "
-        "GGUF export; most of smollm2's matrices are 576 wide, not a multiple of 256, so llama.cpp's K-quant presets "
-        "fall back to other types on 180 of 272 tensors (its quantizer says so). Searched mix: evolutionary search over GGML types per tensor (Q2_K … Q8_0, embedding "
-        f"included; K-quants only where rows are multiples of 256), {generations} generations x {offspring} offspring, "
-        "KL fitness on 16 calibration windows, budget = "
-        f"the preset's file size. Perplexity computed by llama.cpp on {n_tok} held-out `pydoc` tokens "
-        "(40 windows of 512); tokens/s = llama.cpp greedy decoding of 64 tokens after a 64-token prompt, 2 threads, best of 3, all files measured back to back at the end. "
-        f"Machine: {machine()}.\n\n" + md + f"\n\nTypes chosen per tensor by the search: {mixes}."
-        + (f" No searched mix yet at the size of: {', '.join(unsearched)}." if unsearched else "")
-        + "\n\n**Caveat.** The default model ships as a Q4_1 GGUF, so its weights are exactly representable in "
-        "Q4_1: the level database measures zero error for Q4_1 on every matrix, the search finds that and "
-        "keeps the original grid (which is why every mix is within 2% of the F32 export and budgets above "
-        "~98 MB go unused), while llama.cpp's presets requantize to K-types and lose accuracy. On a model "
-        "distributed in 16-bit this shortcut does not exist; that comparison is still to be run.\n"
+        "smollm2-135m (the Q4_1-source case: the model ships as a Q4_1 GGUF, see the caveat), every file scored by "
+        "llama.cpp 0.5.0 itself (the prebuilt CPU libraries of `@node-llama-cpp/linux-x64` 3.22.1, loaded by "
+        "`modelpress.export.llamacpp`). Presets: llama.cpp's quantizer on the float32 GGUF export, no importance "
+        "matrix; `+ imatrix`: the preset's own per-tensor types, each matrix quantized by llama.cpp's quantizer "
+        "with the importance matrix (mean x² per input column) of the calibration windows, which is what "
+        "`llama-quantize --imatrix` does with it (without one, the same path reproduces llama.cpp's preset files "
+        "byte for byte, tests/export/test_llamacpp.py); the importance matrix comes from a torch pass over the "
+        "dense model, not from `llama-imatrix`. Searched mix: the evolutionary search over GGML types per tensor "
+        f"(Q2_K … Q8_0, embedding included; K-quants only where rows are multiples of 256), cpu preset ({gens} "
+        "generations, KL fitness on held-out calibration windows), budget = the preset's file size; `imatrix "
+        "levels` searches over both quantizers per type. Calibration: "
+        + (f"{ref['n_samples']} x 512 tokens of `{ref['data']}`. Evaluation: {ref['n_eval']} held-out windows of "
+           f"512 tokens from each of {', '.join(DOMAINS)} ({ref['n_tokens']} scored tokens); " if ref else "")
+        + "worst × F32 = the largest perplexity ratio to the float32 export over the domains; KL to F32 = mean "
+        "per-token KL(F32 ‖ file) over all domains, both from llama.cpp's logits. tokens/s = llama.cpp greedy "
+        "decoding of 64 tokens after a 64-token prompt, best of 3, all files back to back at the end. Most of "
+        "smollm2's matrices are 576 wide, not a multiple of 256, so llama.cpp's K-quant presets fall back to "
+        "other types on most tensors (its quantizer says so). "
+        + not_run_note(missing, "llamacpp.py")
+        + f"Machine: {(ref or {}).get('machine') or machine()}.\n\n" + md
+        + (f"\n\nTypes chosen per tensor by the searches: {mixes}." if mixes else "")
+        + "\n\n**Caveat.** The default model's weights are exactly representable in Q4_1: the level database "
+        "measures zero error for plain Q4_1 on every matrix, so a search can keep the original grid, while "
+        "llama.cpp's presets requantize to K-types and lose accuracy. A model not on any GGML grid is the fair "
+        "comparison.\n"
     )
     write_section("gguf", body)
 

@@ -287,20 +287,32 @@ class Session:
         return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(rows, self.n_vocab)).copy()
 
 
-def perplexity(path: str | Path, ids) -> dict:
-    """Perplexity computed by llama.cpp itself on token windows (no tokenization on its side)."""
+def perplexity(path: str | Path, ids, reference: str | Path | None = None) -> dict:
+    """Perplexity computed by llama.cpp itself on token windows (no tokenization on its side); with
+    `reference` (another GGUF file, e.g. the float export), also the mean KL(reference || this) per
+    token, both run by llama.cpp."""
+    import contextlib
+
     import torch
 
-    nll, n = 0.0, 0
+    nll = kl = 0.0
+    n = 0
     t0 = time.time()
-    with Session(path, ids.shape[1]) as s:
+    with Session(path, ids.shape[1]) as s, \
+            (Session(reference, ids.shape[1]) if reference else contextlib.nullcontext()) as r:
         for row in ids.tolist():
             s.reset()
-            logits = torch.from_numpy(s.eval(row))
-            lp = torch.log_softmax(logits[:-1].double(), dim=-1)
+            lp = torch.log_softmax(torch.from_numpy(s.eval(row))[:-1].double(), dim=-1)
             nll += -float(lp.gather(-1, torch.tensor(row[1:])[:, None]).sum())
             n += len(row) - 1
-    return {"ppl": float(np.exp(nll / n)), "nll": nll / n, "n_tokens": n, "seconds": time.time() - t0}
+            if r is not None:
+                r.reset()
+                ref = torch.log_softmax(torch.from_numpy(r.eval(row))[:-1].double(), dim=-1)
+                kl += float((ref.exp() * (ref - lp)).sum())
+    out = {"ppl": float(np.exp(nll / n)), "nll": nll / n, "n_tokens": n, "seconds": time.time() - t0}
+    if reference:
+        out["kl"] = kl / n
+    return out
 
 
 def generate(path: str | Path, prompt_ids: list[int], n_new: int = 64) -> dict:

@@ -49,6 +49,9 @@ def test_logits_greedy_tokens_and_perplexity_match_torch(lib, tmp_path):
     with torch.no_grad():
         assert gen["tokens"] == m.generate(ids[:1, :8], max_new_tokens=8, do_sample=False)[0, 8:].tolist()
     assert abs(llamacpp.perplexity(path, ids)["ppl"] / mp.evaluate(m, ids).ppl - 1) < 0.005
+    q = llamacpp.quantize(path, tmp_path / "q.gguf", "Q4_0")
+    same, other = llamacpp.perplexity(path, ids, reference=path), llamacpp.perplexity(q, ids, reference=path)
+    assert abs(same["kl"]) < 1e-9 and other["kl"] > 1e-4
 
 
 def test_quantize_presets_and_errors(lib, tmp_path):
