@@ -11,7 +11,7 @@ demo: $(STAMP)
 	$(VENV)/bin/modelpress compress smollm2-135m --target-bits 3 --out out/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -x tests
+	$(PY) -m pytest -q -x -rs tests
 
 install: $(STAMP)
 

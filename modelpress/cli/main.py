@@ -678,23 +678,36 @@ def export_gguf_cmd(
     src: str = typer.Argument(..., help="a modelpress checkpoint folder or any model load_model accepts"),
     out: Path = typer.Option(..., "--out", "-o", help="the .gguf file to write"),
     type_: str = typer.Option("Q8_0", "--type", help="GGML type for every weight without one (e.g. Q8_0, Q4_K)"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="a llama.cpp preset (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, "
+                                         "...): its per-tensor types, quantized by llama.cpp's quantizer"),
+    imatrix: bool = typer.Option(False, "--imatrix/--no-imatrix", help="with --preset: weight the quantizer by each "
+                                 "layer's importance matrix from the calibration text (llama-quantize --imatrix)"),
+    data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, seed: int = SeedOpt,
     verbose: bool = VerboseOpt,
 ):
     """Export to GGUF for llama.cpp (Llama family). Weights already stored as GGML blocks
-    (a `--kind gguf` checkpoint) are written as they are; the others are quantized to --type."""
+    (a `--kind gguf` checkpoint) are written as they are; the others are quantized to --type, or
+    with --preset to the types llama.cpp's preset gives each tensor."""
     _setup(verbose)
     from ..export.checkpoint import MANIFEST, load_checkpoint
     from ..export.ggufio import export_gguf
     from ..models import load_model
     from ..ops.ggmlweight import GGMLWeight
 
+    if imatrix and not preset:
+        raise ConfigError("--imatrix goes with --preset (a search takes it as `search --kind gguf --imatrix`)")
     if (Path(src) / MANIFEST).is_file():
+        if preset:
+            raise ConfigError("--preset quantizes a float model; give the model, not a compressed checkpoint")
         m, tok, units, _ = load_checkpoint(src)
         weights = {u: w for u, w in units.items() if isinstance(w, GGMLWeight)}
     else:
         m, tok = load_model(src, device="cpu")
         weights = {}
-    p = export_gguf(m, out, weights=weights, default_type=type_, tokenizer=tok)
+    if preset:
+        p = _export_preset(m, tok, out, preset, imatrix, _data_config(data, n_samples, seq_len, seed, None))
+    else:
+        p = export_gguf(m, out, weights=weights, default_type=type_, tokenizer=tok)
     console.print(f"wrote {p} ({p.stat().st_size / 1e6:.2f} MB)")
 
 
@@ -720,6 +733,23 @@ def export_ct_cmd(
                       sch["vllm"])
     console.print(table)
     console.print(f"left dense: {', '.join(info['ignore']) or 'nothing'}")
+
+
+def _export_preset(model, tok, out: Path, preset: str, imatrix: bool, data) -> Path:
+    """llama.cpp's preset: its quantizer picks the types on a float32 export, then every matrix is
+    quantized here by the same quantizer (with the importance matrix of `data` if asked)."""
+    import tempfile
+
+    from ..calib.imatrix import importance
+    from ..data import get_windows
+    from ..export import llamacpp
+    from ..export.ggufio import export_gguf, export_gguf_types
+
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
+        f32 = export_gguf(model, Path(tmp) / "f32.gguf", default_type="F32", tokenizer=tok)
+        types = llamacpp.tensor_types(llamacpp.quantize(f32, Path(tmp) / "preset.gguf", preset))
+    im = importance(model, get_windows(tok, data, model=model).calib) if imatrix else None
+    return export_gguf_types(model, out, types, imatrix=im, tokenizer=tok)
 
 
 @app.command("eval")

@@ -72,6 +72,7 @@ def test_compute_dtype_option(model_dir, tmp_path):
     (["compress", "{tiny}", "--data", "nowhere-corpus"], "unknown corpus"),
     (["info", "{tmp}"], "not a modelpress checkpoint"),
     (["eval", "{tmp}/missing.gguf"], "GGUF file not found"),
+    (["export", "gguf", "{tiny}", "--out", "{tmp}/x.gguf", "--imatrix"], "--imatrix goes with --preset"),
 ])
 def test_bad_input_is_one_clean_line(model_dir, tmp_path, args, msg):
     args = [a.format(tiny=model_dir / "tiny", tmp=tmp_path) for a in args]
@@ -170,3 +171,21 @@ def test_a_bf16_model_streamed_with_float32_forwards_equals_in_memory(model_dir,
 
     a, b = (load_file(str(tmp_path / d / "weights.safetensors")) for d in ("mem", "str"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gguf_export_of_a_llama_cpp_preset_with_and_without_imatrix(model_dir, tmp_path):
+    from modelpress.export import llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("needs llama.cpp's library")
+    args = ["export", "gguf", str(model_dir / "tiny"), "--preset", "Q4_0", "--data", str(model_dir / "text.txt"),
+            "--n-samples", "4", "--seq-len", "64"]
+    for name, extra in (("plain", []), ("im", ["--imatrix"])):
+        r = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / f"{name}.gguf")])
+        assert r.exit_code == 0, r.output
+    plain, im = (llamacpp.tensor_types(tmp_path / f"{n}.gguf") for n in ("plain", "im"))
+    assert plain == im and plain["blk.0.attn_q.weight"] == "Q4_0"
+    assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "im.gguf").read_bytes()
+    r = runner.invoke(app, [*args, "--preset", "Q9_K", "--out", str(tmp_path / "bad.gguf")])
+    assert r.exit_code == 2 and "unknown llama.cpp preset" in r.output and not (tmp_path / "bad.gguf").exists()
+
