@@ -61,6 +61,19 @@ class _Batch(ctypes.Structure):
                 ("seq_id", ctypes.POINTER(ctypes.POINTER(ctypes.c_int32))), ("logits", ctypes.POINTER(ctypes.c_int8))]
 
 
+class _TensorType(ctypes.Structure):  # llama_model_tensor_override
+    _fields_ = [("pattern", ctypes.c_char_p), ("type", ctypes.c_int)]
+
+
+class _Importance(ctypes.Structure):  # llama_model_imatrix_data
+    _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.POINTER(ctypes.c_float)), ("size", ctypes.c_size_t)]
+
+
+# llama_model_quantize_params of llama.cpp 0.5: nthread, ftype, two type enums, six bools, then the
+# imatrix / kv-override / tensor-type / prune pointers and max_buf_size
+_Q_IMATRIX, _Q_TENSOR_TYPES = 24, 40
+
+
 def _candidate_dirs() -> list[Path]:
     env = os.environ.get("MODELPRESS_LLAMA_CPP_LIB")
     if env:
@@ -162,6 +175,12 @@ class _Lib:
         cp = tuple(int(v) for v in np.frombuffer(bytes(L.llama_context_default_params().raw), np.uint32)[:3])
         qp = tuple(int(v) for v in np.frombuffer(bytes(L.llama_model_quantize_default_params().raw), np.int32)[:2])
         # llama.h's defaults for years: n_ctx 512, n_batch 2048, n_ubatch 512; nthread 0 and a valid ftype
+        raw = bytes(L.llama_model_quantize_default_params().raw)
+        # the 0.5 layout (read by quantize's imatrix / tensor types): bools false, true, false x4, then
+        # four null pointers and a non-zero max_buf_size
+        self.quantize_pointers = (tuple(raw[16:22]) == (0, 1, 0, 0, 0, 0)
+                                  and not any(np.frombuffer(raw[24:56], np.uint64))
+                                  and int(np.frombuffer(raw[56:64], np.uint64)[0]) > 0)
         if cp != (512, 2048, 512) or qp[0] != 0 or qp[1] not in {int(t) for t in LlamaFileType}:
             raise LlamaCppUnavailable(f"the llama.cpp library at {folder} lays out its parameters differently from "
                                       f"the llama.h modelpress reads (defaults {cp}, {qp}); use llama.cpp 0.5 or "
@@ -335,8 +354,17 @@ def tensor_types(path: str | Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors if len(t.shape) == 2}
 
 
-def quantize(src: str | Path, dst: str | Path, preset: str, n_threads: int | None = None) -> Path:
-    """`llama-quantize SRC DST PRESET` through the library (no importance matrix): e.g. Q4_K_M."""
+def quantize(src: str | Path, dst: str | Path, preset: str = "Q8_0", *, imatrix: dict | None = None,
+             tensor_types: dict[str, str] | None = None, n_threads: int | None = None) -> Path:
+    """`llama-quantize [--imatrix] [--tensor-type NAME=TYPE ...] SRC DST PRESET` through the library.
+
+    `imatrix`: GGUF tensor name -> importance per input column (mean x², what llama-quantize takes
+    from an imatrix file); `tensor_types`: GGUF tensor name -> GGML type, overriding the preset's
+    choice for exactly those tensors (llama-quantize's --tensor-type, anchored to the whole name)."""
+    import re
+
+    from gguf import GGMLQuantizationType
+
     from ..errors import ConfigError
     from ..utils.io import commit_file, temp_path
 
@@ -344,9 +372,31 @@ def quantize(src: str | Path, dst: str | Path, preset: str, n_threads: int | Non
         ftype = LlamaFileType[f"MOSTLY_{preset.upper()}"]
     except KeyError:
         raise ConfigError(f"unknown llama.cpp preset {preset!r}; e.g. Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q8_0") from None
-    L = library().llama
+    lib = library()
+    L = lib.llama
     params = L.llama_model_quantize_default_params()
     np.frombuffer(params.raw, dtype=np.int32)[:2] = (n_threads or threads(), int(ftype))
+    keep = []  # the arrays llama.cpp reads during the call
+    if (imatrix or tensor_types) and not lib.quantize_pointers:
+        raise ConfigError("this llama.cpp library's quantize parameters are laid out differently from llama.cpp 0.5's: "
+                          "importance matrices and tensor types cannot be passed to it")
+    if imatrix:
+        arrays = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in imatrix.items()}
+        table = (_Importance * (len(arrays) + 1))()
+        for i, (n, a) in enumerate(arrays.items()):
+            table[i] = _Importance(n.encode(), a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size)
+        keep += [arrays, table]
+        _set_pointer(params, _Q_IMATRIX, table)
+    if tensor_types:
+        table = (_TensorType * (len(tensor_types) + 1))()
+        for i, (n, t) in enumerate(tensor_types.items()):
+            try:
+                code = int(GGMLQuantizationType[t.upper()])
+            except KeyError:
+                raise ConfigError(f"unknown GGML type {t!r} for {n}") from None
+            table[i] = _TensorType(f"^{re.escape(n)}$".encode(), code)
+        keep.append(table)
+        _set_pointer(params, _Q_TENSOR_TYPES, table)
     tmp = temp_path(dst)
     try:
         _problems.clear()
@@ -356,4 +406,9 @@ def quantize(src: str | Path, dst: str | Path, preset: str, n_threads: int | Non
         commit_file(tmp, dst)
     finally:
         Path(tmp).unlink(missing_ok=True)
+    del keep
     return Path(dst)
+
+
+def _set_pointer(params: _OPAQUE, offset: int, target) -> None:
+    np.frombuffer(params.raw, dtype=np.uint64)[offset // 8] = ctypes.addressof(target)

@@ -93,6 +93,27 @@ def test_preset_remade_here_is_llama_cpps_file_and_imatrix_changes_it(lib, tmp_p
     assert len(changed) == len(im) and all(n.startswith("blk.") for n in changed)
 
 
+def test_llama_cpps_quantizer_with_tensor_types_and_imatrix_writes_our_bytes(lib, tmp_path):
+    """llama_model_quantize given an importance matrix and per-tensor types (llama-quantize
+    --imatrix --tensor-type) writes the tensors modelpress writes for them."""
+    import gguf
+
+    tok = bpe_tokenizer()
+    m = tiny_model("llama", vocab=len(tok))
+    f32 = export_gguf(m, tmp_path / "f32.gguf", default_type="F32", tokenizer=tok)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3)
+    im = {n: torch.rand(mod.in_features, generator=torch.Generator().manual_seed(i)) + 0.01
+          for i, (n, mod) in enumerate(m.named_modules()) if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
+    gguf_im = {names.get_name(n + ".weight", try_suffixes=(".weight",)): v.numpy() for n, v in im.items()}
+    types = {k: ("Q5_0", "Q4_1", "Q8_0")[i % 3] for i, k in enumerate(gguf_im)} | {"token_embd.weight": "Q8_0"}
+    theirs = llamacpp.quantize(f32, tmp_path / "a.gguf", "Q4_0", imatrix=gguf_im, tensor_types=types)
+    got = llamacpp.tensor_types(theirs)
+    assert all(got[k] == t for k, t in types.items()) and got["output.weight"] != "F32"
+    assert _same_tensors(theirs, export_gguf_types(m, tmp_path / "b.gguf", got, imatrix=im, tokenizer=tok)) == []
+    plain = export_gguf_types(m, tmp_path / "c.gguf", got, tokenizer=tok)
+    assert len(_same_tensors(theirs, plain)) == len(im)  # the importance matrix changed every matrix it covers
+
+
 def test_where_the_library_comes_from(monkeypatch, tmp_path):
     monkeypatch.setenv("MODELPRESS_LLAMA_CPP_LIB", "none")
     with pytest.raises(llamacpp.LlamaCppUnavailable, match="turned off"):
