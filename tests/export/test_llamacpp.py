@@ -111,7 +111,8 @@ def test_llama_cpps_quantizer_with_tensor_types_and_imatrix_writes_our_bytes(lib
     assert all(got[k] == t for k, t in types.items()) and got["output.weight"] != "F32"
     assert _same_tensors(theirs, export_gguf_types(m, tmp_path / "b.gguf", got, imatrix=im, tokenizer=tok)) == []
     plain = export_gguf_types(m, tmp_path / "c.gguf", got, tokenizer=tok)
-    assert len(_same_tensors(theirs, plain)) == len(im)  # the importance matrix changed every matrix it covers
+    # the importance matrix changed every matrix it covers, except Q8_0's (its quantizer takes none)
+    assert sorted(_same_tensors(theirs, plain)) == sorted(k for k in gguf_im if got[k] != "Q8_0")
 
 
 def test_where_the_library_comes_from(monkeypatch, tmp_path):
