@@ -301,17 +301,19 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
     c = materialize(model, tokenizer, database, chosen.plan, state=state)
     report_dir, exported = out, None
     if out.suffix == ".gguf":  # a GGUF file for llama.cpp, with the report in a folder beside it
-        from .export.ggufio import export_gguf
+        from .export.ggufio import export_gguf, write_llama_quantize_recipe
         from .ops.ggmlweight import GGMLWeight
 
         if not all(isinstance(w, GGMLWeight) for w in c.units.values()):
             raise ConfigError("only --kind gguf writes a .gguf file; give a folder for --out")
         export_gguf(model, out, weights=c.units, tokenizer=tokenizer)
+        recipe = write_llama_quantize_recipe(model, out, c.units)
+        log.info("llama.cpp alone rebuilds %s with: %s (%s)", out, recipe["command"], recipe["source"])
         report_dir = out.with_name(out.stem + ".report")
         report_dir.mkdir(parents=True, exist_ok=True)
         predicted = database.meta["fixed_bytes"] + sum(int(database.level_meta(u, v)["nbytes"])
                                                        for u, v in chosen.plan.levels.items())
-        chosen.plan.info.update(file_bytes=out.stat().st_size, predicted_bytes=predicted)
+        chosen.plan.info.update(file_bytes=out.stat().st_size, predicted_bytes=predicted, llama_quantize=recipe)
     else:
         c.save(out)
         if cfg.export is not None:

@@ -13,12 +13,13 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelLoadError, UnsupportedArchitectureError
 from ..ops.ggmlweight import GGMLWeight
 from ..ops import ggml
-from ..utils.io import commit_file, temp_path
+from ..utils.io import atomic_file, commit_file, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -256,19 +257,87 @@ def export_gguf_types(model, out: str | Path, types: dict[str, str], *, imatrix:
     llama.cpp's quantizer: with `imatrix` (layer name -> mean x² per input column,
     `calib.imatrix.importance`) for the layers it covers, this is what `llama-quantize --imatrix`
     writes for that importance matrix."""
+    imatrix = imatrix or {}
+    state = model.state_dict()
+    weights = {unit: GGMLWeight.quantize(state[unit + ".weight"].float(), types[gname], heads=unit_heads(unit, model),
+                                         imatrix=imatrix.get(unit))
+               for unit, gname in gguf_names(model).items() if gname in types}
+    return export_gguf(model, out, weights=weights, tokenizer=tokenizer, source=source)
+
+
+def gguf_names(model) -> dict[str, str]:
+    """Unit name (a Linear layer or the embedding) -> its GGUF tensor name."""
     import gguf
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
-    imatrix = imatrix or {}
-    weights = {}
-    for hf_name, t in model.state_dict().items():
-        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if t.dim() != 2 or gname not in types:
-            continue
-        unit = hf_name[: -len(".weight")]
-        weights[unit] = GGMLWeight.quantize(t.float(), types[gname], heads=unit_heads(unit, model),
-                                            imatrix=imatrix.get(unit))
-    return export_gguf(model, out, weights=weights, tokenizer=tokenizer, source=source)
+    return {hf[: -len(".weight")]: names.get_name(hf, try_suffixes=(".weight",))
+            for hf, t in model.state_dict().items() if t.dim() == 2 and hf.endswith(".weight")}
+
+
+RECIPE_TYPES, RECIPE_IMATRIX = ".tensor-types.txt", ".imatrix.gguf"
+
+
+def write_llama_quantize_recipe(model, out: str | Path, weights: dict) -> dict:
+    """Beside the GGUF file `out`, what rebuilds it with llama.cpp's own tool from a float32 export:
+    OUT.tensor-types.txt (NAME=TYPE for every matrix, llama-quantize's --tensor-type-file) and, when
+    some levels were quantized with an importance matrix, OUT.imatrix.gguf in llama-imatrix's format
+    holding exactly those (in_sum2 = the mean x² per input column, counts = 1, so llama-quantize's
+    in_sum2 / counts is the vector modelpress quantized with). Returns the files and the command."""
+    import gguf
+
+    out = Path(out)
+    names = gguf_names(model)
+    types = {names[u]: w.type for u, w in weights.items()}
+    paths = {"tensor_types": out.with_name(out.name + RECIPE_TYPES)}
+    with atomic_file(paths["tensor_types"]) as f:
+        f.write("".join(f"{n}={t.lower()}\n" for n, t in sorted(types.items())))
+    important = {names[u]: w.importance for u, w in weights.items() if w.importance is not None}
+    cmd = ["llama-quantize"]
+    if important:
+        paths["imatrix"] = out.with_name(out.name + RECIPE_IMATRIX)
+        tmp = temp_path(paths["imatrix"])
+        try:
+            writer = gguf.GGUFWriter(tmp, arch=None)
+            writer.add_string("general.type", "imatrix")
+            writer.add_array("imatrix.datasets", ["modelpress calibration (means: counts are 1)"])
+            writer.add_uint32("imatrix.chunk_count", 1)
+            writer.add_uint32("imatrix.chunk_size", 1)
+            for n, v in sorted(important.items()):
+                writer.add_tensor(f"{n}.in_sum2", v.float().numpy().reshape(1, -1))
+                writer.add_tensor(f"{n}.counts", np.ones((1, 1), dtype=np.float32))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            commit_file(tmp, paths["imatrix"])
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        cmd += ["--imatrix", str(paths["imatrix"])]
+    cmd += ["--tensor-type-file", str(paths["tensor_types"]), "MODEL-F32.gguf", str(out), "Q8_0"]
+    return {**{k: str(v) for k, v in paths.items()}, "command": " ".join(cmd),
+            "source": "MODEL-F32.gguf = `modelpress export gguf MODEL --type F32 --out MODEL-F32.gguf`"}
+
+
+def read_llama_quantize_recipe(out: str | Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """(tensor types, importance matrix by tensor name) of the recipe written beside `out`, read the
+    way llama-quantize reads them (in_sum2 / counts)."""
+    from gguf import GGUFReader
+
+    out = Path(out)
+    types = {}
+    for line in out.with_name(out.name + RECIPE_TYPES).read_text().split():
+        n, _, t = line.partition("=")
+        types[n] = t.upper()
+    imatrix = {}
+    im_path = out.with_name(out.name + RECIPE_IMATRIX)
+    if im_path.is_file():
+        t = {x.name: np.asarray(x.data, dtype=np.float32) for x in GGUFReader(str(im_path)).tensors}
+        for n in t:
+            if n.endswith(".in_sum2"):
+                base = n[: -len(".in_sum2")]
+                imatrix[base] = (t[n].reshape(-1) / t[base + ".counts"].reshape(-1)[0]).astype(np.float32)
+    return types, imatrix
 
 
 def gguf_fixed_bytes(model, units: dict[str, tuple[int, int]], tokenizer=None) -> int:

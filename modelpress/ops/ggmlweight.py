@@ -29,6 +29,9 @@ class GGMLWeight:
     type: str  # GGML type name
     data: torch.Tensor  # uint8 (rows, bytes per row), GGUF row order
     heads: int | None = None  # q/k head count for the rotary row permutation
+    # the importance matrix it was quantized with (mean x² per input column), kept so llama.cpp's
+    # own quantizer can rebuild it (export.ggufio.write_llama_quantize_recipe)
+    importance: torch.Tensor | None = None
 
     @classmethod
     def quantize(cls, w: torch.Tensor, type_name: str, heads: int | None = None,
@@ -36,9 +39,9 @@ class GGMLWeight:
         from . import ggml
 
         rows = to_gguf_rows(w.float(), heads) if heads else w.float()
-        im = None if imatrix is None else imatrix.detach().float().cpu().numpy()  # per input column: rows permute only
-        data = ggml.quantize(rows.detach().cpu().numpy(), ggml.qtype(type_name), im)
-        return cls(shape=tuple(w.shape), type=type_name, data=torch.from_numpy(data), heads=heads)
+        im = None if imatrix is None else imatrix.detach().float().cpu()  # per input column: rows permute only
+        data = ggml.quantize(rows.detach().cpu().numpy(), ggml.qtype(type_name), None if im is None else im.numpy())
+        return cls(shape=tuple(w.shape), type=type_name, data=torch.from_numpy(data), heads=heads, importance=im)
 
     def gguf_rows(self) -> torch.Tensor:
         """The decoded weight in GGUF row order."""
@@ -62,12 +65,15 @@ class GGMLWeight:
         return 8.0 * self.nbytes() / self.numel
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return {"data": self.data.contiguous()}, {"format": "ggml", "shape": list(self.shape), "type": self.type,
-                                                   "heads": self.heads}
+        t = {"data": self.data.contiguous()}
+        if self.importance is not None:
+            t["importance"] = self.importance.contiguous()
+        return t, {"format": "ggml", "shape": list(self.shape), "type": self.type, "heads": self.heads}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], meta: dict, device="cpu") -> "GGMLWeight":
-        return cls(shape=tuple(meta["shape"]), type=meta["type"], data=t["data"], heads=meta.get("heads"))
+        return cls(shape=tuple(meta["shape"]), type=meta["type"], data=t["data"], heads=meta.get("heads"),
+                   importance=t.get("importance"))
 
     def to(self, device) -> "GGMLWeight":
         return self

@@ -35,5 +35,18 @@ def test_imatrix_levels_have_the_same_bytes_and_lower_output_error(tmp_path):
     target = (aware.meta["fixed_bytes"] + (p.min_cost() + p.max_cost()) / 2) / 1e6
     res = allocate(m, aware, Budget("mb", target), "evolutionary", data=w, generations=3, offspring=4, tokens=(32, 64))
     assert any(v.endswith("+imatrix") for v in res.plan.levels.values())
-    out = export_gguf(m, tmp_path / "s.gguf", weights=materialize(m, tok, aware, res.plan).units, tokenizer=tok)
+    dense = tiny_model("llama")
+    units = materialize(m, tok, aware, res.plan).units
+    out = export_gguf(m, tmp_path / "s.gguf", weights=units, tokenizer=tok)
     assert out.stat().st_size <= target * 1e6
+    # llama.cpp's quantizer, given the recipe written beside the file, rebuilds every tensor of it
+    from modelpress.export.ggufio import read_llama_quantize_recipe, write_llama_quantize_recipe
+    from tests.export.test_llamacpp import _same_tensors
+
+    recipe = write_llama_quantize_recipe(m, out, units)
+    assert "--imatrix" in recipe["command"] and "--tensor-type-file" in recipe["command"]
+    types, importance = read_llama_quantize_recipe(out)
+    assert len(types) == len(units) and len(importance) == sum(v.endswith("+imatrix") for v in res.plan.levels.values())
+    f32 = export_gguf(dense, tmp_path / "f32.gguf", default_type="F32", tokenizer=tok)
+    rebuilt = llamacpp.quantize(f32, tmp_path / "rebuilt.gguf", "Q8_0", imatrix=importance, tensor_types=types)
+    assert _same_tensors(out, rebuilt) == []
