@@ -12,14 +12,17 @@ Rows per preset size:
   the same over both quantizers per type (`--imatrix`).
 Perplexity and KL to the float32 export are computed by llama.cpp on held-out windows of each
 domain; tokens/s is llama.cpp's greedy decoding, all files measured back to back at the end.
-Rows are cached in bench/results/gguf-domains.json; an interrupted run resumes.
+Rows are cached in bench/results/gguf-domains[-fair].json; an interrupted run resumes.
 
-    python bench/llamacpp.py [--only Q4_K_M] [--force] [--render]
+    python bench/llamacpp.py [--model smollm2-135m|fair] [--only Q4_K_M] [--force] [--render]
+
+`--model fair`: smollm2-135m fine-tuned off the Q4_1 grid it ships on (bench/fair_source.py).
 """
 from __future__ import annotations
 
 import copy
 import gc
+import json
 import time
 from pathlib import Path
 
@@ -37,6 +40,8 @@ from modelpress.search import allocate, materialize, open_database
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M"]
 SEARCH_FIRST = ["Q3_K_M", "Q4_K_M", "Q2_K", "Q3_K_S", "Q4_K_S", "Q5_K_M"]  # most informative searches first
 DOMAINS = SUITES["default"]
+MODELS = {"smollm2-135m": ("gguf", "gguf-domains", SCRATCH / "gguf"),  # section, row cache, work folder
+          "fair": ("gguf_fair", "gguf-domains-fair", SCRATCH / "gguf-fair")}
 WORK = SCRATCH / "gguf"
 COLUMNS = [("label", "file"), ("size_mb", "size MB"), *[(f"ppl:{d}", f"ppl {d}") for d in DOMAINS],
            ("worst_ratio", "worst × F32"), ("kl", "KL to F32"), ("tok_s", "tokens/s"), ("search_s", "search s")]
@@ -58,13 +63,23 @@ def measure(path: Path, domains, f32: Path | None) -> dict:
 
 
 def main() -> None:
-    args = bench_args(__doc__, n_eval=8)
-    cache = RowCache("gguf-domains", force=args.force)
+    global WORK
+    args = bench_args(__doc__, n_eval=8, extra=lambda ap: ap.add_argument("--model", default="smollm2-135m",
+                                                                          choices=sorted(MODELS)))
+    section, cache_name, WORK = MODELS[args.model]
+    cache = RowCache(cache_name, force=args.force)
     if args.render:
-        render(cache.everything())
+        render(cache.everything(), args.model)
         return
     WORK.mkdir(parents=True, exist_ok=True)
-    base, tok = mp.load_model("smollm2-135m", device="cpu")
+    if args.model == "fair":
+        from fair_source import derive
+
+        source = derive()
+        cache.put("source", json.loads((source / "finetune.json").read_text()))
+        base, tok = mp.load_model(str(source), device="cpu")
+    else:
+        base, tok = mp.load_model("smollm2-135m", device="cpu")
     shared = preset_search("cpu")
     windows = mp.get_windows(tok, shared["data"], model=base)
     domains = suite_windows(tok, DOMAINS, seq_len=512, n_eval=args.n_eval)
@@ -118,7 +133,7 @@ def main() -> None:
             del model
             gc.collect()
     speed_pass(cache, tok)
-    render(cache.everything())
+    render(cache.everything(), args.model)
 
 
 def files(preset: str) -> dict[str, Path]:
@@ -139,7 +154,7 @@ def speed_pass(cache: RowCache, tok, rounds: int = 3) -> None:
             cache.put(key, dict(cache.get(key), tok_s=best))
 
 
-def render(cache: RowCache) -> None:
+def render(cache: RowCache, model: str) -> None:
     ref = cache.get("f32")
     rows = [ref] if ref else []
     for preset in PRESETS:
@@ -152,9 +167,15 @@ def render(cache: RowCache) -> None:
     mixes = "; ".join(f"{r['label']}: " + ", ".join(f"{t} x{n}" for t, n in sorted(r["types"].items()))
                       for k, r in cache.rows.items() if k.startswith("search|"))
     gens = next((r["generations"] for k, r in cache.rows.items() if k.startswith("search|")), "?")
+    src = cache.get("source")
+    what = ("smollm2-135m (the Q4_1-source case: the model ships as a Q4_1 GGUF, see the caveat)" if model != "fair"
+            else "a source on no GGML grid: smollm2-135m fine-tuned (bench/fair_source.py" + (
+                f": {src['steps']} AdamW steps, lr {src['lr']}, {src['batch']} x {src['seq_len']} tokens of `wiki` per "
+                f"step, float32 weights; Q4_1 round-to-nearest error / Q4_0's = {src['q4_1_over_q4_0']:.2f}, 0 for the "
+                "shipped model" if src else "") + ")")
     body = (
-        "## GGUF for llama.cpp (`bench/llamacpp.py`)\n\n"
-        "smollm2-135m (the Q4_1-source case: the model ships as a Q4_1 GGUF, see the caveat), every file scored by "
+        f"## GGUF for llama.cpp (`bench/llamacpp.py{' --model fair' if model == 'fair' else ''}`)\n\n"
+        f"{what}, every file scored by "
         "llama.cpp 0.5.0 itself (the prebuilt CPU libraries of `@node-llama-cpp/linux-x64` 3.22.1, loaded by "
         "`modelpress.export.llamacpp`). Presets: llama.cpp's quantizer on the float32 GGUF export, no importance "
         "matrix; `+ imatrix`: the preset's own per-tensor types, each matrix quantized by llama.cpp's quantizer "
@@ -175,12 +196,12 @@ def render(cache: RowCache) -> None:
         + not_run_note(missing, "llamacpp.py")
         + f"Machine: {(ref or {}).get('machine') or machine()}.\n\n" + md
         + (f"\n\nTypes chosen per tensor by the searches: {mixes}." if mixes else "")
-        + "\n\n**Caveat.** The default model's weights are exactly representable in Q4_1: the level database "
-        "measures zero error for plain Q4_1 on every matrix, so a search can keep the original grid, while "
-        "llama.cpp's presets requantize to K-types and lose accuracy. A model not on any GGML grid is the fair "
-        "comparison.\n"
+        + ("\n\n**Caveat.** The default model's weights are exactly representable in Q4_1: the level database "
+           "measures zero error for plain Q4_1 on every matrix, so a search can keep the original grid, while "
+           "llama.cpp's presets requantize to K-types and lose accuracy. The `gguf_fair` section below is the fair "
+           "comparison.\n" if model != "fair" else "\n")
     )
-    write_section("gguf", body)
+    write_section(MODELS[model][0], body)
 
 
 if __name__ == "__main__":

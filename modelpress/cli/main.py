@@ -416,6 +416,8 @@ def search_cmd(
     imatrix: Optional[bool] = typer.Option(None, "--imatrix/--no-imatrix",
                                            help="gguf: quantize with an importance matrix from the calibration "
                                                 "text, as llama-quantize --imatrix does"),
+    gptq_levels: Optional[bool] = typer.Option(None, "--gptq/--no-gptq", help="gguf: also the legacy types (Q4_0 "
+                                               "... Q8_0) with codes chosen by GPTQ on their grid"),
     levels: Optional[str] = typer.Option(None, "--levels", help="quant/joint: bit-widths, e.g. 2,3,4,5,6"),
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help="joint: sparsity levels, e.g. 0,0.5"),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="joint: EoRA ranks, e.g. 0,16"),
@@ -478,7 +480,7 @@ def search_cmd(
     kind = kind or kind_for_budget(budget.kind)
     given = {"levels": levels, "sparsities": sparsities, "ranks": ranks, "allow-drop": allow_drop,
              "sequential-level": sequential_level, "ratios": ratios, "types": types, "imatrix": imatrix,
-             "group-size": group_size,
+             "gptq": gptq_levels, "group-size": group_size,
              "static-groups": static_groups, "serve": serve, "sym": sym, "act-order": act_order, "mse": mse,
              "shrink": shrink, "max-sparsity": max_sparsity}
     ks = KINDS.get(kind).settings_from_options({k: v for k, v in given.items() if v is not None})

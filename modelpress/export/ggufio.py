@@ -282,7 +282,8 @@ def write_llama_quantize_recipe(model, out: str | Path, weights: dict) -> dict:
     OUT.tensor-types.txt (NAME=TYPE for every matrix, llama-quantize's --tensor-type-file) and, when
     some levels were quantized with an importance matrix, OUT.imatrix.gguf in llama-imatrix's format
     holding exactly those (in_sum2 = the mean x² per input column, counts = 1, so llama-quantize's
-    in_sum2 / counts is the vector modelpress quantized with). Returns the files and the command."""
+    in_sum2 / counts is the vector modelpress quantized with). Returns the files, the command, and
+    the tensors whose codes GPTQ chose (llama.cpp requantizes those with its own quantizer)."""
     import gguf
 
     out = Path(out)
@@ -315,7 +316,9 @@ def write_llama_quantize_recipe(model, out: str | Path, weights: dict) -> dict:
             raise
         cmd += ["--imatrix", str(paths["imatrix"])]
     cmd += ["--tensor-type-file", str(paths["tensor_types"]), "MODEL-F32.gguf", str(out), "Q8_0"]
-    return {**{k: str(v) for k, v in paths.items()}, "command": " ".join(cmd),
+    # codes chosen by GPTQ are no quantizer's output that llama.cpp has: it rebuilds those tensors with its own
+    not_rebuilt = sorted(names[u] for u, w in weights.items() if w.chosen_by != "ggml")
+    return {**{k: str(v) for k, v in paths.items()}, "command": " ".join(cmd), "not_rebuilt_exactly": not_rebuilt,
             "source": "MODEL-F32.gguf = `modelpress export gguf MODEL --type F32 --out MODEL-F32.gguf`"}
 
 

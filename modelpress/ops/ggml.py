@@ -133,3 +133,65 @@ def dequantize(data: np.ndarray, t: GGMLQuantizationType, shape: tuple[int, int]
     to_float = _TO_FLOAT(lib.ggml_get_type_traits(int(t)).contents.to_float)
     to_float(data.ctypes.data, out.ctypes.data, rows * n)
     return out
+
+
+# ---- the legacy block-32 grids as arithmetic, for quantizers that choose codes themselves (GPTQ) ------
+# value = (code - offset) * d for the symmetric types, code * d + m for the "_1" types; d and m are
+# float16 in the file. The rules for d and m are ggml's reference quantizers' (quantize_row_*_ref).
+LEGACY_GRID = {"Q4_0": (4, 8), "Q5_0": (5, 16), "Q8_0": (8, None), "Q4_1": (4, None), "Q5_1": (5, None)}
+
+
+def legacy_params(t: str, block):
+    """ggml's rule for one block-32 group of every row: (d, m) as float32 holding float16 values
+    (m is None for the symmetric types). `block` is a torch tensor (rows, 32)."""
+    bits, offset = LEGACY_GRID[t]
+    if t.endswith("_1"):
+        lo, hi = block.min(dim=1).values, block.max(dim=1).values
+        d = (hi - lo) / ((1 << bits) - 1)
+        return d.half().float(), lo.half().float()
+    amax_at = block.abs().argmax(dim=1, keepdim=True)
+    signed_max = block.gather(1, amax_at).squeeze(1)
+    d = signed_max.abs() / 127 if t == "Q8_0" else signed_max / -offset
+    return d.half().float(), None
+
+
+def legacy_codes(t: str, w, d, m):
+    """Codes of weights `w` (rows,) on the grid (d, m) of each row: the nearest grid value, clamped."""
+    import torch
+
+    bits, offset = LEGACY_GRID[t]
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    if m is not None:
+        return torch.round((w - m) / safe).clamp_(0, (1 << bits) - 1)
+    if t == "Q8_0":
+        return torch.round(w / safe).clamp_(-127, 127)
+    return (torch.round(w / safe) + offset).clamp_(0, (1 << bits) - 1)
+
+
+def legacy_values(t: str, codes, d, m):
+    _, offset = LEGACY_GRID[t]
+    if m is not None:
+        return codes * d + m
+    return codes * d if offset is None else (codes - offset) * d
+
+
+def encode_legacy(t: str, d: np.ndarray, m: np.ndarray | None, codes: np.ndarray) -> np.ndarray:
+    """GGUF bytes of a legacy-type matrix from its per-block d (and m) and codes: d, m (rows,
+    n_blocks) float16-representable; codes (rows, n) integers. uint8 (rows, bytes_per_row)."""
+    rows, n = codes.shape
+    nb = n // 32
+    q = codes.reshape(rows, nb, 32)
+    parts = [np.asarray(d, dtype=np.float16).reshape(rows, nb, 1).view(np.uint8)]
+    if m is not None:
+        parts.append(np.asarray(m, dtype=np.float16).reshape(rows, nb, 1).view(np.uint8))
+    if t == "Q8_0":
+        parts.append(q.astype(np.int8).view(np.uint8))
+    else:
+        q = q.astype(np.uint32)
+        if LEGACY_GRID[t][0] == 5:
+            high = ((q >> 4) & 1) << np.arange(32, dtype=np.uint32)
+            parts.append(high.sum(axis=2, dtype=np.uint32).astype("<u4").reshape(rows, nb, 1).view(np.uint8))
+        parts.append(((q[..., :16] & 0xF) | ((q[..., 16:] & 0xF) << 4)).astype(np.uint8))
+    out = np.concatenate(parts, axis=2).reshape(rows, -1)
+    assert out.shape[1] == bytes_per_row(qtype(t), n), (t, out.shape)
+    return out

@@ -32,6 +32,7 @@ class GGMLWeight:
     # the importance matrix it was quantized with (mean x² per input column), kept so llama.cpp's
     # own quantizer can rebuild it (export.ggufio.write_llama_quantize_recipe)
     importance: torch.Tensor | None = None
+    chosen_by: str = "ggml"  # who chose the codes: ggml's quantizer, or "gptq" (ops/quant/gptq_ggml.py)
 
     @classmethod
     def quantize(cls, w: torch.Tensor, type_name: str, heads: int | None = None,
@@ -68,12 +69,15 @@ class GGMLWeight:
         t = {"data": self.data.contiguous()}
         if self.importance is not None:
             t["importance"] = self.importance.contiguous()
-        return t, {"format": "ggml", "shape": list(self.shape), "type": self.type, "heads": self.heads}
+        meta = {"format": "ggml", "shape": list(self.shape), "type": self.type, "heads": self.heads}
+        if self.chosen_by != "ggml":
+            meta["chosen_by"] = self.chosen_by
+        return t, meta
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], meta: dict, device="cpu") -> "GGMLWeight":
         return cls(shape=tuple(meta["shape"]), type=meta["type"], data=t["data"], heads=meta.get("heads"),
-                   importance=t.get("importance"))
+                   importance=t.get("importance"), chosen_by=meta.get("chosen_by", "ggml"))
 
     def to(self, device) -> "GGMLWeight":
         return self

@@ -86,7 +86,8 @@ class SweepResult:
 def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, group_size: int | None = None,
               sym: bool = False, mse: bool = False, n_prune: int | None = None, nm: tuple[int, int] | None = None,
               act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-              clip_by: str = "weights", static_groups: bool = False, own_h: bool = False) -> SweepResult:
+              clip_by: str = "weights", static_groups: bool = False, own_h: bool = False,
+              ggml_type: str | None = None) -> SweepResult:
     """Compress `w` (out, in) given H = XᵀX/n (in, in). Returns the result in sweep order.
 
     `clip_by` weighs the clipping search's squared error (`mse`) per input column: "weights"
@@ -95,9 +96,19 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
     `group_size` columns in the original order, its range fixed from the weights before the sweep
     (what compressed-tensors / vLLM store: their actorder "weight"), and only the order in which
     columns are quantized follows the activations. `own_h`: `h` is the caller's to give away (it
-    is overwritten and freed early: one in×in matrix less at the peak)."""
+    is overwritten and freed early: one in×in matrix less at the peak).
+
+    `ggml_type` (a legacy block-32 GGML type, Q4_0 … Q8_0): the grid is that type's: every run of 32
+    columns gets its d (and m) from ggml's rule on the columns as the sweep has updated them, codes
+    are the nearest grid values; `scales` / `zeros` come back as float16 d / m, `codes` as int16."""
     if clip_by not in ("weights", "activations"):
         raise ValueError(f"clip_by is weights or activations, got {clip_by!r}")
+    if ggml_type is not None:
+        from . import ggml
+
+        if act_order or mse or n_prune or nm:
+            raise ValueError("a GGML grid is swept in column order, without clipping search or pruning")
+        bits, group_size = ggml.LEGACY_GRID[ggml_type][0], 32
     w = w.float().clone()
     h, dead = live_hessian(h, copy=not own_h)
     out_f, in_f = w.shape
@@ -130,7 +141,7 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
     if n_prune is not None:
         block_counts = split_count(n_prune, [min(block_size, in_f - s) * out_f for s in starts])
 
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=w.device) if quant else None
+    codes = torch.zeros(out_f, in_f, dtype=torch.int16 if ggml_type else torch.uint8, device=w.device) if quant else None
     ng = n_groups(in_f, group_size)
     scales = torch.zeros(out_f, ng, dtype=torch.float32, device=w.device) if quant else None
     zeros = torch.zeros(out_f, ng, dtype=torch.float32, device=w.device) if quant else None
@@ -182,6 +193,11 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
                 if fixed is not None:
                     g = col_group[col]
                     scale1, zero1 = scales[:, g], zeros[:, g]
+                elif ggml_type and col % gs == 0:
+                    scale1, zero1 = ggml.legacy_params(ggml_type, w1[i:i + gs].t())
+                    scales[:, col // gs] = scale1
+                    if zero1 is not None:
+                        zeros[:, col // gs] = zero1
                 elif quant and group_size and col % gs == 0:
                     grp = w1[i:i + gs]
                     if m1 is not None:
@@ -191,7 +207,10 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
                     scales[:, col // gs:col // gs + 1], zeros[:, col // gs:col // gs + 1] = scale, zero
                     scale1, zero1 = scale.squeeze(1), zero.squeeze(1)
                 qc = wc if m1 is None else wc * m1[i]
-                if quant:
+                if ggml_type:
+                    codes1[i] = ggml.legacy_codes(ggml_type, qc, scale1, zero1)
+                    qc = q1[i] = ggml.legacy_values(ggml_type, codes1[i], scale1, zero1)
+                elif quant:
                     c = codes1[i]
                     torch.div(qc, scale1, out=c).round_().add_(zero1).clamp_(0, mq)
                     qc = torch.sub(c, zero1, out=q1[i]).mul_(scale1)
@@ -205,7 +224,7 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
                 w1[b:].addmm_(u1[a:b, b:].t(), err1[a:b], alpha=-1.0)
         q_all[:, i1:i2] = q1.t()
         if quant:
-            codes[:, i1:i2] = codes1.t().to(torch.uint8)
+            codes[:, i1:i2] = codes1.t().to(codes.dtype)
         if m1 is not None:
             mask[:, i1:i2] = m1.t()
         if i2 < in_f:
@@ -214,7 +233,7 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
     return SweepResult(
         weight=q_all, mask=mask, codes=codes,
         scales=scales.to(torch.float16) if quant else None,
-        zeros=zeros.to(torch.uint8) if quant and not sym else None,
+        zeros=(zeros.to(torch.float16) if ggml_type else zeros.to(torch.uint8)) if quant and not sym else None,
         perm=perm, groups_permuted=not static,
     )
 

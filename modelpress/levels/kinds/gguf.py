@@ -9,16 +9,18 @@ import torch
 from ...errors import ConfigError
 from ...models.arch import Arch, get_weight
 from ...ops.base import output_error
+from ...ops.ggml import LEGACY_GRID
 from ..build import on_dense_inputs
 from .base import KINDS, Kind, UnitInfo, pareto
 
 
 IMATRIX = "+imatrix"  # suffix of a level quantized with the layer's importance matrix
+GPTQ = "+gptq"  # suffix of a level whose codes GPTQ chose on the type's grid
 
 
 def ggml_type(level: str) -> str:
     """The GGML type a gguf level stores ("Q4_K+imatrix" -> "Q4_K")."""
-    return level.removesuffix(IMATRIX)
+    return level.removesuffix(IMATRIX).removesuffix(GPTQ)
 
 
 @KINDS.register("gguf")
@@ -33,15 +35,20 @@ class GGUFKind(Kind):
     the dense model's inputs), as `llama-quantize --imatrix` does: level "Q4_K+imatrix" beside
     "Q4_K", the same bytes, so the search keeps whichever quantizer errs less (the other is
     dominated). The embedding gets none (llama.cpp has none for it: it is no matmul input), nor does
-    an untied output head (the block-by-block pass does not see its inputs)."""
+    an untied output head (the block-by-block pass does not see its inputs).
+
+    `gptq`: every Linear layer also gets each legacy block-32 type (Q4_0 … Q8_0) with its codes chosen
+    by GPTQ on that type's grid ("Q4_0+gptq", ops/quant/gptq_ggml.py): llama.cpp decodes it exactly,
+    but its own quantizer cannot make it (the llama-quantize recipe lists such tensors)."""
 
     types: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
     embedding: bool = True
     imatrix: bool = False
+    gptq: bool = False
 
     budgets = ("mb",)
-    options = {"types": "types", "imatrix": "imatrix"}
-    legacy = {"imatrix": False}
+    options = {"types": "types", "imatrix": "imatrix", "gptq": "gptq"}
+    legacy = {"imatrix": False, "gptq": False}
     ylabel = "GGML type"
 
     def __post_init__(self) -> None:
@@ -81,8 +88,8 @@ class GGUFKind(Kind):
         if not ok:
             raise ConfigError(f"none of the GGML types {self.types} can store {unit.name} "
                               f"(rows of {unit.shape[1]} weights)")
-        if self.imatrix and unit.group not in ("embedding", "output"):
-            ok += [t + IMATRIX for t in ok]
+        if unit.group not in ("embedding", "output"):
+            ok += [t + IMATRIX for t in ok if self.imatrix] + [t + GPTQ for t in ok if self.gptq and t in LEGACY_GRID]
         return sorted(ok, key=lambda t: (ggml.bytes_per_row(ggml.qtype(ggml_type(t)), unit.shape[1]), t))
 
     def order(self, unit: UnitInfo, built: dict[str, dict]) -> list:
@@ -90,6 +97,7 @@ class GGUFKind(Kind):
 
     def build(self, db, model, windows, batch_size, device) -> None:
         from ...ops.ggmlweight import GGMLWeight
+        from ...ops.quant.gptq_ggml import GGMLGPTQ
         from ...utils.dist import share
 
         missing = db.missing()
@@ -107,9 +115,13 @@ class GGUFKind(Kind):
             w = get_weight(mod).float()
             importance = torch.diagonal(st.hessian).float().cpu()  # mean x² per input column
             new = {}
+            heads = db.units[n].extra.get("heads")
             for v in want:
-                gw = GGMLWeight.quantize(w, ggml_type(v), heads=db.units[n].extra.get("heads"),
-                                         imatrix=importance if v.endswith(IMATRIX) else None)
+                if v.endswith(GPTQ):
+                    gw = GGMLGPTQ(type=ggml_type(v), heads=heads).compress(w, st)
+                else:
+                    gw = GGMLWeight.quantize(w, ggml_type(v), heads=heads,
+                                             imatrix=importance if v.endswith(IMATRIX) else None)
                 new[v] = (gw, output_error(w, gw.dequantize().to(w.device), st.hessian))
             db.add_levels(n, new)
 
