@@ -8,8 +8,9 @@ Rows per preset size:
   calibration windows, as `llama-quantize --imatrix` does; the matrix is measured in torch on the
   dense model (llama.cpp's `llama-imatrix` tool is not in the prebuilt libraries);
 - `searched mix`: the evolutionary search over GGML types per tensor (`--kind gguf`, the cpu
-  preset) with the preset's file size as the budget, plain levels; `searched mix, imatrix levels`:
-  the same over both quantizers per type (`--imatrix`).
+  preset) with the preset's file size as the budget, plain levels; `searched mix, activation-aware
+  levels`: the same over three quantizers per type (`--imatrix --gptq`: llama.cpp's plain and
+  importance-weighted ones, and GPTQ on the legacy types' grids).
 Perplexity and KL to the float32 export are computed by llama.cpp on held-out windows of each
 domain; tokens/s is llama.cpp's greedy decoding, all files measured back to back at the end.
 Rows are cached in bench/results/gguf-domains[-fair].json; an interrupted run resumes.
@@ -110,7 +111,7 @@ def main() -> None:
     for preset in SEARCH_FIRST:
         if args.only and args.only != preset:
             continue
-        for quantizers, settings in (("plain", {}), ("imatrix", {"imatrix": True})):
+        for quantizers, settings in (("plain", {}), ("aware", {"imatrix": True, "gptq": True})):
             key = f"search|{quantizers}|{preset}"
             if cache.get(key):
                 continue
@@ -127,7 +128,7 @@ def main() -> None:
             types: dict[str, int] = {}
             for v in res.plan.levels.values():
                 types[v] = types.get(v, 0) + 1
-            label = "searched mix" + (", imatrix levels" if quantizers == "imatrix" else "")
+            label = "searched mix" + (", activation-aware levels" if quantizers == "aware" else "")
             cache.put(key, dict(measure(out, domains, f32), label=f"{label} @ {preset} size", search_s=secs,
                                 types=types, generations=shared["allocator_settings"]["generations"]))
             del model
@@ -139,7 +140,7 @@ def main() -> None:
 def files(preset: str) -> dict[str, Path]:
     return {f"preset|{preset}": WORK / f"{preset}.gguf", f"imatrix|{preset}": WORK / f"{preset}-imatrix.gguf",
             f"search|plain|{preset}": WORK / f"searched-plain-{preset}.gguf",
-            f"search|imatrix|{preset}": WORK / f"searched-imatrix-{preset}.gguf"}
+            f"search|aware|{preset}": WORK / f"searched-aware-{preset}.gguf"}
 
 
 def speed_pass(cache: RowCache, tok, rounds: int = 3) -> None:
