@@ -155,6 +155,30 @@ def speed_pass(cache: RowCache, tok, rounds: int = 3) -> None:
             cache.put(key, dict(cache.get(key), tok_s=best))
 
 
+def target_line(cache: RowCache, ref: dict | None) -> str:
+    """The issue's target, read off the rows: at every preset size the activation-aware searched mix has
+    lower worst-domain perplexity ratio and lower KL than every imatrix preset of equal or larger size."""
+    if not ref:
+        return ""
+
+    def worst(r):
+        return max(r[f"ppl:{d}"] / ref[f"ppl:{d}"] for d in DOMAINS)
+
+    out = []
+    for p in PRESETS:
+        s = cache.get(f"search|aware|{p}")
+        if not s:
+            continue
+        rivals = [cache.get(f"imatrix|{q}") for q in PRESETS if cache.get(f"imatrix|{q}")
+                  and cache.get(f"imatrix|{q}")["size_mb"] >= s["size_mb"] - 1e-9
+                  and cache.get(f"imatrix|{q}")["size_mb"] <= cache.get(f"preset|{p}")["size_mb"] + 1e-9]
+        lost = [r["label"] for r in rivals if not (worst(s) < worst(r) and s["kl"] < r["kl"])]
+        out.append(f"{p}: " + ("beats " + ", ".join(r["label"] for r in rivals) if not lost else
+                               "**does not beat** " + ", ".join(lost)))
+    return ("Target (activation-aware searched mix below every imatrix preset of its size in worst ratio and KL): "
+            + "; ".join(out) + ".") if out else ""
+
+
 def render(cache: RowCache, model: str) -> None:
     ref = cache.get("f32")
     rows = [ref] if ref else []
@@ -165,6 +189,7 @@ def render(cache: RowCache, model: str) -> None:
                 rows.append(dict(r, worst_ratio=max(r[f"ppl:{d}"] / ref[f"ppl:{d}"] for d in DOMAINS)))
     md = print_table(rows, COLUMNS)
     missing = [k for p in PRESETS for k in files(p) if not cache.get(k)]
+    target = target_line(cache, ref)
     mixes = "; ".join(f"{r['label']}: " + ", ".join(f"{t} x{n}" for t, n in sorted(r["types"].items()))
                       for k, r in cache.rows.items() if k.startswith("search|"))
     gens = next((r["generations"] for k, r in cache.rows.items() if k.startswith("search|")), "?")
@@ -185,8 +210,10 @@ def render(cache: RowCache, model: str) -> None:
         "byte for byte, tests/export/test_llamacpp.py); the importance matrix comes from a torch pass over the "
         "dense model, not from `llama-imatrix`. Searched mix: the evolutionary search over GGML types per tensor "
         f"(Q2_K … Q8_0, embedding included; K-quants only where rows are multiples of 256), cpu preset ({gens} "
-        "generations, KL fitness on held-out calibration windows), budget = the preset's file size; `imatrix "
-        "levels` searches over both quantizers per type. Calibration: "
+        "generations, KL fitness on held-out calibration windows), budget = the preset's file size; "
+        "`activation-aware levels` searches over three quantizers per type (`--imatrix --gptq`: llama.cpp's "
+        "plain and importance-weighted quantizers, and GPTQ on the grids of the legacy block-32 types, whose codes "
+        "llama.cpp decodes exactly but cannot make). Calibration: "
         + (f"{ref['n_samples']} x 512 tokens of `{ref['data']}`. Evaluation: {ref['n_eval']} held-out windows of "
            f"512 tokens from each of {', '.join(DOMAINS)} ({ref['n_tokens']} scored tokens); " if ref else "")
         + "worst × F32 = the largest perplexity ratio to the float32 export over the domains; KL to F32 = mean "
@@ -197,6 +224,7 @@ def render(cache: RowCache, model: str) -> None:
         + not_run_note(missing, "llamacpp.py")
         + f"Machine: {(ref or {}).get('machine') or machine()}.\n\n" + md
         + (f"\n\nTypes chosen per tensor by the searches: {mixes}." if mixes else "")
+        + (f"\n\n{target}" if target else "")
         + ("\n\n**Caveat.** The default model's weights are exactly representable in Q4_1: the level database "
            "measures zero error for plain Q4_1 on every matrix, so a search can keep the original grid, while "
            "llama.cpp's presets requantize to K-types and lose accuracy. The `gguf_fair` section below is the fair "
