@@ -15,7 +15,7 @@ Perplexity and KL to the float32 export are computed by llama.cpp on held-out wi
 domain; tokens/s is llama.cpp's greedy decoding, all files measured back to back at the end.
 Rows are cached in bench/results/gguf-domains[-fair].json; an interrupted run resumes.
 
-    python bench/llamacpp.py [--model smollm2-135m|fair] [--only Q4_K_M] [--force] [--render]
+    python bench/llamacpp.py [--model smollm2-135m|fair] [--only Q4_K_M] [--searches Q3_K_M,Q4_K_M] [--force] [--render]
 
 `--model fair`: smollm2-135m fine-tuned off the Q4_1 grid it ships on (bench/fair_source.py).
 """
@@ -65,8 +65,11 @@ def measure(path: Path, domains, f32: Path | None) -> dict:
 
 def main() -> None:
     global WORK
-    args = bench_args(__doc__, n_eval=8, extra=lambda ap: ap.add_argument("--model", default="smollm2-135m",
-                                                                          choices=sorted(MODELS)))
+    def extra(ap):
+        ap.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
+        ap.add_argument("--searches", default=",".join(SEARCH_FIRST), help="preset sizes to search a mix at")
+
+    args = bench_args(__doc__, n_eval=8, extra=extra)
     section, cache_name, WORK = MODELS[args.model]
     cache = RowCache(cache_name, force=args.force)
     if args.render:
@@ -108,7 +111,7 @@ def main() -> None:
             mine = export_gguf_types(base, WORK / f"{preset}-imatrix.gguf", llamacpp.tensor_types(out), imatrix=im,
                                      tokenizer=tok)
             cache.put(f"imatrix|{preset}", dict(measure(mine, domains, f32), label=f"llama.cpp {preset} + imatrix"))
-    for preset in SEARCH_FIRST:
+    for preset in [p for p in SEARCH_FIRST if p in args.searches.split(",")]:
         if args.only and args.only != preset:
             continue
         for quantizers, settings in (("plain", {}), ("aware", {"imatrix": True, "gptq": True})):
