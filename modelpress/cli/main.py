@@ -738,20 +738,23 @@ def export_ct_cmd(
 
 
 def _export_preset(model, tok, out: Path, preset: str, imatrix: bool, data) -> Path:
-    """llama.cpp's preset: its quantizer picks the types on a float32 export, then every matrix is
-    quantized here by the same quantizer (with the importance matrix of `data` if asked)."""
+    """llama.cpp's quantizer makes the preset from a float32 export, given the importance matrix of
+    `data` if asked (what `llama-imatrix` then `llama-quantize --imatrix` make)."""
     import tempfile
 
     from ..calib.imatrix import importance
     from ..data import get_windows
     from ..export import llamacpp
-    from ..export.ggufio import export_gguf, export_gguf_types
+    from ..export.ggufio import export_gguf, gguf_names
 
+    llamacpp.preset_ftype(preset)  # an unknown preset fails before any work
+    im = None
+    if imatrix:
+        names = gguf_names(model)
+        im = {names[u]: v.numpy() for u, v in importance(model, get_windows(tok, data, model=model).calib).items()}
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         f32 = export_gguf(model, Path(tmp) / "f32.gguf", default_type="F32", tokenizer=tok)
-        types = llamacpp.tensor_types(llamacpp.quantize(f32, Path(tmp) / "preset.gguf", preset))
-    im = importance(model, get_windows(tok, data, model=model).calib) if imatrix else None
-    return export_gguf_types(model, out, types, imatrix=im, tokenizer=tok)
+        return llamacpp.quantize(f32, out, preset, imatrix=im)
 
 
 @app.command("eval")

@@ -8,6 +8,7 @@ file holds exactly the bytes that were evaluated) or quantized here with llama.c
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import logging
 import tempfile
@@ -114,6 +115,13 @@ def verify_gguf(path: str | Path) -> None:
         raise ModelLoadError(f"GGUF file {path} is corrupt: its content does not match the checksum modelpress "
                              f"wrote into it ({CHECKSUM_KEY}); write it again. If another tool rewrote it and kept "
                              f"that key, remove the key (gguf-new-metadata --remove-metadata {CHECKSUM_KEY}) to load it")
+
+
+def reseal(path: str | Path) -> None:
+    """Recompute the checksum of a file that carries modelpress's key (e.g. llama.cpp's quantizer
+    copied it from a modelpress export); a file without the key is left as it is."""
+    if _checksum_span(Path(path)) is not None:
+        _seal(Path(path))
 
 
 def _seal(path: Path) -> None:
@@ -290,9 +298,10 @@ def write_llama_quantize_recipe(model, out: str | Path, weights: dict) -> dict:
     names = gguf_names(model)
     types = {names[u]: w.type for u, w in weights.items()}
     paths = {"tensor_types": out.with_name(out.name + RECIPE_TYPES)}
-    with atomic_file(paths["tensor_types"]) as f:
-        f.write("".join(f"{n}={t.lower()}\n" for n, t in sorted(types.items())))
+    with atomic_file(paths["tensor_types"]) as f:  # names as llama-quantize's regexes, anchored to the whole name
+        f.write("".join(f"^{re.escape(n)}$={t.lower()}\n" for n, t in sorted(types.items())))
     important = {names[u]: w.importance for u, w in weights.items() if w.importance is not None}
+    out.with_name(out.name + RECIPE_IMATRIX).unlink(missing_ok=True)  # an earlier run's
     cmd = ["llama-quantize"]
     if important:
         paths["imatrix"] = out.with_name(out.name + RECIPE_IMATRIX)
@@ -315,7 +324,8 @@ def write_llama_quantize_recipe(model, out: str | Path, weights: dict) -> dict:
             Path(tmp).unlink(missing_ok=True)
             raise
         cmd += ["--imatrix", str(paths["imatrix"])]
-    cmd += ["--tensor-type-file", str(paths["tensor_types"]), "MODEL-F32.gguf", str(out), "Q8_0"]
+    rebuilt = out.with_name(out.stem + ".rebuilt.gguf")
+    cmd += ["--tensor-type-file", str(paths["tensor_types"]), "MODEL-F32.gguf", str(rebuilt), "Q8_0"]
     # codes chosen by GPTQ are no quantizer's output that llama.cpp has: it rebuilds those tensors with its own
     not_rebuilt = sorted(names[u] for u, w in weights.items() if w.chosen_by != "ggml")
     return {**{k: str(v) for k, v in paths.items()}, "command": " ".join(cmd), "not_rebuilt_exactly": not_rebuilt,
@@ -330,8 +340,8 @@ def read_llama_quantize_recipe(out: str | Path) -> tuple[dict[str, str], dict[st
     out = Path(out)
     types = {}
     for line in out.with_name(out.name + RECIPE_TYPES).read_text().split():
-        n, _, t = line.partition("=")
-        types[n] = t.upper()
+        n, _, t = line.rpartition("=")
+        types[re.sub(r"\\(.)", r"\1", n.removeprefix("^").removesuffix("$"))] = t.upper()
     imatrix = {}
     im_path = out.with_name(out.name + RECIPE_IMATRIX)
     if im_path.is_file():

@@ -14,7 +14,10 @@ Only long-stable parts of llama.h are relied on: `llama_batch`, the first three 
 `llama_context_params` (n_ctx, n_batch, n_ubatch) and the first two of
 `llama_model_quantize_params` (nthread, ftype); the other parameter structs are passed through as
 the library fills them. The defaults are checked when the library loads, so a build with another
-layout is refused with a clear error instead of read wrongly.
+layout is refused with a clear error instead of read wrongly. The importance matrix and per-tensor
+types of `quantize` are C arrays at offsets 24 and 40 of the quantize parameters only from llama.cpp
+0.5 on (`llama_version()`; earlier builds point those fields at C++ containers), so they are passed
+only to such a build.
 """
 from __future__ import annotations
 
@@ -74,30 +77,34 @@ class _Importance(ctypes.Structure):  # llama_model_imatrix_data
 _Q_IMATRIX, _Q_TENSOR_TYPES = 24, 40
 
 
-def _candidate_dirs() -> list[Path]:
+_LIB_NAMES = ("libllama*.so", "libllama*.dylib", "llama.dll")
+
+
+def _candidate_dirs():
+    """Folders that may hold llama.cpp's libraries, best first; the npm build is fetched only when
+    the ones before it are missing or unusable (a generator: the caller stops at the first that loads)."""
     env = os.environ.get("MODELPRESS_LLAMA_CPP_LIB")
     if env:
         if env.lower() == "none":
             raise LlamaCppUnavailable("llama.cpp is turned off (MODELPRESS_LLAMA_CPP_LIB=none)")
-        return [Path(env)]
-    dirs = []
+        yield Path(env)
+        return
     spec = importlib.util.find_spec("llama_cpp")
     if spec is not None and spec.submodule_search_locations:
         for loc in spec.submodule_search_locations:
-            dirs += sorted({Path(p).parent for p in glob.glob(os.path.join(loc, "**", "libllama*.so"), recursive=True)})
+            yield from sorted({Path(p).parent for pat in _LIB_NAMES
+                               for p in glob.glob(os.path.join(loc, "**", pat), recursive=True)})
     if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
         try:
-            dirs.append(NODE_LLAMA_CPP.root() / "package" / "bins" / "linux-x64")
+            yield NODE_LLAMA_CPP.root() / "package" / "bins" / "linux-x64"
         except PackageFetchError as e:
-            if not dirs:
-                raise LlamaCppUnavailable(f"no llama.cpp library here and the prebuilt one could not be fetched: {e}; "
-                                          "or point MODELPRESS_LLAMA_CPP_LIB at a llama.cpp build's libraries, or "
-                                          "`pip install llama-cpp-python`") from None
-    if not dirs:
+            raise LlamaCppUnavailable(f"the prebuilt llama.cpp could not be fetched ({e}); point "
+                                      "MODELPRESS_LLAMA_CPP_LIB at a llama.cpp build's libraries, or "
+                                      "`pip install llama-cpp-python`") from None
+    else:
         raise LlamaCppUnavailable(f"no prebuilt llama.cpp for {platform.system()} {platform.machine()}: "
                                   "`pip install llama-cpp-python`, or point MODELPRESS_LLAMA_CPP_LIB at a llama.cpp "
                                   "build's libraries")
-    return dirs
 
 
 def _one(folder: Path, pattern: str) -> Path | None:
@@ -130,9 +137,11 @@ class _Lib:
     """The loaded libraries with their signatures declared."""
 
     def __init__(self, folder: Path):
-        base = _one(folder, "libggml-base*.so")
-        ggml = _one(folder, "libggml.so") or _one(folder, "libggml.v*.so")
-        llama = _one(folder, "libllama.so") or _one(folder, "libllama.v*.so")
+        base = _one(folder, "libggml-base*.so") or _one(folder, "libggml-base*.dylib") or _one(folder, "ggml-base.dll")
+        ggml = (_one(folder, "libggml.so") or _one(folder, "libggml.v*.so") or _one(folder, "libggml.dylib")
+                or _one(folder, "ggml.dll"))
+        llama = (_one(folder, "libllama.so") or _one(folder, "libllama.v*.so") or _one(folder, "libllama.dylib")
+                 or _one(folder, "llama.dll"))
         if not (base and llama):
             raise LlamaCppUnavailable(f"{folder} holds no libllama / libggml-base shared library")
         mode = ctypes.RTLD_GLOBAL
@@ -176,11 +185,17 @@ class _Lib:
         qp = tuple(int(v) for v in np.frombuffer(bytes(L.llama_model_quantize_default_params().raw), np.int32)[:2])
         # llama.h's defaults for years: n_ctx 512, n_batch 2048, n_ubatch 512; nthread 0 and a valid ftype
         raw = bytes(L.llama_model_quantize_default_params().raw)
-        # the 0.5 layout (read by quantize's imatrix / tensor types): bools false, true, false x4, then
-        # four null pointers and a non-zero max_buf_size
-        self.quantize_pointers = (tuple(raw[16:22]) == (0, 1, 0, 0, 0, 0)
+        self.version = ""
+        if hasattr(L, "llama_version"):
+            self._sig(L, "llama_version", c.c_char_p, [])
+            self.version = (L.llama_version() or b"").decode(errors="replace")
+        # the 0.5 layout (quantize's imatrix / tensor types as C arrays): six bools false, true, false x4,
+        # four null pointers, max_buf_size 8 GiB; and a library that says it is 0.5 or later
+        major_minor = tuple(int(x) for x in self.version.split("-")[0].split(".")[:2] if x.isdigit())
+        self.quantize_pointers = (len(major_minor) == 2 and major_minor >= (0, 5)
+                                  and tuple(raw[16:22]) == (0, 1, 0, 0, 0, 0)
                                   and not any(np.frombuffer(raw[24:56], np.uint64))
-                                  and int(np.frombuffer(raw[56:64], np.uint64)[0]) > 0)
+                                  and int(np.frombuffer(raw[56:64], np.uint64)[0]) == 8 << 30)
         if cp != (512, 2048, 512) or qp[0] != 0 or qp[1] not in {int(t) for t in LlamaFileType}:
             raise LlamaCppUnavailable(f"the llama.cpp library at {folder} lays out its parameters differently from "
                                       f"the llama.h modelpress reads (defaults {cp}, {qp}); use llama.cpp 0.5 or "
@@ -211,17 +226,16 @@ def library() -> _Lib:
 def _load() -> _Lib | LlamaCppUnavailable:
     errors = []
     try:
-        folders = _candidate_dirs()
+        for folder in _candidate_dirs():
+            try:
+                lib = _Lib(folder)
+            except (OSError, LlamaCppUnavailable) as e:
+                errors.append(f"{folder}: {e}")
+                continue
+            log.info("llama.cpp %s libraries: %s", lib.version or "(version unknown)", folder)
+            return lib
     except LlamaCppUnavailable as e:
-        return e
-    for folder in folders:
-        try:
-            lib = _Lib(folder)
-        except (OSError, LlamaCppUnavailable) as e:
-            errors.append(f"{folder}: {e}")
-            continue
-        log.info("llama.cpp libraries: %s", folder)
-        return lib
+        errors.append(str(e))
     return LlamaCppUnavailable("no usable llama.cpp library: " + "; ".join(errors))
 
 
@@ -298,7 +312,7 @@ class Session:
             batch.n_tokens = n
             rc = self.lib.llama_decode(self.ctx, batch)
             if rc != 0:
-                raise RuntimeError(f"llama_decode failed with code {rc}")
+                raise ModelLoadError(f"llama.cpp could not evaluate {n} tokens (llama_decode returned {rc}){_said()}")
         finally:
             self.lib.llama_batch_free(batch)
         self.n_past += n
@@ -354,6 +368,16 @@ def tensor_types(path: str | Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors if len(t.shape) == 2}
 
 
+def preset_ftype(preset: str) -> LlamaFileType:
+    """llama-quantize's file type for a preset name (Q4_K_M, ...), or a clear error."""
+    from ..errors import ConfigError
+
+    try:
+        return LlamaFileType[f"MOSTLY_{preset.upper()}"]
+    except KeyError:
+        raise ConfigError(f"unknown llama.cpp preset {preset!r}; e.g. Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q8_0") from None
+
+
 def quantize(src: str | Path, dst: str | Path, preset: str = "Q8_0", *, imatrix: dict | None = None,
              tensor_types: dict[str, str] | None = None, n_threads: int | None = None) -> Path:
     """`llama-quantize [--imatrix] [--tensor-type NAME=TYPE ...] SRC DST PRESET` through the library.
@@ -367,19 +391,19 @@ def quantize(src: str | Path, dst: str | Path, preset: str = "Q8_0", *, imatrix:
 
     from ..errors import ConfigError
     from ..utils.io import commit_file, temp_path
+    from .ggufio import reseal
 
-    try:
-        ftype = LlamaFileType[f"MOSTLY_{preset.upper()}"]
-    except KeyError:
-        raise ConfigError(f"unknown llama.cpp preset {preset!r}; e.g. Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q8_0") from None
+    ftype = preset_ftype(preset)
     lib = library()
     L = lib.llama
     params = L.llama_model_quantize_default_params()
     np.frombuffer(params.raw, dtype=np.int32)[:2] = (n_threads or threads(), int(ftype))
     keep = []  # the arrays llama.cpp reads during the call
     if (imatrix or tensor_types) and not lib.quantize_pointers:
-        raise ConfigError("this llama.cpp library's quantize parameters are laid out differently from llama.cpp 0.5's: "
-                          "importance matrices and tensor types cannot be passed to it")
+        raise ConfigError(f"the llama.cpp library at {lib.folder} (version {lib.version or 'unknown'}) is not llama.cpp "
+                          "0.5 or later, so importance matrices and tensor types cannot be passed to it; point "
+                          "MODELPRESS_LLAMA_CPP_LIB at a 0.5 build, or uninstall an older llama-cpp-python so the "
+                          "pinned prebuilt one is used")
     if imatrix:
         arrays = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in imatrix.items()}
         table = (_Importance * (len(arrays) + 1))()
@@ -403,6 +427,7 @@ def quantize(src: str | Path, dst: str | Path, preset: str = "Q8_0", *, imatrix:
         rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise ModelLoadError(f"llama.cpp could not quantize {src} to {preset}{_said()}")
+        reseal(tmp)  # llama.cpp copies the source's metadata, modelpress's checksum of the source included
         commit_file(tmp, dst)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -33,6 +33,9 @@ class _Traits(ctypes.Structure):
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
+_why_not: list[str] = []  # why llama.cpp's library could not be had, for error messages
+
+
 @functools.lru_cache(maxsize=1)
 def _libggml():
     from ..export import llamacpp
@@ -41,6 +44,7 @@ def _libggml():
         lib = llamacpp.library().base
     except llamacpp.LlamaCppUnavailable as e:
         log.warning("K-quant GGML types are unavailable (%s); legacy types use the gguf package's NumPy port", e)
+        _why_not.append(str(e))
         return None
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
@@ -96,7 +100,7 @@ def quantize(w: np.ndarray, t: GGMLQuantizationType, imatrix: np.ndarray | None 
     rows, n = w.shape
     if not supported(t, n):
         raise ConfigError(f"type {t.name} cannot store rows of {n} weights here"
-                          + ("" if _libggml() else " (K-quants need llama.cpp's library: see modelpress.export.llamacpp)"))
+                          + ("" if _libggml() else f" (K-quants need llama.cpp's library: {'; '.join(_why_not) or 'unavailable'})"))
     if t == GGMLQuantizationType.F32:
         return w.view(np.uint8).reshape(rows, -1).copy()
     if t == GGMLQuantizationType.F16:
@@ -107,8 +111,8 @@ def quantize(w: np.ndarray, t: GGMLQuantizationType, imatrix: np.ndarray | None 
         if imatrix.shape != (n,):
             raise ConfigError(f"an importance matrix for rows of {n} weights has {n} entries, not {imatrix.shape}")
         if lib is None:
-            raise ConfigError("quantizing with an importance matrix needs llama.cpp's library "
-                              "(see modelpress.export.llamacpp)")
+            raise ConfigError("quantizing with an importance matrix needs llama.cpp's library: "
+                              + ("; ".join(_why_not) or "unavailable"))
     if lib is None:
         return np.ascontiguousarray(gq.quantize(w, t))
     out = np.empty((rows, bytes_per_row(t, n)), dtype=np.uint8)

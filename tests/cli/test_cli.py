@@ -184,8 +184,11 @@ def test_gguf_export_of_a_llama_cpp_preset_with_and_without_imatrix(model_dir, t
         r = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / f"{name}.gguf")])
         assert r.exit_code == 0, r.output
     plain, im = (llamacpp.tensor_types(tmp_path / f"{n}.gguf") for n in ("plain", "im"))
-    assert plain == im and plain["blk.0.attn_q.weight"] == "Q4_0"
+    assert plain == im and plain["blk.0.attn_q.weight"] == "Q4_0"  # 3 blocks: no imatrix-only type changes
     assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "im.gguf").read_bytes()
+    from modelpress.export.ggufio import verify_gguf
+
+    verify_gguf(tmp_path / "im.gguf")  # llama.cpp's file copied the export's checksum key: resealed, it holds
     r = runner.invoke(app, [*args, "--preset", "Q9_K", "--out", str(tmp_path / "bad.gguf")])
     assert r.exit_code == 2 and "unknown llama.cpp preset" in r.output and not (tmp_path / "bad.gguf").exists()
 

@@ -115,10 +115,19 @@ def test_llama_cpps_quantizer_with_tensor_types_and_imatrix_writes_our_bytes(lib
     assert sorted(_same_tensors(theirs, plain)) == sorted(k for k in gguf_im if got[k] != "Q8_0")
 
 
+def test_importance_and_types_are_refused_to_a_library_of_another_layout(lib, tmp_path, monkeypatch):
+    _, _, path = _f16_tiny(tmp_path)
+    monkeypatch.setattr(lib, "quantize_pointers", False)
+    with pytest.raises(ConfigError, match="not llama.cpp 0.5 or later"):
+        llamacpp.quantize(path, tmp_path / "q.gguf", "Q4_0", tensor_types={"blk.0.attn_q.weight": "Q8_0"})
+    assert not (tmp_path / "q.gguf").exists()
+    llamacpp.quantize(path, tmp_path / "q.gguf", "Q4_0")  # plain presets need neither
+
+
 def test_where_the_library_comes_from(monkeypatch, tmp_path):
     monkeypatch.setenv("MODELPRESS_LLAMA_CPP_LIB", "none")
     with pytest.raises(llamacpp.LlamaCppUnavailable, match="turned off"):
-        llamacpp._candidate_dirs()
+        next(llamacpp._candidate_dirs())
     monkeypatch.setenv("MODELPRESS_LLAMA_CPP_LIB", str(tmp_path))
     err = llamacpp._load()
     assert isinstance(err, llamacpp.LlamaCppUnavailable) and "holds no libllama" in str(err)

@@ -80,6 +80,7 @@ def test_npm_tarball_is_checked_against_its_pinned_checksum(tmp_path, monkeypatc
     import hashlib
 
     monkeypatch.setenv("MODELPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("npm_config_registry", raising=False)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         info = tarfile.TarInfo("package/bins/lib.so")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from ...errors import ConfigError
 from ...models.arch import Arch, get_weight
 from ...ops.base import output_error
@@ -55,6 +53,9 @@ class GGUFKind(Kind):
         from ...ops import ggml
 
         self.types = tuple(ggml.qtype(t).name for t in self.types)
+        if self.imatrix and ggml.backend() != "llama.cpp (ggml)":
+            raise ConfigError("--imatrix levels need llama.cpp's library, which is unavailable here (the log says "
+                              "why); set MODELPRESS_LLAMA_CPP_LIB to a llama.cpp build's libraries")
 
     def discover(self, model) -> list[UnitInfo]:
         out = []
@@ -113,7 +114,7 @@ class GGUFKind(Kind):
 
         def per_layer(n, mod, st, want) -> None:
             w = get_weight(mod).float()
-            importance = torch.diagonal(st.hessian).float().cpu()  # mean x² per input column
+            importance = (st.sqnorm / max(st.n, 1)).float().cpu()  # mean x² per input column
             new = {}
             heads = db.units[n].extra.get("heads")
             for v in want:
