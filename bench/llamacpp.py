@@ -224,7 +224,7 @@ def render(cache: RowCache, model: str) -> None:
         "decoding of 64 tokens after a 64-token prompt, best of 3, all files back to back at the end. Most of "
         "smollm2's matrices are 576 wide, not a multiple of 256, so llama.cpp's K-quant presets fall back to "
         "other types on most tensors (its quantizer says so). "
-        + not_run_note(missing, "llamacpp.py")
+        + not_run_note(missing, "llamacpp.py" + (" --model fair" if model == "fair" else ""))
         + f"Machine: {(ref or {}).get('machine') or machine()}.\n\n" + md
         + (f"\n\nTypes chosen per tensor by the searches: {mixes}." if mixes else "")
         + (f"\n\n{target}" if target else "")
