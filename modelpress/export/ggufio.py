@@ -8,9 +8,9 @@ file holds exactly the bytes that were evaluated) or quantized here with llama.c
 from __future__ import annotations
 
 import hashlib
-import re
 import json
 import logging
+import re
 import tempfile
 from pathlib import Path
 

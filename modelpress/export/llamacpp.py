@@ -107,9 +107,13 @@ def _candidate_dirs():
                                   "build's libraries")
 
 
-def _one(folder: Path, pattern: str) -> Path | None:
-    found = sorted(folder.glob(pattern))
-    return found[0] if found else None
+def _one(folder: Path, *patterns: str) -> Path | None:
+    """The first file in `folder` matching the first pattern that matches any."""
+    for pattern in patterns:
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
+    return None
 
 
 _GGML_LOG_WARN = 3  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
@@ -127,7 +131,7 @@ def _forward_log(level: int, text: bytes | None, _user) -> None:
 
 def _said() -> str:
     """What llama.cpp last warned about, for an error message."""
-    return f" (llama.cpp said: {' / '.join(_problems)})" if _problems else " (run with --log-level debug to see its log)"
+    return f" (llama.cpp said: {' / '.join(_problems)})" if _problems else " (its log goes to the modelpress.export.llamacpp logger at DEBUG level)"
 
 
 _log_cb = _LOG_CB(_forward_log)  # kept alive for the process: the library holds the pointer
@@ -137,11 +141,9 @@ class _Lib:
     """The loaded libraries with their signatures declared."""
 
     def __init__(self, folder: Path):
-        base = _one(folder, "libggml-base*.so") or _one(folder, "libggml-base*.dylib") or _one(folder, "ggml-base.dll")
-        ggml = (_one(folder, "libggml.so") or _one(folder, "libggml.v*.so") or _one(folder, "libggml.dylib")
-                or _one(folder, "ggml.dll"))
-        llama = (_one(folder, "libllama.so") or _one(folder, "libllama.v*.so") or _one(folder, "libllama.dylib")
-                 or _one(folder, "llama.dll"))
+        base = _one(folder, "libggml-base*.so", "libggml-base*.dylib", "ggml-base.dll")
+        ggml = _one(folder, "libggml.so", "libggml.v*.so", "libggml.dylib", "ggml.dll")
+        llama = _one(folder, "libllama.so", "libllama.v*.so", "libllama.dylib", "llama.dll")
         if not (base and llama):
             raise LlamaCppUnavailable(f"{folder} holds no libllama / libggml-base shared library")
         mode = ctypes.RTLD_GLOBAL
@@ -239,13 +241,17 @@ def _load() -> _Lib | LlamaCppUnavailable:
     return LlamaCppUnavailable("no usable llama.cpp library: " + "; ".join(errors))
 
 
-def available() -> bool:
+def unavailable_reason() -> str | None:
+    """Why no llama.cpp library can be used here (None when one can)."""
     try:
         library()
     except LlamaCppUnavailable as e:
-        log.debug("%s", e)
-        return False
-    return True
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
 
 
 def threads() -> int:

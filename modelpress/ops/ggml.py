@@ -33,9 +33,6 @@ class _Traits(ctypes.Structure):
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
-_why_not: list[str] = []  # why llama.cpp's library could not be had, for error messages
-
-
 @functools.lru_cache(maxsize=1)
 def _libggml():
     from ..export import llamacpp
@@ -44,7 +41,6 @@ def _libggml():
         lib = llamacpp.library().base
     except llamacpp.LlamaCppUnavailable as e:
         log.warning("K-quant GGML types are unavailable (%s); legacy types use the gguf package's NumPy port", e)
-        _why_not.append(str(e))
         return None
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
@@ -59,6 +55,12 @@ def _libggml():
         log.warning("the ggml library has an unexpected type-traits layout; using the gguf package")
         return None
     return lib
+
+
+def _why_unavailable() -> str:
+    from ..export import llamacpp
+
+    return llamacpp.unavailable_reason() or "its ggml library has an unexpected layout"
 
 
 def backend() -> str:
@@ -100,7 +102,7 @@ def quantize(w: np.ndarray, t: GGMLQuantizationType, imatrix: np.ndarray | None 
     rows, n = w.shape
     if not supported(t, n):
         raise ConfigError(f"type {t.name} cannot store rows of {n} weights here"
-                          + ("" if _libggml() else f" (K-quants need llama.cpp's library: {'; '.join(_why_not) or 'unavailable'})"))
+                          + ("" if _libggml() else f" (K-quants need llama.cpp's library: {_why_unavailable()})"))
     if t == GGMLQuantizationType.F32:
         return w.view(np.uint8).reshape(rows, -1).copy()
     if t == GGMLQuantizationType.F16:
@@ -111,8 +113,7 @@ def quantize(w: np.ndarray, t: GGMLQuantizationType, imatrix: np.ndarray | None 
         if imatrix.shape != (n,):
             raise ConfigError(f"an importance matrix for rows of {n} weights has {n} entries, not {imatrix.shape}")
         if lib is None:
-            raise ConfigError("quantizing with an importance matrix needs llama.cpp's library: "
-                              + ("; ".join(_why_not) or "unavailable"))
+            raise ConfigError(f"quantizing with an importance matrix needs llama.cpp's library: {_why_unavailable()}")
     if lib is None:
         return np.ascontiguousarray(gq.quantize(w, t))
     out = np.empty((rows, bytes_per_row(t, n)), dtype=np.uint8)
