@@ -87,7 +87,7 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
               sym: bool = False, mse: bool = False, n_prune: int | None = None, nm: tuple[int, int] | None = None,
               act_order: bool = False, damp: float = 0.01, block_size: int = 128,
               clip_by: str = "weights", static_groups: bool = False, own_h: bool = False,
-              ggml_type: str | None = None) -> SweepResult:
+              grid=None) -> SweepResult:
     """Compress `w` (out, in) given H = XᵀX/n (in, in). Returns the result in sweep order.
 
     `clip_by` weighs the clipping search's squared error (`mse`) per input column: "weights"
@@ -98,23 +98,21 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
     columns are quantized follows the activations. `own_h`: `h` is the caller's to give away (it
     is overwritten and freed early: one in×in matrix less at the peak).
 
-    `ggml_type` (a legacy block-32 GGML type, Q4_0 … Q8_0): the grid is that type's: every run of 32
-    columns gets its d (and m) from ggml's rule on the columns as the sweep has updated them, codes
-    are the nearest grid values; `scales` / `zeros` come back as float16 d / m, `codes` as int16."""
+    `grid` (a GGML type's, ops/ggml_grids.py): every run of `grid.group` columns gets its
+    parameters from the type's rule on the columns as the sweep has updated them, codes are the
+    nearest grid values; `codes` come back as int16 (the grid holds the parameters and encodes)."""
     if clip_by not in ("weights", "activations"):
         raise ValueError(f"clip_by is weights or activations, got {clip_by!r}")
-    if ggml_type is not None:
-        from . import ggml
-
-        if act_order or mse or n_prune or nm:
-            raise ValueError("a GGML grid is swept in column order, without clipping search or pruning")
-        bits, group_size = ggml.LEGACY_GRID[ggml_type][0], 32
+    if grid is not None:
+        if act_order or mse or n_prune or nm or bits is not None:
+            raise ValueError("a GGML grid is swept in column order, without bits, clipping search or pruning")
+        group_size = grid.group
     w = w.float().clone()
     h, dead = live_hessian(h, copy=not own_h)
     out_f, in_f = w.shape
     w[:, dead] = 0.0
 
-    quant = bits is not None
+    quant = bits is not None or grid is not None
     static = bool(static_groups and act_order and quant and group_size and not (n_prune or nm))
     energy = torch.diagonal(h).clone() if clip_by == "activations" else None
     fixed = None
@@ -132,7 +130,7 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
     del h
 
     gs = group_size or in_f
-    if bits is not None and group_size:
+    if quant and group_size:
         block_size = max(gs, (block_size // gs) * gs)  # groups never straddle a block
     if nm is not None:
         block_size = max(nm[1], (block_size // nm[1]) * nm[1])
@@ -141,17 +139,17 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
     if n_prune is not None:
         block_counts = split_count(n_prune, [min(block_size, in_f - s) * out_f for s in starts])
 
-    codes = torch.zeros(out_f, in_f, dtype=torch.int16 if ggml_type else torch.uint8, device=w.device) if quant else None
+    codes = torch.zeros(out_f, in_f, dtype=torch.int16 if grid is not None else torch.uint8, device=w.device) if quant else None
     ng = n_groups(in_f, group_size)
-    scales = torch.zeros(out_f, ng, dtype=torch.float32, device=w.device) if quant else None
-    zeros = torch.zeros(out_f, ng, dtype=torch.float32, device=w.device) if quant else None
+    scales = torch.zeros(out_f, ng, dtype=torch.float32, device=w.device) if bits is not None else None
+    zeros = torch.zeros(out_f, ng, dtype=torch.float32, device=w.device) if bits is not None else None
     if fixed is not None:
         for gi, (scale, zero) in enumerate(fixed):
             scales[:, gi:gi + 1], zeros[:, gi:gi + 1] = scale, zero
         col_group = (perm // group_size).tolist()  # sweep position -> its original group
     mask = torch.ones(out_f, in_f, dtype=torch.bool, device=w.device) if (n_prune or nm) else None
     q_all = torch.zeros_like(w)
-    mq = (1 << bits) - 1 if quant else 0
+    mq = (1 << bits) - 1 if bits is not None else 0
     scale1 = zero1 = None
     if quant and not group_size:
         scale, zero = find_params(w, bits, sym, mse=mse, col_weight=energy)
@@ -193,11 +191,8 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
                 if fixed is not None:
                     g = col_group[col]
                     scale1, zero1 = scales[:, g], zeros[:, g]
-                elif ggml_type and col % gs == 0:
-                    scale1, zero1 = ggml.legacy_params(ggml_type, w1[i:i + gs].t())
-                    scales[:, col // gs] = scale1
-                    if zero1 is not None:
-                        zeros[:, col // gs] = zero1
+                elif grid is not None and col % gs == 0:
+                    grid.start(col, w1[i:i + gs].t())
                 elif quant and group_size and col % gs == 0:
                     grp = w1[i:i + gs]
                     if m1 is not None:
@@ -207,9 +202,9 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
                     scales[:, col // gs:col // gs + 1], zeros[:, col // gs:col // gs + 1] = scale, zero
                     scale1, zero1 = scale.squeeze(1), zero.squeeze(1)
                 qc = wc if m1 is None else wc * m1[i]
-                if ggml_type:
-                    codes1[i] = ggml.legacy_codes(ggml_type, qc, scale1, zero1)
-                    qc = q1[i] = ggml.legacy_values(ggml_type, codes1[i], scale1, zero1)
+                if grid is not None:
+                    codes1[i], q1[i] = grid.round(col, qc)
+                    qc = q1[i]
                 elif quant:
                     c = codes1[i]
                     torch.div(qc, scale1, out=c).round_().add_(zero1).clamp_(0, mq)
@@ -232,8 +227,8 @@ def obs_sweep(w: torch.Tensor, h: torch.Tensor, *, bits: int | None = None, grou
 
     return SweepResult(
         weight=q_all, mask=mask, codes=codes,
-        scales=scales.to(torch.float16) if quant else None,
-        zeros=(zeros.to(torch.float16) if ggml_type else zeros.to(torch.uint8)) if quant and not sym else None,
+        scales=scales.to(torch.float16) if bits is not None else None,
+        zeros=zeros.to(torch.uint8) if bits is not None and not sym else None,
         perm=perm, groups_permuted=not static,
     )
 

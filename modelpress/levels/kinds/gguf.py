@@ -7,7 +7,6 @@ import dataclasses
 from ...errors import ConfigError
 from ...models.arch import Arch, get_weight
 from ...ops.base import output_error
-from ...ops.ggml import LEGACY_GRID
 from ..build import on_dense_inputs
 from .base import KINDS, Kind, UnitInfo, pareto
 
@@ -35,9 +34,10 @@ class GGUFKind(Kind):
     dominated). The embedding gets none (llama.cpp has none for it: it is no matmul input), nor does
     an untied output head (the block-by-block pass does not see its inputs).
 
-    `gptq`: every Linear layer also gets each legacy block-32 type (Q4_0 … Q8_0) with its codes chosen
-    by GPTQ on that type's grid ("Q4_0+gptq", ops/quant/gptq_ggml.py): llama.cpp decodes it exactly,
-    but its own quantizer cannot make it (the llama-quantize recipe lists such tensors)."""
+    `gptq`: every Linear layer also gets each type with its codes chosen by GPTQ on that type's grid
+    ("Q4_K+gptq", ops/quant/gptq_ggml.py; the K-quants' scales are ggml's, weighted by the layer's
+    importance): llama.cpp decodes it exactly, but its own quantizer cannot make it (the
+    llama-quantize recipe lists such tensors)."""
 
     types: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
     embedding: bool = True
@@ -84,13 +84,14 @@ class GGUFKind(Kind):
 
     def values(self, unit: UnitInfo) -> list:
         from ...ops import ggml
+        from ...ops.quant.gptq_ggml import GGMLGPTQ
 
         ok = [t for t in self.types if ggml.supported(ggml.qtype(t), unit.shape[1])]
         if not ok:
             raise ConfigError(f"none of the GGML types {self.types} can store {unit.name} "
                               f"(rows of {unit.shape[1]} weights)")
         if unit.group not in ("embedding", "output"):
-            ok += [t + IMATRIX for t in ok if self.imatrix] + [t + GPTQ for t in ok if self.gptq and t in LEGACY_GRID]
+            ok += [t + IMATRIX for t in ok if self.imatrix] + [t + GPTQ for t in ok if self.gptq and t in GGMLGPTQ.TYPES]
         return sorted(ok, key=lambda t: (ggml.bytes_per_row(ggml.qtype(ggml_type(t)), unit.shape[1]), t))
 
     def order(self, unit: UnitInfo, built: dict[str, dict]) -> list:
