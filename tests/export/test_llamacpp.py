@@ -7,7 +7,7 @@ import torch
 import modelpress as mp
 from modelpress.errors import ConfigError, ModelLoadError
 from modelpress.export import llamacpp
-from modelpress.export.ggufio import export_gguf, export_gguf_types
+from modelpress.export.ggufio import export_gguf, export_gguf_types, gguf_names
 from modelpress.models.arch import Arch, get_weight, set_weight
 from modelpress.ops import ggml
 from modelpress.ops.ggmlweight import GGMLWeight
@@ -166,3 +166,50 @@ def test_llama_cpp_runs_export_and_agrees_on_default_model(lib, tmp_path):
     types = llamacpp.tensor_types(preset)
     assert {"Q4_K", "Q6_K", "Q5_0"} <= set(types.values())
     assert _same_tensors(preset, export_gguf_types(dense, tmp_path / "r.gguf", types, tokenizer=tok)) == []
+
+
+def test_gptq_codes_on_k_quant_grids_run_in_llama_cpp_as_modelpress_evaluated_them(lib, tmp_path):
+    """A model whose Linear layers hold GPTQ's codes on Q2_K / Q3_K grids (rows of 256 and 512):
+    llama.cpp reads back exactly the bytes modelpress evaluated, and its logits are as close to
+    the torch model holding their decoded weights as those of llama.cpp's own quantization of the
+    same types are to theirs (K-quant matmuls round the activations to 8 bits in llama.cpp), and
+    far closer than the two quantizations are to each other."""
+    import transformers as tf
+    from gguf import GGUFReader
+
+    from modelpress.allocate.plan import Plan
+    from modelpress.data import DataConfig, Windows
+    from modelpress.search import materialize, open_database
+
+    tok = bpe_tokenizer()
+    torch.manual_seed(0)
+    m = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=64, max_position_embeddings=128)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.half().float() * (4.0 if p.dim() == 2 else 1.0))
+    ids = torch.randint(0, len(tok), (10, 48), generator=torch.Generator().manual_seed(1))
+    w = Windows(ids[:8], ids[8:], [], [], DataConfig(n_samples=8, seq_len=48))
+    names = gguf_names(m)
+
+    def run(suffix):  # a database of GPTQ's levels keeps only them: llama.cpp's own are dominated
+        db = open_database(m, tok, "gguf", data=w, db=tmp_path / f"db{suffix}", types=("Q2_K", "Q3_K"),
+                           gptq=bool(suffix))
+        levels = {u: "Q3_K" if db.units[u].group in ("embedding", "output") else ("Q2_K", "Q3_K")[i % 2] + suffix
+                  for i, u in enumerate(db.units)}
+        units = materialize(m, tok, db, Plan(kind="gguf", levels=levels)).units
+        path = export_gguf(m, tmp_path / f"k{suffix}.gguf", weights=units, tokenizer=tok)
+        stored = {t.name: (t.tensor_type.name, t.data.tobytes()) for t in GGUFReader(path).tensors}
+        for n, u in units.items():
+            assert stored[names[n]] == (u.type, u.data.numpy().tobytes())
+        with torch.no_grad():
+            ours = m(ids[8:9]).logits[0]
+        with llamacpp.Session(path, 48) as s:
+            return ours, torch.from_numpy(s.eval(ids[8].tolist()))
+
+    ours, theirs = run("+gptq")
+    ours_plain, theirs_plain = run("")
+    rms = lambda a, b: float((a - b).pow(2).mean().sqrt())
+    assert rms(theirs, ours) < 1.25 * rms(theirs_plain, ours_plain)  # llama.cpp's arithmetic, nothing more
+    assert rms(theirs, ours) < 0.25 * rms(theirs, ours_plain)  # the check tells the two quantizations apart
