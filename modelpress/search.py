@@ -102,13 +102,18 @@ def fitness_windows(tokenizer, data: DataConfig | Windows | None, settings: Sear
 @takes_compute_dtype
 def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary", *,
              data: DataConfig | Windows | None = None, tokenizer=None, settings: SearchSettings | None = None,
-             state: PlanState | None = None, reference: list | None = None, **allocator_settings) -> SearchResult:
+             state: PlanState | None = None, reference: list | None = None, starts: dict[str, Plan] | None = None,
+             **allocator_settings) -> SearchResult:
     """Choose a level per unit under `budget`. Measuring allocators sample `fitness_windows(data)`
     and run the model through `state`
     (the caller's PlanState, if it keeps one) and leave it dense; `reference` is an earlier
-    result's `.reference` on the same windows (the dense model's top-K, not computed again)."""
+    result's `.reference` on the same windows (the dense model's top-K, not computed again).
+    `starts`: named plans the evolutionary search also considers as its starting point (e.g. the
+    types of a llama.cpp preset, `levels.kinds.gguf.plan_for_types`), brought within the budget."""
     settings = settings or SearchSettings()
     problem = make_problem(db, budget)
+    if starts:
+        problem.extra["starts"] = {name: plan.choice(problem) for name, plan in starts.items()}
     alloc = ALLOCATORS.build(allocator, **allocator_settings)
     lacking = [k for k in alloc.needs if k not in problem.extra]
     if lacking:
@@ -175,6 +180,25 @@ def load_plan(path: str | Path, db: LevelDB) -> Plan:
     return plan
 
 
+def start_plans(model, db: LevelDB, paths) -> dict[str, Plan]:
+    """Plans a search may start from, by file: a plan.json, or (kind gguf) a GGUF file of this model
+    whose per-tensor types become a plan (e.g. a llama.cpp preset: the search then starts no worse,
+    on its fitness, than that preset)."""
+    out = {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"--start-from {path}: no such file; give a plan.json a search wrote or a GGUF file")
+        if Path(path).suffix == ".gguf":
+            if db.kind.registered_name != "gguf":
+                raise ConfigError(f"a GGUF file ({path}) can start only a --kind gguf search; give a plan.json")
+            from .levels.kinds.gguf import plan_for_types, types_of_file
+
+            out[str(path)] = plan_for_types(db, types_of_file(model, path))
+        else:
+            out[str(path)] = load_plan(path, db)
+    return out
+
+
 @dataclasses.dataclass
 class SearchConfig:
     """Everything one budget search needs, for the CLI and Python alike.
@@ -197,6 +221,7 @@ class SearchConfig:
     db: str | Path | None = None  # level database folder (default: in the cache)
     out: str | Path | None = None  # checkpoint folder, or a .gguf file for kind gguf (default: out/<...>)
     plan_file: str | Path | None = None  # apply this plan.json instead of allocating
+    start_from: tuple[str | Path, ...] = ()  # plan.json / GGUF files the evolutionary search also starts from
     evaluate: bool = True
     eval_suite: str | list[str] = "default"
     n_eval: int | None = 16  # held-out windows per evaluation domain
@@ -278,8 +303,9 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
         if fit_windows is None and ALLOCATORS.get(name).needs_fitness:
             with dist.main_first():  # self-generated text is made once and cached
                 fit_windows = fitness_windows(tokenizer, cfg.data, cfg.fitness, model)
+        starts = start_plans(model, database, cfg.start_from) if name == allocator and cfg.start_from else None
         results[name] = allocate(model, database, budget, name, data=fit_windows, settings=cfg.fitness, state=state,
-                                 reference=reference, **kw)
+                                 reference=reference, starts=starts, **kw)
         reference = results[name].reference or reference
         log.info("%s: %s", name, results[name].plan.info)
     if not main:

@@ -196,3 +196,27 @@ def test_search_fitness_measures_on_windows_the_levels_never_saw(model_dir, tmp_
     assert torch.equal(held, after.calib) and torch.equal(same, cal.calib)
     spans = lambda w: {range(s, s + 64) for _, s in w.calib_starts}  # noqa: E731
     assert all(not set(a) & set(b) for a in spans(after) for b in spans(cal))  # no token in both
+
+
+def test_gguf_search_starts_from_a_llama_cpp_preset(model_dir, tmp_path, caplog):  # noqa: F811
+    import logging
+
+    from modelpress.export import llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("needs llama.cpp's library")
+    tiny, preset = str(model_dir / "tiny"), tmp_path / "p.gguf"
+    r = runner.invoke(app, ["export", "gguf", tiny, "--preset", "Q4_0", "--out", str(preset)])
+    assert r.exit_code == 0, r.output
+    mb = preset.stat().st_size / 1e6
+    args = ["search", tiny, "--kind", "gguf", "--types", "Q4_0,Q5_1,Q8_0", "--target-mb", f"{mb:.6f}", "--no-eval",
+            "--generations", "1", "--offspring", "2", "--db", str(tmp_path / "db"), *small(model_dir)]
+    with caplog.at_level(logging.INFO, logger="modelpress.allocate.evolutionary"):
+        r = runner.invoke(app, [*args, "--start-from", str(preset), "--out", str(tmp_path / "s.gguf")])
+    assert r.exit_code == 0, r.output
+    assert any(m.startswith("init:") and str(preset) in m for m in caplog.messages)  # scored among the starts
+    assert (tmp_path / "s.gguf").stat().st_size <= mb * 1e6
+    for extra, msg in ((["--start-from", str(tmp_path / "none.gguf")], "no such file"),
+                       (["--start-from", str(preset), "--allocator", "dp"], "starts the evolutionary allocator")):
+        r = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / "x.gguf")])
+        assert r.exit_code == 2 and msg in r.output, r.output

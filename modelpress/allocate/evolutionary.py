@@ -28,7 +28,7 @@ from ..utils.dist import from_main, is_main
 from ..utils.io import CorruptFileError, read_json, write_json
 from ..utils.progress import Bar
 from .base import ALLOCATORS, Allocator, score_all
-from .problem import Problem, fill
+from .problem import Problem, fill, fit
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ class Evolutionary(Allocator):
     tokens: tuple[int, ...] = (512, 4096)  # fresh calibration tokens scored in each stage
     seed: int = 0
     # "uniform", "dp", or "best": the best on the last stage's sample of uniform, dp and every other
-    # model-free allocator the database supports (owl for sparsity, block-influence for depth);
+    # model-free allocator the database supports (owl for sparsity, block-influence for depth) and
+    # of the caller's start plans (search.allocate's `starts`);
     # "sensitivity": the same, with the `sensitivity` allocator's plan (measured one-at-a-time
     # fitness changes + knapsack) among the candidates — one evaluation per (unit, other level)
     init: str = "best"
@@ -134,7 +135,8 @@ class Evolutionary(Allocator):
         text. The number of generations is not part of it, so a finished search can be extended."""
         cfg = dataclasses.asdict(self) | {"checkpoint": None, "generations": None}
         cfg.pop("select")  # which parent is returned does not change the search
-        h = hashlib.sha256(json.dumps([p.units, p.costs, p.budget, cfg], default=str).encode())
+        h = hashlib.sha256(json.dumps([p.units, p.costs, p.budget, cfg] + ([p.extra["starts"]] if p.extra.get("starts")
+                                                                          else []), default=str).encode())
         h.update(fitness.digest().encode())
         return h.hexdigest()[:16]
 
@@ -269,8 +271,9 @@ class Evolutionary(Allocator):
         return list(plan)
 
     def _best_start(self, problem: Problem, fitness, rng, measured: bool = False, cache: Path | None = None) -> list[int]:
-        """The model-free allocators' plans (and with `measured` the sensitivity allocator's), scored
-        on one sample; the best one starts the search. An allocator the database does not support
+        """The model-free allocators' plans, the caller's start plans (`problem.extra["starts"]`,
+        name -> choice, brought within the budget by `fit`) and with `measured` the sensitivity
+        allocator's, scored on one sample; the best one starts the search. An allocator the database does not support
         (it raises ConfigError) is skipped."""
         from .sensitivity import Sensitivity
 
@@ -283,6 +286,10 @@ class Evolutionary(Allocator):
                 plan = cls().allocate(problem)
             except ConfigError:
                 continue
+            if plan not in plans.values():
+                plans[name] = plan
+        for name, plan in problem.extra.get("starts", {}).items():  # the caller's (e.g. a llama.cpp preset's types)
+            plan = fit(problem, plan)
             if plan not in plans.values():
                 plans[name] = plan
         if measured:

@@ -457,6 +457,9 @@ def search_cmd(
                                   help="fitness and validation windows beyond the calibration windows (default), "
                                        "or the calibration windows themselves"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="apply this plan.json instead of searching"),
+    start_from: Optional[list[Path]] = typer.Option(
+        None, "--start-from", help="also start the evolutionary search from this plan.json, or (--kind gguf) from "
+        "the per-tensor types of this GGUF file of the model, e.g. a llama.cpp preset (repeatable)"),
     db: Optional[Path] = typer.Option(None, "--db", help="level database folder (default: in the cache)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="checkpoint folder, or FILE.gguf for --kind gguf"),
     export: Optional[str] = typer.Option(None, "--export", help="also write `hf` (a plain dequantized HF folder, OUT-hf) or `compressed-tensors` "
@@ -492,6 +495,8 @@ def search_cmd(
                                 tokens=_parse_list(tokens), init=init).items() if v is not None}
     if allocator == "evolutionary":
         al["seed"] = seed
+    elif start_from:
+        raise ConfigError(f"--start-from starts the evolutionary allocator, not {allocator}")
     elif al:
         raise ConfigError("--generations/--offspring/--survivors/--tokens/--init apply to the evolutionary allocator, "
                           f"not {allocator}")
@@ -500,7 +505,8 @@ def search_cmd(
                           data=_data_config(data, n_samples, seq_len, seed, None),
                           fitness=SearchSettings(fitness_windows=fitness_windows,
                                                  validation_windows=validation_windows, held_out=held_out),
-                          db=db, out=out, plan_file=plan, evaluate=evaluate, eval_suite=eval_suite,
+                          db=db, out=out, plan_file=plan, start_from=tuple(start_from or ()), evaluate=evaluate,
+                          eval_suite=eval_suite,
                           n_eval=N_EVAL if n_eval is None else n_eval, export=export)
     _run_search(model, config, device)
 

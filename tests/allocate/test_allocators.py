@@ -300,6 +300,23 @@ def test_evolutionary_starts_from_the_best_model_free_plan():
     assert f(only_uniform, None) > f(bi, None)
 
 
+def test_evolutionary_starts_from_a_callers_plan_when_it_is_best():
+    """A start plan the caller gives (problem.extra["starts"]) joins init="best"'s candidates; one
+    over the budget is brought within it first."""
+    p = pair_problem()
+    f = PairFitness(p)
+    evo = dict(generations=0, offspring=2, tokens=(1,), survivors=(1,))
+    plain = ALLOCATORS.build("evolutionary", **evo).allocate(p, f)
+    good = ALLOCATORS.build("evolutionary", generations=150, offspring=8, tokens=(1,), survivors=(1,),
+                            init="uniform").allocate(p, f)
+    assert f(good, None) < f(plain, None)
+    p.extra["starts"] = {"given": good}
+    assert ALLOCATORS.build("evolutionary", **evo).allocate(p, f) == good
+    p.extra["starts"] = {"over": [4] * 16}  # all at the top level: twice the budget
+    start = ALLOCATORS.build("evolutionary", **evo).allocate(p, f)
+    assert p.cost(start) <= p.budget
+
+
 def test_finished_search_extends_and_truncates(tmp_path):
     p = pair_problem()
     kw = dict(offspring=6, tokens=(1, 2), survivors=(2, 1), seed=5, init="uniform")

@@ -128,3 +128,40 @@ class GGUFKind(Kind):
             db.add_levels(n, new)
 
         on_dense_inputs(db, model, windows, batch_size, device, "database gguf", per_layer)
+
+
+def plan_for_types(db, types: dict[str, str]):
+    """A gguf plan storing each unit as the GGML type `types` gives it (unit name -> type, e.g. what
+    a llama.cpp preset chose: `types_of_file`), with the database's most accurate level of that
+    type (plain, +imatrix or +gptq, whichever survived); where every level of the type was
+    dominated, the most accurate usable level costing no more. A search started from it is never
+    worse, on its fitness, than that preset's types."""
+    from ...allocate.plan import Plan
+
+    missing = [u for u in db.units if u not in types]
+    if missing:
+        raise ConfigError(f"no GGML type given for {len(missing)} units, e.g. {missing[0]} (a file of another model?)")
+    levels = {}
+    for u in db.units:
+        usable = {v: db.level_meta(u, v) for v in db.values(u)}
+        same = [v for v in usable if ggml_type(v) == types[u].upper()]
+        if not same:
+            from ...ops import ggml
+
+            nbytes = ggml.bytes_per_row(ggml.qtype(types[u]), db.units[u].shape[1]) * db.units[u].shape[0]
+            same = [v for v, m in usable.items() if m["nbytes"] <= nbytes] or [min(usable, key=lambda v: usable[v]["nbytes"])]
+        levels[u] = min(same, key=lambda v: usable[v]["error"])
+    return Plan(kind="gguf", levels=levels)
+
+
+def types_of_file(model, path) -> dict[str, str]:
+    """Unit name -> GGML type of the matrix a GGUF file (e.g. a llama.cpp preset made from this
+    model) stores for it."""
+    from ...export.ggufio import gguf_names
+    from ...export.llamacpp import tensor_types
+
+    stored = tensor_types(path)
+    types = {u: stored[g] for u, g in gguf_names(model).items() if g in stored}
+    if not types:
+        raise ConfigError(f"{path} stores none of the model's matrices; is it a GGUF export of this model?")
+    return types
