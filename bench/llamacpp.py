@@ -10,7 +10,8 @@ Rows per preset size:
 - `searched mix`: the evolutionary search over GGML types per tensor (`--kind gguf`, the cpu
   preset) with the preset's file size as the budget, plain levels; `searched mix, activation-aware
   levels`: the same over three quantizers per type (`--imatrix --gptq`: llama.cpp's plain and
-  importance-weighted ones, and GPTQ on the legacy types' grids).
+  importance-weighted ones, and GPTQ on each type's grid). Both start from the best, on a fitness
+  sample, of uniform, dp and the preset's own per-tensor types (`--start-from PRESET.gguf`).
 Perplexity and KL to the float32 export are computed by llama.cpp on held-out windows of each
 domain; tokens/s is llama.cpp's greedy decoding, all files measured back to back at the end.
 Rows are cached in bench/results/gguf-domains[-fair].json; an interrupted run resumes.
@@ -35,6 +36,7 @@ from modelpress.calib.imatrix import importance
 from modelpress.data.suites import SUITES, suite_windows
 from modelpress.export import llamacpp
 from modelpress.export.ggufio import export_gguf, export_gguf_types
+from modelpress.levels.kinds.gguf import plan_for_types, types_of_file
 from modelpress.presets import preset_search
 from modelpress.search import allocate, materialize, open_database
 
@@ -122,9 +124,12 @@ def main() -> None:
             db = open_database(base, tok, "gguf", data=windows, db=WORK / f"db-{quantizers}", **settings)
             model = copy.deepcopy(base)
             t = time.time()
+            if not (WORK / f"{preset}.gguf").is_file():
+                llamacpp.quantize(f32, WORK / f"{preset}.gguf", preset)
+            starts = {f"llama.cpp {preset}": plan_for_types(db, types_of_file(base, WORK / f"{preset}.gguf"))}
             res = allocate(model, db, Budget("mb", cache.get(f"preset|{preset}")["size_mb"]), shared["allocator"],
                            data=windows, settings=shared["fitness"], **shared["allocator_settings"],
-                           checkpoint=str(WORK / f"search-{quantizers}-{preset}.json"))
+                           checkpoint=str(WORK / f"search-{quantizers}-{preset}.json"), starts=starts)
             secs = time.time() - t
             out = WORK / f"searched-{quantizers}-{preset}.gguf"
             export_gguf(model, out, weights=materialize(model, tok, db, res.plan).units, tokenizer=tok)
@@ -133,7 +138,10 @@ def main() -> None:
                 types[v] = types.get(v, 0) + 1
             label = "searched mix" + (", activation-aware levels" if quantizers == "aware" else "")
             cache.put(key, dict(measure(out, domains, f32), label=f"{label} @ {preset} size", search_s=secs,
-                                types=types, generations=shared["allocator_settings"]["generations"]))
+                                types=types, generations=shared["allocator_settings"]["generations"],
+                                start=res.fitness_stats["start"],
+                                start_validation=res.fitness_stats["start_validation"],
+                                final_validation=res.fitness_stats["final_validation"]))
             del model
             gc.collect()
     speed_pass(cache, tok)
@@ -195,6 +203,9 @@ def render(cache: RowCache, model: str) -> None:
     target = target_line(cache, ref)
     mixes = "; ".join(f"{r['label']}: " + ", ".join(f"{t} x{n}" for t, n in sorted(r["types"].items()))
                       for k, r in cache.rows.items() if k.startswith("search|"))
+    starts = "; ".join(f"{r['label']}: {r['start']} (validation KL {r['start_validation']:.4f} → "
+                       f"{r['final_validation']:.4f})" for k, r in cache.rows.items()
+                       if k.startswith("search|") and r.get("start"))
     gens = next((r["generations"] for k, r in cache.rows.items() if k.startswith("search|")), "?")
     src = cache.get("source")
     what = ("smollm2-135m (the Q4_1-source case: the model ships as a Q4_1 GGUF, see the caveat)" if model != "fair"
@@ -215,8 +226,11 @@ def render(cache: RowCache, model: str) -> None:
         f"(Q2_K … Q8_0, embedding included; K-quants only where rows are multiples of 256), cpu preset ({gens} "
         "generations, KL fitness on held-out calibration windows), budget = the preset's file size; "
         "`activation-aware levels` searches over three quantizers per type (`--imatrix --gptq`: llama.cpp's "
-        "plain and importance-weighted quantizers, and GPTQ on the grids of the legacy block-32 types, whose codes "
-        "llama.cpp decodes exactly but cannot make). Calibration: "
+        "plain and importance-weighted quantizers, and GPTQ on each type's grid — the K-quants' scales from "
+        "llama.cpp's quantizer with the importance matrix — whose codes llama.cpp decodes exactly but cannot make). "
+        "Every search starts from the best, on one fitness sample, of uniform, dp and the preset's own per-tensor "
+        "types (`--start-from PRESET.gguf`, mapped to each type's most accurate level in the database); "
+        "`Starts` below says which won. Calibration: "
         + (f"{ref['n_samples']} x 512 tokens of `{ref['data']}`. Evaluation: {ref['n_eval']} held-out windows of "
            f"512 tokens from each of {', '.join(DOMAINS)} ({ref['n_tokens']} scored tokens); " if ref else "")
         + "worst × F32 = the largest perplexity ratio to the float32 export over the domains; KL to F32 = mean "
@@ -227,6 +241,8 @@ def render(cache: RowCache, model: str) -> None:
         + not_run_note(missing, "llamacpp.py" + (" --model fair" if model == "fair" else ""))
         + f"Machine: {(ref or {}).get('machine') or machine()}.\n\n" + md
         + (f"\n\nTypes chosen per tensor by the searches: {mixes}." if mixes else "")
+        + (f"\n\nStarts (the search's validation KL of its start → of the plan it returned): {starts}."
+           if starts else "")
         + (f"\n\n{target}" if target else "")
         + ("\n\n**Caveat.** The default model's weights are exactly representable in Q4_1: the level database "
            "measures zero error for plain Q4_1 on every matrix, so a search can keep the original grid, while "

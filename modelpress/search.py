@@ -150,7 +150,8 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
     if fitness is not None:
         stats = {"evaluations": fitness.evaluations, "seconds": fitness.seconds, "blocks_run": fitness.blocks_run,
                  "validation_windows": len(fitness.validation), "start_validation": fitness.first_validation,
-                 "final_validation": fitness.validate(choice), "selected_generation": result.selected_generation}
+                 "final_validation": fitness.validate(choice), "selected_generation": result.selected_generation,
+                 "start": result.start}
     return SearchResult(plan=plan, problem=problem, db=db, history=result.history,
                         seconds={"reference": t1 - t0, "search": t2 - t1}, fitness_stats=stats,
                         resumed_at=result.resumed_at, reference=fitness.ref if fitness is not None else None)

@@ -215,6 +215,7 @@ def test_gguf_search_starts_from_a_llama_cpp_preset(model_dir, tmp_path, caplog)
         r = runner.invoke(app, [*args, "--start-from", str(preset), "--out", str(tmp_path / "s.gguf")])
     assert r.exit_code == 0, r.output
     assert any(m.startswith("init:") and str(preset) in m for m in caplog.messages)  # scored among the starts
+    assert "search validation KL" in r.output and "start (" in r.output
     assert (tmp_path / "s.gguf").stat().st_size <= mb * 1e6
     for extra, msg in ((["--start-from", str(tmp_path / "none.gguf")], "no such file"),
                        (["--start-from", str(preset), "--allocator", "dp"], "starts the evolutionary allocator")):

@@ -41,6 +41,7 @@ class Allocation:
     history: list[dict] = dataclasses.field(default_factory=list)  # one entry per generation
     resumed_at: int = 0  # generation a checkpointed search resumed at (0: it started fresh)
     selected_generation: int | None = None  # which generation's plan was returned (0 = the start)
+    start: str | None = None  # which candidate plan a search started from (e.g. "dp", or a start file)
 
 
 class Allocator:

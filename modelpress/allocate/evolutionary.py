@@ -128,6 +128,7 @@ class Evolutionary(Allocator):
         self.history: list[dict] = []
         self.start_validation: float | None = None  # validation KL of the starting plan
         self.start_plan: list[int] | None = None
+        self.start_name: str | None = None  # which candidate the search started from
         self.selected_generation: int | None = None  # which parent was returned (0 = the start)
 
     def _key(self, p: Problem, fitness) -> str:
@@ -160,6 +161,7 @@ class Evolutionary(Allocator):
             self.history = state["history"]
             self.start_validation = state.get("start_validation")
             self.start_plan = state.get("start_plan")
+            self.start_name = state.get("start_name")
             if start > self.generations:  # a longer search of this problem: its plan at that point
                 kept = self.history[self.generations - 1].get("parent") if self.generations else None
                 if kept is None:
@@ -172,6 +174,7 @@ class Evolutionary(Allocator):
             log.info("resuming evolutionary search at generation %d", start)
         if parent is None:
             self.history = []
+            self.start_name = self.init
             if self.init == "uniform":
                 parent = Uniform().allocate(problem)
             elif self.init == "dp":
@@ -252,7 +255,7 @@ class Evolutionary(Allocator):
 
     def _record(self) -> dict:
         return {"history": list(self.history), "resumed_at": self.resumed_at,
-                "selected_generation": self.selected_generation}
+                "selected_generation": self.selected_generation, "start": self.start_name}
 
     def _selected(self, last: list[int]) -> list[int]:
         """The plan to return: `last`, or with select="validation" the parent with the lowest
@@ -298,10 +301,11 @@ class Evolutionary(Allocator):
             if plan not in plans.values():
                 plans["sensitivity"] = plan
         if len(plans) == 1:
-            return next(iter(plans.values()))
+            self.start_name = next(iter(plans))
+            return plans[self.start_name]
         sample = fitness.new_sample(self.tokens[-1], rng)
         scores = dict(zip(plans, score_all(fitness, list(plans.values()), sample)))
-        best = min(scores, key=scores.get)
+        best = self.start_name = min(scores, key=scores.get)
         log.info("init: %s -> %s", ", ".join(f"{n} {f:.5f}" for n, f in scores.items()), best)
         return plans[best]
 
@@ -310,4 +314,5 @@ class Evolutionary(Allocator):
             return
         write_json(ck, {"key": key, "generation": gen, "parent": parent, "fitness": fit,
                         "rng": rng.bit_generator.state, "history": self.history,
-                        "start_validation": self.start_validation, "start_plan": self.start_plan}, checksum=True)
+                        "start_validation": self.start_validation, "start_plan": self.start_plan,
+                        "start_name": self.start_name}, checksum=True)

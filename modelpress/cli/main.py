@@ -382,7 +382,8 @@ def _run_search(model_name: str, config, device) -> None:
     fit = rep.get("fitness") or {}
     if fit.get("final_validation") is not None:  # allocators without a start plan (sensitivity) report no start
         console.print(f"search validation KL ({fit['validation_windows']} windows that never pick offspring): "
-                      + (f"start {fit['start_validation']:.5f} → " if fit.get("start_validation") is not None else "")
+                      + (f"start ({fit.get('start') or '?'}) {fit['start_validation']:.5f} → "
+                         if fit.get("start_validation") is not None else "")
                       + f"returned plan {fit['final_validation']:.5f}"
                       + (f" (generation {fit['selected_generation']})" if fit.get("selected_generation") is not None
                          else ""))
@@ -416,8 +417,9 @@ def search_cmd(
     imatrix: Optional[bool] = typer.Option(None, "--imatrix/--no-imatrix",
                                            help="gguf: quantize with an importance matrix from the calibration "
                                                 "text, as llama-quantize --imatrix does"),
-    gptq_levels: Optional[bool] = typer.Option(None, "--gptq/--no-gptq", help="gguf: also the legacy types (Q4_0 "
-                                               "... Q8_0) with codes chosen by GPTQ on their grid"),
+    gptq_levels: Optional[bool] = typer.Option(None, "--gptq/--no-gptq", help="gguf: also every type with codes "
+                                               "chosen by GPTQ on its grid (K-quants: scales from llama.cpp's "
+                                               "quantizer with the importance matrix)"),
     levels: Optional[str] = typer.Option(None, "--levels", help="quant/joint: bit-widths, e.g. 2,3,4,5,6"),
     sparsities: Optional[str] = typer.Option(None, "--sparsities", help="joint: sparsity levels, e.g. 0,0.5"),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="joint: EoRA ranks, e.g. 0,16"),
