@@ -7,7 +7,7 @@ so rows compare at (nearly) equal bytes; the table shows the ratio measured on t
 Perplexity is teacher-forced with the cache built incrementally (256-token prompt, then 32 tokens
 per forward, compressed between forwards). Rows are cached in bench/results/kvcache.json.
 
-    python bench/kvcache.py [--windows 2] [--force]
+    python bench/kvcache.py [--windows 2] [--force | --redo KEY,KEY]
 """
 from __future__ import annotations
 
@@ -123,8 +123,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=1, help="held-out windows per evaluation domain")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--redo", default="", help="re-measure the rows whose keys are in this comma-separated list")
     args = ap.parse_args()
     cache = RowCache("kvcache", force=args.force)
+    cache.stale |= {k for k in cache.rows if k in args.redo.split(",")}
     model, tok = mp.load_model("smollm2-135m", device="cpu")
     domains = suite_windows(tok, DEFAULT_SUITE, seq_len=SEQ, n_eval=args.windows).windows
     # the default calibration source (mix+self) for the channel bases and the per-head bit
