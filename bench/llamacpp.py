@@ -203,6 +203,7 @@ def render(cache: RowCache, model: str) -> None:
     target = target_line(cache, ref)
     mixes = "; ".join(f"{r['label']}: " + ", ".join(f"{t} x{n}" for t, n in sorted(r["types"].items()))
                       for k, r in cache.rows.items() if k.startswith("search|"))
+    searched = [r for k, r in cache.rows.items() if k.startswith("search|")]
     starts = "; ".join(f"{r['label']}: {r['start']} (validation KL {r['start_validation']:.4f} → "
                        f"{r['final_validation']:.4f})" for k, r in cache.rows.items()
                        if k.startswith("search|") and r.get("start"))
@@ -228,9 +229,13 @@ def render(cache: RowCache, model: str) -> None:
         "`activation-aware levels` searches over three quantizers per type (`--imatrix --gptq`: llama.cpp's "
         "plain and importance-weighted quantizers, and GPTQ on each type's grid — the K-quants' scales from "
         "llama.cpp's quantizer with the importance matrix — whose codes llama.cpp decodes exactly but cannot make). "
-        "Every search starts from the best, on one fitness sample, of uniform, dp and the preset's own per-tensor "
-        "types (`--start-from PRESET.gguf`, mapped to each type's most accurate level in the database); "
-        "`Starts` below says which won. Calibration: "
+        + ("Every search starts from the best, on one fitness sample, of uniform, dp and the preset's own per-tensor "
+           "types (`--start-from PRESET.gguf`, mapped to each type's most accurate level in the database); "
+           "`Starts` below says which won. " if searched and all(r.get("start") for r in searched) else
+           "Searches listed under `Starts` below started from the best, on one fitness sample, of uniform, dp and "
+           "the preset's own per-tensor types (`--start-from PRESET.gguf`); the others from the best of the model-free "
+           "allocators' plans. " if any(r.get("start") for r in searched) else "")
+        + "Calibration: "
         + (f"{ref['n_samples']} x 512 tokens of `{ref['data']}`. Evaluation: {ref['n_eval']} held-out windows of "
            f"512 tokens from each of {', '.join(DOMAINS)} ({ref['n_tokens']} scored tokens); " if ref else "")
         + "worst × F32 = the largest perplexity ratio to the float32 export over the domains; KL to F32 = mean "
