@@ -108,13 +108,16 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
     and run the model through `state`
     (the caller's PlanState, if it keeps one) and leave it dense; `reference` is an earlier
     result's `.reference` on the same windows (the dense model's top-K, not computed again).
-    `starts`: named plans the evolutionary search also considers as its starting point (e.g. the
-    types of a llama.cpp preset, `levels.kinds.gguf.plan_for_types`), brought within the budget."""
+    `starts`: named plans the evolutionary search scores among its candidate starting points (e.g.
+    a plan close to a llama.cpp preset's types, `levels.kinds.gguf.plan_for_types`), each brought
+    within the budget first."""
     settings = settings or SearchSettings()
     problem = make_problem(db, budget)
-    if starts:
-        problem.extra["starts"] = {name: plan.choice(problem) for name, plan in starts.items()}
     alloc = ALLOCATORS.build(allocator, **allocator_settings)
+    if starts:
+        if not alloc.takes_starts:
+            raise ConfigError(f"start plans start the evolutionary search, not {allocator!r}; use --allocator evolutionary")
+        problem.extra["starts"] = {name: plan.choice(problem) for name, plan in starts.items()}
     lacking = [k for k in alloc.needs if k not in problem.extra]
     if lacking:
         raise ConfigError(f"allocator {allocator!r} does not apply to kind {db.kind.registered_name!r} "
@@ -183,8 +186,8 @@ def load_plan(path: str | Path, db: LevelDB) -> Plan:
 
 def start_plans(model, db: LevelDB, paths) -> dict[str, Plan]:
     """Plans a search may start from, by file: a plan.json, or (kind gguf) a GGUF file of this model
-    whose per-tensor types become a plan (e.g. a llama.cpp preset: the search then starts no worse,
-    on its fitness, than that preset)."""
+    whose per-tensor types become a plan (e.g. a llama.cpp preset: the search then scores a plan of
+    the preset's types, each at its most accurate level, among its candidate starts)."""
     out = {}
     for path in paths:
         if not Path(path).is_file():
@@ -236,6 +239,9 @@ class SearchConfig:
         for name in (self.allocator, *self.compare):
             ALLOCATORS.get(name)
         self.compare = tuple(self.compare)
+        self.start_from = tuple(self.start_from)
+        if self.start_from and self.plan_file is not None:
+            raise ConfigError("--plan applies a plan without searching; --start-from starts a search: give one")
         if self.export is not None:
             from .api import EXPORTS
 

@@ -215,9 +215,20 @@ def test_gguf_search_starts_from_a_llama_cpp_preset(model_dir, tmp_path, caplog)
         r = runner.invoke(app, [*args, "--start-from", str(preset), "--out", str(tmp_path / "s.gguf")])
     assert r.exit_code == 0, r.output
     assert any(m.startswith("init:") and str(preset) in m for m in caplog.messages)  # scored among the starts
-    assert "search validation KL" in r.output and "start (" in r.output
+    rep = json.loads((tmp_path / "s.report" / "report.json").read_text())
+    assert rep["fitness"]["start"] in (str(preset), "uniform", "dp") and "start (" in r.output
     assert (tmp_path / "s.gguf").stat().st_size <= mb * 1e6
     for extra, msg in ((["--start-from", str(tmp_path / "none.gguf")], "no such file"),
-                       (["--start-from", str(preset), "--allocator", "dp"], "starts the evolutionary allocator")):
+                       (["--start-from", str(preset), "--allocator", "dp"], "starts the evolutionary allocator"),
+                       (["--start-from", str(preset), "--init", "uniform"], "start plans are scored with init")):
         r = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / "x.gguf")])
         assert r.exit_code == 2 and msg in r.output, r.output
+
+
+def test_start_from_and_plan_exclude_each_other():
+    import modelpress as mp
+    from modelpress.allocate.budget import Budget
+    from modelpress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--plan applies a plan without searching"):
+        mp.SearchConfig(Budget("bits", 3), plan_file="plan.json", start_from=("p.gguf",))

@@ -51,6 +51,7 @@ class Allocator:
     # per-unit data (Problem.extra keys) the allocator reads: it applies to the databases that hold them
     needs: ClassVar[tuple[str, ...]] = ()
     needs_fitness: ClassVar[bool] = False
+    takes_starts: ClassVar[bool] = False  # scores caller-given start plans (problem.extra["starts"])
 
     def allocate(self, problem: Problem, fitness=None) -> list[int]:  # pragma: no cover
         raise NotImplementedError

@@ -110,6 +110,7 @@ class Evolutionary(Allocator):
     select: str = "validation"
 
     needs_fitness = True
+    takes_starts = True
     resume_setting = "checkpoint"
 
     def __post_init__(self) -> None:
@@ -136,8 +137,9 @@ class Evolutionary(Allocator):
         text. The number of generations is not part of it, so a finished search can be extended."""
         cfg = dataclasses.asdict(self) | {"checkpoint": None, "generations": None}
         cfg.pop("select")  # which parent is returned does not change the search
-        h = hashlib.sha256(json.dumps([p.units, p.costs, p.budget, cfg] + ([p.extra["starts"]] if p.extra.get("starts")
-                                                                          else []), default=str).encode())
+        starts = sorted(p.extra.get("starts", {}).values())  # the plans, not their names (paths as typed)
+        h = hashlib.sha256(json.dumps([p.units, p.costs, p.budget, cfg] + ([starts] if starts else []),
+                                      default=str).encode())
         h.update(fitness.digest().encode())
         return h.hexdigest()[:16]
 
@@ -173,6 +175,8 @@ class Evolutionary(Allocator):
             rng.bit_generator.state = state["rng"]
             log.info("resuming evolutionary search at generation %d", start)
         if parent is None:
+            if problem.extra.get("starts") and self.init in ("uniform", "dp"):
+                raise ConfigError(f"start plans are scored with init 'best' or 'sensitivity', not {self.init!r}")
             self.history = []
             self.start_name = self.init
             if self.init == "uniform":

@@ -498,7 +498,8 @@ def search_cmd(
     if allocator == "evolutionary":
         al["seed"] = seed
     elif start_from:
-        raise ConfigError(f"--start-from starts the evolutionary allocator, not {allocator}")
+        raise ConfigError(f"--start-from starts the evolutionary allocator, not {allocator}; "
+                          "use --allocator evolutionary")
     elif al:
         raise ConfigError("--generations/--offspring/--survivors/--tokens/--init apply to the evolutionary allocator, "
                           f"not {allocator}")

@@ -76,7 +76,7 @@ def live_hessian(h: torch.Tensor, copy: bool = True) -> tuple[torch.Tensor, torc
 class SweepResult:
     weight: torch.Tensor  # reconstructed weight, sweep (permuted) column order
     mask: torch.Tensor | None  # kept entries, sweep order
-    codes: torch.Tensor | None  # uint8 codes (out, in), sweep order
+    codes: torch.Tensor | None  # codes (out, in), sweep order: uint8, int16 on a GGML grid
     scales: torch.Tensor | None  # float16 (out, n_groups)
     zeros: torch.Tensor | None  # uint8 (out, n_groups)
     perm: torch.Tensor | None  # sweep order -> original column

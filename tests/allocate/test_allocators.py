@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from modelpress.allocate import ALLOCATORS, Problem
 from modelpress.allocate.base import Fitness
+from modelpress.allocate.problem import fit
 from modelpress.errors import BudgetError, ConfigError
 
 
@@ -312,9 +313,13 @@ def test_evolutionary_starts_from_a_callers_plan_when_it_is_best():
     assert f(good, None) < f(plain, None)
     p.extra["starts"] = {"given": good}
     assert ALLOCATORS.build("evolutionary", **evo).allocate(p, f) == good
-    p.extra["starts"] = {"over": [4] * 16}  # all at the top level: twice the budget
-    start = ALLOCATORS.build("evolutionary", **evo).allocate(p, f)
-    assert p.cost(start) <= p.budget
+    p.extra["starts"] = {"over": [4] * 16}  # all at the top level: twice the budget, trimmed, then scored
+    over = ALLOCATORS.build("evolutionary", **evo)
+    start = over.allocate(p, f)
+    assert p.cost(start) <= p.budget and over.start_name in ("over", "uniform", "dp")
+    assert start == fit(p, [4] * 16) or over.start_name != "over"
+    with pytest.raises(ConfigError, match="start plans are scored with init"):
+        ALLOCATORS.build("evolutionary", **evo, init="uniform").allocate(p, f)
 
 
 def test_finished_search_extends_and_truncates(tmp_path):

@@ -77,6 +77,7 @@ def test_a_llama_cpp_presets_types_map_to_a_plan_within_its_own_size(tmp_path):
     kept = 0
     for u, v in plan.levels.items():  # the type's most accurate quantizer, or a level beating all of them
         of_type = [m for x, m in db.levels_of(u).items() if ggml_type(x) == types[u]]
+        assert of_type, (u, types[u])
         assert db.level_meta(u, v)["nbytes"] <= of_type[0]["nbytes"]
         assert db.level_meta(u, v)["error"] <= min(m["error"] for m in of_type)
         kept += ggml_type(v) == types[u]

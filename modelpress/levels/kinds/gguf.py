@@ -134,8 +134,8 @@ def plan_for_types(db, types: dict[str, str]):
     """A gguf plan storing each unit as the GGML type `types` gives it (unit name -> type, e.g. what
     a llama.cpp preset chose: `types_of_file`), with the database's most accurate level of that
     type (plain, +imatrix or +gptq, whichever survived); where every level of the type was
-    dominated, the most accurate usable level costing no more. A search started from it is never
-    worse, on its fitness, than that preset's types."""
+    dominated, the most accurate usable level costing no more. A search scores it among its
+    candidate starts (`search.allocate(starts=)`)."""
     from ...allocate.plan import Plan
 
     missing = [u for u in db.units if u not in types]
@@ -163,5 +163,6 @@ def types_of_file(model, path) -> dict[str, str]:
     stored = tensor_types(path)
     types = {u: stored[g] for u, g in gguf_names(model).items() if g in stored}
     if not types:
-        raise ConfigError(f"{path} stores none of the model's matrices; is it a GGUF export of this model?")
+        raise ConfigError(f"{path} stores none of the model's matrices; give a GGUF file made from this model "
+                          "(e.g. by `modelpress export gguf MODEL --preset Q4_K_M`)")
     return types

@@ -39,10 +39,10 @@ class GGMLGPTQ(WeightOperator):
 
     def compress(self, weight: torch.Tensor, stats: LinearStats | None) -> GGMLWeight:
         rows = to_gguf_rows(weight.float(), self.heads) if self.heads else weight.float()  # rows are independent
-        h = stats.hessian
+        h = stats.hessian  # a new tensor (XᵀX / n): the sweep may overwrite it
         importance = torch.diagonal(h).float().cpu().numpy() if self.importance else None
         grid = ggml_grids.grid(self.type, *rows.shape, importance=importance, device=rows.device)
-        res = obs_sweep(rows, shrink_hessian(h, self.shrink), grid=grid, damp=self.damp)
+        res = obs_sweep(rows, shrink_hessian(h, self.shrink, inplace=True), grid=grid, damp=self.damp, own_h=True)
         data = grid.encode(res.codes.cpu().numpy())
         return GGMLWeight(shape=tuple(weight.shape), type=self.type, data=torch.from_numpy(data), heads=self.heads,
                           chosen_by="gptq")
