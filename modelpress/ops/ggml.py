@@ -92,6 +92,13 @@ def supported(t: GGMLQuantizationType, n_per_row: int) -> bool:
     return not lib.ggml_quantize_requires_imatrix(int(t))
 
 
+def check_supported(t: GGMLQuantizationType, n_per_row: int) -> None:
+    """A clear error where rows of n_per_row weights cannot be stored as type t here."""
+    if not supported(t, n_per_row):
+        raise ConfigError(f"type {t.name} cannot store rows of {n_per_row} weights here"
+                          + ("" if _libggml() else f" (K-quants need llama.cpp's library: {_why_unavailable()})"))
+
+
 def quantize(w: np.ndarray, t: GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Quantize a float32 (rows, n_per_row) matrix; returns uint8 (rows, bytes_per_row).
 
@@ -100,9 +107,7 @@ def quantize(w: np.ndarray, t: GGMLQuantizationType, imatrix: np.ndarray | None 
     minimise the error weighted by it, as `llama-quantize --imatrix` does."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, n = w.shape
-    if not supported(t, n):
-        raise ConfigError(f"type {t.name} cannot store rows of {n} weights here"
-                          + ("" if _libggml() else f" (K-quants need llama.cpp's library: {_why_unavailable()})"))
+    check_supported(t, n)
     if t == GGMLQuantizationType.F32:
         return w.view(np.uint8).reshape(rows, -1).copy()
     if t == GGMLQuantizationType.F16:

@@ -204,9 +204,8 @@ class KQuantGrid(Grid):
     def __init__(self, t: str, rows: int, n: int, importance: np.ndarray | None = None, device=None):
         if t not in KQUANT_CODE_BITS:
             raise ConfigError(f"{t!r} is not a K-quant ({', '.join(KQUANT_CODE_BITS)})")
-        if n % 256:
-            raise ConfigError(f"{t} stores rows of whole 256-weight super-blocks, not {n}")
         self.t, self.qt = t, ggml.qtype(t)
+        ggml.check_supported(self.qt, n)  # whole 256-weight super-blocks, and llama.cpp's library
         self.size = ggml.bytes_per_row(self.qt, 256)
         self.qmax = (1 << KQUANT_CODE_BITS[t]) - 1
         self.code_bits = pack_codes(t, np.full(256, self.qmax), self.size)
@@ -250,11 +249,5 @@ def grid(t: str, rows: int, n: int, importance=None, device=None) -> Grid:
             raise ConfigError(f"{t} stores rows of whole 32-weight blocks, not {n}")
         return LegacyGrid(t, rows, n, device=device)
     if t in KQUANT_CODE_BITS:
-        if not ggml.supported(ggml.qtype(t), n):
-            from ..export import llamacpp
-
-            why = llamacpp.unavailable_reason()
-            raise ConfigError(f"{t} cannot store rows of {n} weights here"
-                              + (f" (K-quants need llama.cpp's library: {why})" if why else ""))
         return KQuantGrid(t, rows, n, importance=importance, device=device)
     raise ConfigError(f"GPTQ on a GGML grid takes {', '.join([*LEGACY_GRID, *KQUANT_CODE_BITS])}, not {t!r}")
