@@ -207,8 +207,7 @@ def export_gguf(model, out: str | Path, *, weights: dict | None = None, default_
     weights = dict(weights or {})
     src = Path(source) if source else source_gguf(model)
     cfg = model.config
-    n_layers = cfg.num_hidden_layers
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    names = tensor_name_map(model)
     dt = ggml.qtype(default_type)
     tied = getattr(cfg, "tie_word_embeddings", False)
     tmp = temp_path(out)
@@ -273,11 +272,16 @@ def export_gguf_types(model, out: str | Path, types: dict[str, str], *, imatrix:
     return export_gguf(model, out, weights=weights, tokenizer=tokenizer, source=source)
 
 
-def gguf_names(model) -> dict[str, str]:
-    """Unit name (a Linear layer or the embedding) -> its GGUF tensor name."""
+def tensor_name_map(model):
+    """gguf's map from the model's (Llama-layout) tensor names to llama.cpp's."""
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+
+
+def gguf_names(model) -> dict[str, str]:
+    """Unit name (a Linear layer or the embedding) -> its GGUF tensor name."""
+    names = tensor_name_map(model)
     return {hf[: -len(".weight")]: names.get_name(hf, try_suffixes=(".weight",))
             for hf, t in model.state_dict().items() if t.dim() == 2 and hf.endswith(".weight")}
 
