@@ -15,8 +15,8 @@ from .calib.driver import calibrate
 from .data.windows import DataConfig, Windows, get_windows, parse_source
 from .errors import BudgetError, ConfigError
 from .eval.metrics import EvalResult, evaluate
-from .export.checkpoint import (CheckpointWriter, checkpoint_info, dense_tensors, load_checkpoint, round_to_storage,
-                                save_checkpoint)
+from .export.checkpoint import (CheckpointWriter, checkpoint_info, finish_streamed, load_checkpoint,
+                                round_to_storage, save_checkpoint, write_streamed_block)
 from .export.hf import export_hf
 from .models.arch import Arch, drop_subblock, get_weight, set_weight
 from .models.moe import unfuse_experts
@@ -192,12 +192,8 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
     writer = CheckpointWriter(out, shard_bytes=STREAM_SHARDS) if stream is not None and is_main() else None
 
     def write_block(i: int) -> None:  # streamed: a finished block goes to disk and leaves memory
-        name = arch.block_name(i)
-        done = {n: units.pop(n) for n in list(units) if n.startswith(name + ".")}
-        round_to_storage(arch.blocks[i], done, prefix=name)
-        if writer is not None:
-            dense, tied = dense_tensors(arch.blocks[i], done, prefix=name)
-            writer.add(dense, done, tied)
+        prefix = arch.block_name(i) + "."
+        write_streamed_block(writer, model, i, {n: units.pop(n) for n in list(units) if n.startswith(prefix)})
 
     with writer if writer is not None else contextlib.nullcontext():
         if op is not None:
@@ -225,13 +221,11 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
                 "dropped": dropped, "sequential": sequential, "isotropic_experts": starved,
                 "data": dataclasses.asdict(windows.config) if windows is not None else None,
                 "compute_dtype": forward_dtype_name(model)}
-        skip_blocks = arch.blocks_name + "." if stream else None
-        round_to_storage(model, units, skip=skip_blocks)
-        if writer is not None:
-            dense, tied = dense_tensors(model, {}, skip=skip_blocks)
-            writer.add(dense, {}, tied)
-            writer.finish(model, tokenizer=tokenizer, dropped=dropped, plan=plan,
-                          extra={"total_params": total_params})
+        if stream is not None:
+            finish_streamed(writer, model, {}, tokenizer=tokenizer, dropped=dropped, plan=plan,
+                            extra={"total_params": total_params})
+        else:
+            round_to_storage(model, units)
     return Compressed(model=model, tokenizer=tokenizer, units=units, dropped=dropped, plan=plan,
                       total_params=total_params, seconds=time.time() - t0,
                       checkpoint=str(out) if stream is not None else None)

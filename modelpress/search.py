@@ -1,6 +1,7 @@
 """Budget-optimal compression: level database -> allocation under a budget -> compressed model."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -14,11 +15,15 @@ from .api import Compressed, as_windows, export_path
 from .data.windows import DataConfig, Windows, get_windows
 from .errors import ConfigError
 from .eval.fitness import KLFitness
-from .export.checkpoint import round_to_storage
+from .export.checkpoint import CheckpointWriter, finish_streamed, round_to_storage, write_streamed_block
 from .levels import KINDS, LevelDB, PlanState
 from .levels.kinds import Kind, kind_for_budget
+from .models.arch import Arch
+from .models.streamed import SHARD_BYTES as STREAM_SHARDS, block_forwards, streamed
 from .registry import config_dict
 from .utils.device import takes_compute_dtype
+from .utils.dist import is_main
+from .utils.progress import progress
 from .utils.io import slug
 
 log = logging.getLogger(__name__)
@@ -160,9 +165,14 @@ def allocate(model, db: LevelDB, budget: Budget, allocator: str = "evolutionary"
                         resumed_at=result.resumed_at, reference=fitness.ref if fitness is not None else None)
 
 
-def materialize(model, tokenizer, db: LevelDB, plan: Plan, state: PlanState | None = None) -> Compressed:
-    """Put the plan's levels into `model` (in place) and return it as a Compressed model."""
+def materialize(model, tokenizer, db: LevelDB, plan: Plan, state: PlanState | None = None,
+                out: str | Path | None = None) -> Compressed:
+    """Put the plan's levels into `model` (in place) and return it as a Compressed model. A streamed
+    model (models.streamed) is never whole in memory: its checkpoint is written to `out` block by
+    block instead, and the result names it (`checkpoint`)."""
     plan.validate(db)
+    if streamed(model) is not None:
+        return _materialize_streamed(model, tokenizer, db, plan, out)
     state = state or PlanState(model, db, cache=False)
     state.apply(plan.levels)
     if db.kind.module_levels:
@@ -176,6 +186,28 @@ def materialize(model, tokenizer, db: LevelDB, plan: Plan, state: PlanState | No
         db.units[u].numel for u in dropped)
     return Compressed(model=model, tokenizer=tokenizer, units=units, dropped=dropped, plan=plan.to_dict(),
                       total_params=total)
+
+
+def _materialize_streamed(model, tokenizer, db: LevelDB, plan: Plan, out: str | Path | None) -> Compressed:
+    if out is None:
+        raise ConfigError("a streamed model's plan is written to its checkpoint block by block: give out=")
+    if db.kind.module_levels:
+        raise ConfigError(f"writing a {db.kind.registered_name} plan of a streamed model is not supported; "
+                          "load the model in memory (without --stream)")
+    stream, arch = streamed(model), Arch(model)
+    by_block: dict[int | None, dict] = {}
+    for u, v in plan.levels.items():
+        by_block.setdefault(db.units[u].block if u.startswith(arch.blocks_name + ".") else None, {})[u] = v
+    writer = CheckpointWriter(out, shard_bytes=STREAM_SHARDS) if is_main() else None
+    with writer if writer is not None else contextlib.nullcontext():
+        for i in progress(range(len(arch)), desc="write plan"):
+            with stream.block(i):
+                write_streamed_block(writer, model, i, {u: db.load(u, v) for u, v in by_block.get(i, {}).items()})
+        outside = {u: db.load(u, v) for u, v in by_block.get(None, {}).items()}  # e.g. a GGUF embedding
+        total = sum(p.numel() for p in model.parameters())
+        finish_streamed(writer, model, outside, tokenizer=tokenizer, plan=plan.to_dict(), extra={"total_params": total})
+    return Compressed(model=model, tokenizer=tokenizer, units={}, dropped=[], plan=plan.to_dict(), total_params=total,
+                      checkpoint=str(out))
 
 
 def load_plan(path: str | Path, db: LevelDB) -> Plan:
@@ -270,6 +302,12 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
     from .utils import dist
 
     unfuse_experts(model)  # a MoE's experts as units of their own (models.moe)
+    stream = streamed(model) is not None  # blocks on disk: block-streamed forwards, checkpoint written block by block
+    if stream and (config.export is not None or (config.out is not None and Path(config.out).suffix == ".gguf")):
+        raise ConfigError("a streamed search writes its checkpoint block by block; export it afterwards "
+                          "(`modelpress export FORMAT CHECKPOINT`)")
+    if stream and KINDS.get(config.kind).module_levels:
+        raise ConfigError(f"a {config.kind} search needs the model in memory; run it without --stream")
     main = dist.is_main()  # data-parallel workers: all build and search, rank 0 evaluates and writes
     cfg = config
     budget, kind, allocator = cfg.budget, cfg.kind, cfg.allocator
@@ -287,7 +325,8 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
     evaluate = cfg.evaluate and main
     if evaluate:
         domains = suite_windows(tokenizer, cfg.eval_suite, seq_len=windows.config.seq_len, n_eval=cfg.n_eval)
-        ref = SuiteReference(model, domains)
+        with block_forwards(model):
+            ref = SuiteReference(model, domains)
         rows.append({"label": "dense", **suite_row(ref.dense, ref.dense), "kl": 0.0,
                      "size_mb": (database.meta["fixed_bytes"] + sum(
                          2 * u.numel for u in database.units.values())) / 1e6})
@@ -322,7 +361,8 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
                "size_mb": _plan_mb(database, res), "bits_per_weight": _plan_bits(database, res)}
         if evaluate:
             state.apply(res.plan.levels)
-            row.update(suite_row(evaluate_suite(model, domains, ref, desc=f"eval {name}"), ref.dense))
+            with block_forwards(model, on_load=state.load_levels):
+                row.update(suite_row(evaluate_suite(model, domains, ref, desc=f"eval {name}"), ref.dense))
         rows.append(row)
     if evaluate and "uniform" in results and allocator != "uniform":
         by = {r["label"]: r for r in rows}
@@ -331,9 +371,11 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
             log.warning("the %s plan is not better than uniform on: %s", allocator, ", ".join(worse))
         by[allocator]["beats_uniform_on_every_domain"] = not worse
     chosen = results[allocator]
-    c = materialize(model, tokenizer, database, chosen.plan, state=state)
+    c = materialize(model, tokenizer, database, chosen.plan, state=state, out=out if stream else None)
     report_dir, exported = out, None
-    if out.suffix == ".gguf":  # a GGUF file for llama.cpp, with the report in a folder beside it
+    if stream:
+        pass  # written by materialize
+    elif out.suffix == ".gguf":  # a GGUF file for llama.cpp, with the report in a folder beside it
         from .export.ggufio import export_gguf, write_llama_quantize_recipe
         from .ops.ggmlweight import GGMLWeight
 

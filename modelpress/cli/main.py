@@ -217,9 +217,8 @@ def compress_cmd(
         static_groups = quant["static_groups"]
     if stream:
         _refuse("--stream", {
-            "--target-bits/--target-mb/--target-sparsity": (
-                target_bits is not None or target_mb is not None or target_sparsity is not None,
-                "the budget search evaluates whole models in memory; stream one method (--method gptq --bits 4)"),
+            "--target-sparsity": (target_sparsity is not None, "streamed searches are over quantization levels "
+                                  "(--target-bits / --target-mb); prune streamed with --method sparsegpt --sparsity"),
             "--export": (export is not None, f"export the checkpoint afterwards: `modelpress export {export} OUT`"),
             "--compensate": (compensate is not None, "EoRA is not streamed yet; compress in memory"),
         })
@@ -252,7 +251,7 @@ def compress_cmd(
                                corpus=data, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                level_settings=level_settings, out=out, evaluate=evaluate, eval_suite=eval_suite,
                                n_eval=N_EVAL if n_eval is None else n_eval, export=export)
-        return _run_search(model, config, device)
+        return _run_search(model, config, device, stream=stream, compute_dtype=compute_dtype)
     n_samples = 128 if n_samples is None else n_samples
     rank = 16 if rank is None else rank
     from .. import api
@@ -277,14 +276,8 @@ def compress_cmd(
 
     t0 = time.time()
     if stream:
-        from ..models.streamed import open_streamed
-
-        import torch
-
-        # a 16-bit model streams in 16 bits unless float32 forwards are asked for
         with dist.main_first():  # rank 0 converts a GGUF once; the others read the converted folder
-            sm = open_streamed(model, device=device, dtype=torch.float32 if compute_dtype == "float32" else "auto")
-        m, tok = sm.model, sm.tokenizer
+            m, tok = _open_streamed(model, device, compute_dtype)
     else:
         with dist.main_first():  # rank 0 fills the caches (a converted GGUF) the others read
             m, tok = load_model(model, device=device)
@@ -365,14 +358,25 @@ def _budget(target_bits, target_mb, target_sparsity, drop):
     return Budget(*given[0])
 
 
-def _run_search(model_name: str, config, device) -> None:
+def _open_streamed(model_name: str, device, compute_dtype: str):
+    """(model, tokenizer) with the decoder blocks on disk (models.streamed); a 16-bit model streams in
+    16 bits unless float32 forwards are asked for."""
+    import torch
+
+    from ..models.streamed import open_streamed
+
+    sm = open_streamed(model_name, device=device, dtype=torch.float32 if compute_dtype == "float32" else "auto")
+    return sm.model, sm.tokenizer
+
+
+def _run_search(model_name: str, config, device, *, stream: bool = False, compute_dtype: str = "auto") -> None:
     from ..models import load_model
     from ..search import search
 
     from ..utils import dist
 
     with dist.main_first():  # rank 0 fills the caches (a converted GGUF) the others read
-        m, tok = load_model(model_name, device=device)
+        m, tok = _open_streamed(model_name, device, compute_dtype) if stream else load_model(model_name, device=device)
     rep = search(m, tok, config, model_name=model_name, device=device)
     if not dist.is_main():  # rank 0 evaluates, writes and reports
         return
@@ -470,7 +474,12 @@ def search_cmd(
     validation_windows: int = typer.Option(4, "--validation-windows",
                                            help="windows after the fitness windows that score each "
                                                 "generation's plan; the one scoring best is returned (0 = none)"),
-    data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
+    stream: bool = typer.Option(False, "--stream", help="models larger than memory: decoder blocks stay on disk; "
+                                "the database, the fitness and the evaluation bring in one block at a time and the "
+                                "checkpoint is written block by block (weight levels: quant, sparsity, joint, lowrank; "
+                                "calibration on text, e.g. --data mix)"),
+    data: Optional[str] = typer.Option(None, "--data", help=DataOpt.help + "; with --stream the default is mix"),
+    n_samples: int = SamplesOpt, seq_len: int = SeqOpt, n_eval: Optional[int] = NEvalOpt,
     device: Optional[str] = DeviceOpt, compute_dtype: str = ComputeOpt, workers: int = WorkersOpt,
     verbose: bool = VerboseOpt,
 ):
@@ -505,13 +514,14 @@ def search_cmd(
                           f"not {allocator}")
     config = SearchConfig(budget=budget, kind=kind, kind_settings=ks, allocator=allocator, allocator_settings=al,
                           compare=tuple(_parse_list(compare, str) or ()),
-                          data=_data_config(data, n_samples, seq_len, seed, None),
+                          data=_data_config(data or ("mix" if stream else DEFAULT_CALIBRATION), n_samples, seq_len,
+                                            seed, None),
                           fitness=SearchSettings(fitness_windows=fitness_windows,
                                                  validation_windows=validation_windows, held_out=held_out),
                           db=db, out=out, plan_file=plan, start_from=tuple(start_from or ()), evaluate=evaluate,
                           eval_suite=eval_suite,
                           n_eval=N_EVAL if n_eval is None else n_eval, export=export)
-    _run_search(model, config, device)
+    _run_search(model, config, device, stream=stream, compute_dtype=compute_dtype)
 
 
 @app.command("bitstack")

@@ -12,6 +12,9 @@ holds on text it never selected on.
 Fast path: candidates differ from their parent in a few units. The parent's hidden states at the
 input of every block are cached per token sample; a candidate whose first changed unit sits in
 block i restarts from the parent's state at block i instead of running blocks 0..i-1 again.
+
+A streamed model (models.streamed) is scored with block-streamed forwards: each block is read from
+disk when the forward reaches it and the candidate's levels are put into it then.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from torch import nn
 
 from ..allocate.base import Fitness
 from ..models.arch import Arch
+from ..models.streamed import block_forwards
 from ..utils.device import forwards
 from ..utils.progress import progress
 
@@ -105,7 +109,7 @@ class KLFitness(Fitness):
 
     # ---- running the model -----------------------------------------------------------------
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
-        with forwards(self.model):
+        with forwards(self.model), block_forwards(self.model, self.device, on_load=self.state.load_levels):
             return self.model(input_ids=ids.to(self.device), use_cache=False).logits
 
     def _apply(self, choice) -> None:

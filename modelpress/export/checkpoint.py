@@ -92,6 +92,32 @@ def round_to_storage(model, units: dict[str, PackedWeight], dtype: torch.dtype =
 SHARD_BYTES = 2 << 30  # a checkpoint's weights go to files of about this size
 
 
+def write_streamed_block(writer: "CheckpointWriter | None", model, i: int, units: dict[str, PackedWeight]) -> None:
+    """Block i of a streamed model (in memory now) with its packed `units` into `writer` (None: a
+    data-parallel rank that does not write); its other tensors rounded as they are stored."""
+    from ..models.arch import Arch
+
+    arch = Arch(model)
+    name = arch.block_name(i)
+    round_to_storage(arch.blocks[i], units, prefix=name)
+    if writer is not None:
+        dense, tied = dense_tensors(arch.blocks[i], units, prefix=name)
+        writer.add(dense, units, tied)
+
+
+def finish_streamed(writer: "CheckpointWriter | None", model, units: dict[str, PackedWeight], **finish) -> None:
+    """After every block: the tensors outside the blocks (and `units` among them), then the manifest
+    (`finish` goes to CheckpointWriter.finish)."""
+    from ..models.arch import Arch
+
+    skip = Arch(model).blocks_name + "."
+    round_to_storage(model, units, skip=skip)
+    if writer is not None:
+        dense, tied = dense_tensors(model, units, skip=skip)
+        writer.add(dense, units, tied)
+        writer.finish(model, **finish)
+
+
 class CheckpointWriter:
     """Writes a checkpoint piece by piece, for models that are never whole in memory: tensors are
     added as they are ready and go to disk in shards of about `shard_bytes` (one file,

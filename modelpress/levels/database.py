@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from ..data.windows import Windows
 from ..errors import CheckpointError, ConfigError
 from ..allocate.budget import header_entry_bytes
 from ..export.checkpoint import SEP, dense_tensors, storage_dtype_for
+from ..models.streamed import stored
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.device import forward_dtype_name
 from ..utils.dist import is_main, merged_dicts
@@ -37,15 +39,21 @@ log = logging.getLogger(__name__)
 
 FORMAT = "modelpress-leveldb"
 VERSION = 2  # 2: compute_dtype and the fixed tensors' header bytes always present (see _migrate)
+CACHE_BYTES = 256 << 20  # packed levels a database keeps in memory (a search re-reads the rest from its files)
+
+
+def _held_bytes(pw) -> int:
+    return sum(t.numel() * t.element_size() for t in vars(pw).values() if isinstance(t, torch.Tensor))
 
 
 def model_fingerprint(model) -> str:
     """Config, names, shapes, the first bytes of every tensor and an exact checksum of all its bits.
     The checksum adds the float32 bit patterns as integers: unlike a float sum it does not depend on
-    the order of additions, so the thread count or the device cannot change it."""
+    the order of additions, so the thread count or the device cannot change it. A streamed model's
+    blocks are read from its files one tensor at a time: the same fingerprint as the model loaded."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
-        x = t.detach().float().contiguous()
+        x = stored(model, name, t).detach().float().contiguous()
         h.update(f"{name}{tuple(x.shape)}".encode())
         h.update(x.reshape(-1)[:1024].cpu().numpy().tobytes())
         h.update(str(int(x.view(torch.int32).to(torch.int64).sum())).encode())
@@ -81,7 +89,9 @@ class LevelDB:
             n: UnitInfo(n, tuple(u["shape"]) if u["shape"] else None, u["numel"], u["block"], u["group"], u.get("extra", {}))
             for n, u in meta["units"].items()}
         self._levels: dict[str, dict[str, dict]] = {}  # unit -> value -> level meta (from unit files)
-        self._cache: dict[tuple[str, str], PackedWeight] = {}
+        # packed levels read from the unit files, least recently used dropped beyond CACHE_BYTES
+        self._cache: "OrderedDict[tuple[str, str], PackedWeight]" = OrderedDict()
+        self._cached_bytes = 0
 
     # ---- creation / opening -------------------------------------------------------------
     @classmethod
@@ -147,6 +157,7 @@ class LevelDB:
         """Forget what was read of the unit files (other workers wrote some of them)."""
         self._levels.clear()
         self._cache.clear()
+        self._cached_bytes = 0
 
     # ---- unit files ---------------------------------------------------------------------
     def _file(self, unit: str) -> Path:
@@ -215,14 +226,20 @@ class LevelDB:
 
     def load(self, unit: str, value, device="cpu") -> PackedWeight:
         key = (unit, str(value))
-        if key not in self._cache:
-            meta = self.levels_of(unit).get(str(value))
-            if meta is None:
-                raise ConfigError(f"level {value!r} of {unit} is not in the database {self.path}")
-            with safe_open(str(self._file(unit)), "pt") as sf:
-                ts = {k.split("::", 1)[1]: sf.get_tensor(k) for k in sf.keys() if k.startswith(f"{value}::")}
-            self._cache[key] = load_weight(ts, meta["meta"])
-        return self._cache[key].to(device)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key].to(device)
+        meta = self.levels_of(unit).get(str(value))
+        if meta is None:
+            raise ConfigError(f"level {value!r} of {unit} is not in the database {self.path}")
+        with safe_open(str(self._file(unit)), "pt") as sf:
+            ts = {k.split("::", 1)[1]: sf.get_tensor(k) for k in sf.keys() if k.startswith(f"{value}::")}
+        pw = load_weight(ts, meta["meta"])
+        self._cache[key] = pw
+        self._cached_bytes += _held_bytes(pw)
+        while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
+            self._cached_bytes -= _held_bytes(self._cache.popitem(last=False)[1])
+        return pw.to(device)
 
     def values(self, unit: str) -> list:
         """Usable levels of `unit`, cheapest first."""
@@ -280,8 +297,8 @@ def _fixed_tensors(model, units: list[UnitInfo], depth: bool = False) -> dict[st
 
 def fixed_bytes(model, units: list[UnitInfo], depth: bool = False) -> int:
     """Bytes of the fixed tensors as stored (float16)."""
-    return sum(t.numel() * torch.empty(0, dtype=storage_dtype_for(t, torch.float16)).element_size()
-               for t in _fixed_tensors(model, units, depth).values())
+    return sum(t.numel() * torch.empty(0, dtype=storage_dtype_for(stored(model, n, t), torch.float16)).element_size()
+               for n, t in _fixed_tensors(model, units, depth).items())
 
 
 def _header_bytes(unit: str, tensors: dict[str, torch.Tensor]) -> int:

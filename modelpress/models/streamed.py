@@ -43,6 +43,13 @@ def streamed(model: nn.Module) -> "StreamedModel | None":
     return getattr(model, ATTR, None)
 
 
+def stored(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """`t` (the tensor `name` of `model`), or for a streamed model's block tensor, which sits on the
+    meta device, what its files hold (read now, not kept)."""
+    stream = streamed(model)
+    return stream.source.read(name) if t.device.type == "meta" and stream is not None else t
+
+
 def _set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     mod_name, _, leaf = name.rpartition(".")
     mod = root.get_submodule(mod_name) if mod_name else root
@@ -86,14 +93,17 @@ class StreamedModel:
             self.resident.add(i)
         return self.arch.blocks[i]
 
-    def release_block(self, i: int) -> None:
-        """Put block i's stored tensors back on the meta device (their memory is freed)."""
+    def release_block(self, i: int, trim: bool = True) -> None:
+        """Put block i's stored tensors back on the meta device (their memory is freed). With `trim`,
+        freed memory goes back to the OS (else glibc keeps the block and the pass's scratch resident;
+        without, the next block of the same shapes reuses it: what many short forwards want)."""
         if i in self.resident:
             for name in self._tensor_names(i):
                 t = self.model.get_parameter(name) if _is_param(self.model, name) else self.model.get_buffer(name)
                 _set_tensor(self.model, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
             self.resident.discard(i)
-            release_freed_memory()  # else glibc keeps the freed block (and the pass's scratch) resident
+            if trim:
+                release_freed_memory()
 
     @contextlib.contextmanager
     def block(self, i: int, device: torch.device | str = "cpu"):
@@ -107,6 +117,40 @@ class StreamedModel:
     def nbytes(self) -> int:
         """Bytes of the model's weights on disk."""
         return self.source.nbytes()
+
+
+@contextlib.contextmanager
+def block_forwards(model: nn.Module, device: torch.device | str | None = None, on_load=None):
+    """While inside, a forward of the whole model (`model(input_ids=...)`) brings each decoder
+    block of a streamed model in from disk just before the block runs — then calls `on_load(i)`,
+    e.g. to put a plan's levels into it — and sends it back right after: whole-model forwards (a
+    search's fitness, an evaluation) in one block's memory, at the cost of reading every block
+    once per forward. Nothing changes for an in-memory model."""
+    stream = streamed(model)
+    if stream is None:
+        yield
+        return
+    dev = device or next(model.parameters()).device
+    handles = []
+
+    def bring(i: int):
+        def pre(mod, args):
+            stream.load_block(i, dev)
+            if on_load is not None:
+                on_load(i)
+        return pre
+
+    for i, blk in enumerate(stream.arch.blocks):
+        handles.append(blk.register_forward_pre_hook(bring(i)))
+        handles.append(blk.register_forward_hook(lambda mod, args, out, i=i: stream.release_block(i, trim=False)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for i in list(stream.resident):  # a forward that raised leaves its block in
+            stream.release_block(i, trim=False)
+        release_freed_memory(collect=False)
 
 
 def _is_param(root: nn.Module, name: str) -> bool:

@@ -67,7 +67,11 @@ def measure_streamed_compress(src: str | Path, out: str | Path, *, method: str =
     """Peak resident memory of compressing the model folder `src` streamed (models.streamed) into
     `out`, over the process's fixed overhead: the resident size after the same run on a tiny model
     of the same kind (libraries and code paths loaded, nothing of the big model). Meant to run in a
-    fresh process (`python -m modelpress.models.synthetic SRC OUT`): the peak is the process's."""
+    fresh process (`python -m modelpress.models.synthetic SRC OUT`): the peak is the process's.
+
+    `method="search"`: a budget search instead — GPTQ level database (`levels`, `group_size`, on the
+    inputs of the `bits`-bit model), evolutionary search to `bits` bits/weight (`generations` x
+    `offspring`, fitness on the calibration windows), the plan's checkpoint written to `out`."""
     import tempfile
     import time
 
@@ -81,7 +85,10 @@ def measure_streamed_compress(src: str | Path, out: str | Path, *, method: str =
         ids = torch.randint(0, sm.model.config.vocab_size, (n_samples, seq_len),
                             generator=torch.Generator().manual_seed(0))
         w = Windows(calib=ids, eval=ids[:1], calib_starts=[], eval_starts=[], config=DataConfig())
-        compress(sm.model, sm.tokenizer, method, data=w, out=dest, **settings)
+        if method == "search":
+            streamed_search(sm.model, w, Path(dest), **settings)
+        else:
+            compress(sm.model, sm.tokenizer, method, data=w, out=dest, **settings)
         return sm.nbytes()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +100,22 @@ def measure_streamed_compress(src: str | Path, out: str | Path, *, method: str =
     size = run(src, out)
     return {"model_bytes": size, "fixed_bytes": base, "peak_bytes": peak_rss_bytes(),
             "peak_over_fixed": peak_rss_bytes() - base, "seconds": time.time() - t0}
+
+
+def streamed_search(model, windows, out: Path, *, bits: float = 3.0, levels: str = "2,3,4", group_size: int = 128,
+                    generations: int = 4, offspring: int = 4) -> None:
+    """The search `measure_streamed_compress(method="search")` runs (its database beside `out`)."""
+    from ..allocate.budget import Budget
+    from ..search import SearchSettings, allocate, materialize, open_database
+
+    lv = tuple(int(b) for b in str(levels).split(","))
+    db = open_database(model, None, "quant", data=windows, db=out.with_name(out.name + "-db"), levels=lv,
+                       group_size=group_size, mse=False, sequential_level=min(lv, key=lambda b: abs(b - bits)))
+    res = allocate(model, db, Budget("bits", float(bits)), "evolutionary", data=windows,
+                   settings=SearchSettings(fitness_windows=len(windows.calib), validation_windows=0),
+                   generations=generations, offspring=offspring, tokens=(windows.calib.shape[1] * 2,),
+                   survivors=(1,))
+    materialize(model, None, db, res.plan, out=out)
 
 
 if __name__ == "__main__":  # python -m modelpress.models.synthetic SRC OUT [method] [key=value ...]

@@ -147,11 +147,34 @@ def test_compress_stream_equals_in_memory(model_dir, tmp_path):
     mem, st = (json.loads((tmp_path / d / "report.json").read_text())["rows"][-1] for d in ("mem", "str"))
     domain = json.loads((tmp_path / "str" / "report.json").read_text())["evaluation"]["domains"][0]
     assert st[f"ppl:{domain}"] == pytest.approx(mem[f"ppl:{domain}"], rel=1e-5)  # no dense row: it would not fit
-    r = runner.invoke(app, [*args, "--stream", "--target-bits", "3", "--out", str(tmp_path / "x")])
-    assert r.exit_code != 0 and "whole models in memory" in r.output
+    r = runner.invoke(app, [*args, "--stream", "--target-sparsity", "0.5", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "quantization levels" in r.output and not (tmp_path / "x").exists()
     r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--stream", "--bits", "4", "--data", "self",
                             "--no-eval", "--out", str(tmp_path / "y")])
     assert r.exit_code != 0 and "needs the whole model" in r.output
+
+
+def test_streamed_budget_search_equals_in_memory(model_dir, tmp_path):
+    """`compress --target-bits --stream`: the database, the fitness and the evaluation run block by
+    block, the checkpoint is written block by block, and all of it equals the in-memory run."""
+    from safetensors.torch import load_file
+
+    args = ["compress", str(model_dir / "tiny"), "--target-bits", "3", *small(model_dir)]
+    for name, extra in (("mem", []), ("str", ["--stream"])):
+        r = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    a, b = (load_file(str(tmp_path / d / "weights.safetensors")) for d in ("mem", "str"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    mem, st = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("mem", "str"))
+    assert [h["fitness"] for h in mem["history"]] == [h["fitness"] for h in st["history"]]
+    assert [r["label"] for r in st["rows"]] == [r["label"] for r in mem["rows"]]
+    for rm, rs in zip(mem["rows"], st["rows"]):  # dense reference and every plan, evaluated streamed
+        assert rs["worst_ratio"] == pytest.approx(rm["worst_ratio"], rel=1e-5)
+    assert json.loads((tmp_path / "str" / "plan.json").read_text())["levels"] == \
+        json.loads((tmp_path / "mem" / "plan.json").read_text())["levels"]
+    r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--stream", "--drop", "1", "--no-eval",
+                            "--out", str(tmp_path / "d"), *small(model_dir)])
+    assert r.exit_code != 0 and "in memory" in r.output and not (tmp_path / "d").exists(), r.output
 
 
 def test_a_bf16_model_streamed_with_float32_forwards_equals_in_memory(model_dir, tmp_path):

@@ -148,3 +148,60 @@ def test_a_16_bit_model_streams_in_16_bits(tmp_path):
     assert 0 < err_a < 1.25 * err_b, (err_a, err_b)
     with pytest.raises(ModelLoadError, match="dtype"):
         open_streamed(tmp_path / "bf16", dtype="half")
+
+
+def test_streamed_forwards_hold_one_block_and_equal_the_loaded_model(tmp_path):
+    from modelpress.models.streamed import block_forwards
+
+    src = _saved(tmp_path, "llama")
+    m, _ = load_model(src)
+    sm = open_streamed(src)
+    w = windows()
+    seen = []
+    with torch.no_grad(), block_forwards(sm.model):
+        probe = sm.model.model.layers[1].register_forward_pre_hook(lambda mod, args: seen.append(sorted(sm.resident)))
+        out = sm.model(w.eval[:2]).logits
+        probe.remove()
+    assert torch.equal(out, m(w.eval[:2]).logits)
+    assert seen == [[1]] and not sm.resident  # block 1 ran alone in memory; nothing is left in
+    boom = sm.model.model.layers[2].register_forward_pre_hook(lambda mod, args: 1 / 0)
+    with pytest.raises(ZeroDivisionError), torch.no_grad(), block_forwards(sm.model):
+        sm.model(w.eval[:1])
+    boom.remove()
+    assert not sm.resident and all(p.device.type == "meta" for p in sm.arch.blocks.parameters())
+
+
+def test_streamed_database_search_and_plan_equal_in_memory(tmp_path):
+    """A level database, an evolutionary search and the plan's checkpoint made from a streamed model
+    (blocks on disk; forwards bring one in at a time) equal those made from the model in memory."""
+    from modelpress.allocate.budget import Budget
+    from modelpress.search import allocate, materialize, open_database
+
+    src = _saved(tmp_path, "llama")
+    w = windows()
+    m, _ = load_model(src)
+    sm = open_streamed(src)
+    kw = dict(data=w, levels=(2, 3, 4), group_size=32)
+    dbs = [open_database(model, None, "quant", db=tmp_path / name, **kw) for model, name in ((m, "dbm"), (sm.model, "dbs"))]
+    assert dbs[0].meta["units"] == dbs[1].meta["units"] and dbs[0].meta["fingerprint"] == dbs[1].meta["fingerprint"]
+    for u in dbs[0].units:
+        for v in dbs[0].values(u):
+            a, b = dbs[0].load(u, v), dbs[1].load(u, v)
+            assert torch.equal(a.dequantize(), b.dequantize())
+    res = [allocate(model, db, Budget("bits", 3.0), "evolutionary", data=w, generations=6, offspring=6, seed=1)
+           for model, db in ((m, dbs[0]), (sm.model, dbs[1]))]
+    assert [h["fitness"] for h in res[0].history] == [h["fitness"] for h in res[1].history]
+    assert any(h["improved"] for h in res[0].history)  # the search moved, so equal plans mean something
+    assert res[0].plan.levels == res[1].plan.levels
+    assert not sm.resident
+    with pytest.raises(ConfigError, match="give out="):
+        materialize(sm.model, None, dbs[1], res[1].plan)
+    materialize(m, None, dbs[0], res[0].plan).save(tmp_path / "mem")
+    c = materialize(sm.model, None, dbs[1], res[1].plan, out=tmp_path / "str")
+    assert c.checkpoint == str(tmp_path / "str") and not c.units
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "str")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = ck.read_manifest(tmp_path / "mem"), ck.read_manifest(tmp_path / "str")
+    assert ma["units"] == mb["units"] and ma["plan"] == mb["plan"] and ma["total_params"] == mb["total_params"]
+    with torch.no_grad():
+        assert torch.equal(mp.load_compressed(tmp_path / "str")(w.eval).logits, m(w.eval).logits)
