@@ -251,10 +251,14 @@ def render(cache: RowCache) -> None:
         "- Calibration memory does not grow with depth when streamed: one block, its activations and one "
         "XᵀX. MoE experts each see only their routed share of the tokens (top-8 of 128 here: 1/16), which "
         "is why under-fed experts get isotropic statistics (README, mixture-of-experts).\n"
-        "- What is not built yet for these sizes: the search's fitness on a model that does not fit one "
-        "device (needs pipeline or tensor parallelism inside a replica; today a replica is one process), "
-        "and the level database build on a streamed model (today it holds the whole model; `--workers` shares its "
-        "solves out on dense inputs, while a true-sequential pass still runs them one after another).\n\n"
+        "- A model that does not fit one device is searched streamed (`search --stream`, `compress --target-bits "
+        "--stream`): the database is built block by block, and every fitness forward brings each block in from "
+        "disk as it reaches it, the candidate's levels put in then. Memory is one block, the fitness windows' "
+        "hidden states and a bounded cache of packed levels; the price is that each candidate forward reads "
+        "every block (the bf16 model's size) from the page cache or disk, so this suits a host whose RAM holds "
+        "the model's files. Not built: pipeline or tensor parallelism inside a replica (a replica is one "
+        "process), and a true-sequential database pass under `--workers` still runs its solves one after "
+        "another (on dense inputs they are shared out).\n\n"
         + "\n".join(detail))
     (ROOT / "docs" / "scale.md").write_text(text)
     print(text)
