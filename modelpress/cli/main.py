@@ -217,8 +217,6 @@ def compress_cmd(
         static_groups = quant["static_groups"]
     if stream:
         _refuse("--stream", {
-            "--target-sparsity": (target_sparsity is not None, "streamed searches are over quantization levels "
-                                  "(--target-bits / --target-mb); prune streamed with --method sparsegpt --sparsity"),
             "--export": (export is not None, f"export the checkpoint afterwards: `modelpress export {export} OUT`"),
             "--compensate": (compensate is not None, "EoRA is not streamed yet; compress in memory"),
         })

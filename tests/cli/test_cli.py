@@ -147,8 +147,8 @@ def test_compress_stream_equals_in_memory(model_dir, tmp_path):
     mem, st = (json.loads((tmp_path / d / "report.json").read_text())["rows"][-1] for d in ("mem", "str"))
     domain = json.loads((tmp_path / "str" / "report.json").read_text())["evaluation"]["domains"][0]
     assert st[f"ppl:{domain}"] == pytest.approx(mem[f"ppl:{domain}"], rel=1e-5)  # no dense row: it would not fit
-    r = runner.invoke(app, [*args, "--stream", "--target-sparsity", "0.5", "--out", str(tmp_path / "x")])
-    assert r.exit_code != 0 and "quantization levels" in r.output and not (tmp_path / "x").exists()
+    r = runner.invoke(app, [*args, "--stream", "--compensate", "eora", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "EoRA is not streamed" in r.output and not (tmp_path / "x").exists()
     r = runner.invoke(app, ["compress", str(model_dir / "tiny"), "--stream", "--bits", "4", "--data", "self",
                             "--no-eval", "--out", str(tmp_path / "y")])
     assert r.exit_code != 0 and "needs the whole model" in r.output

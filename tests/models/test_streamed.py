@@ -171,7 +171,9 @@ def test_streamed_forwards_hold_one_block_and_equal_the_loaded_model(tmp_path):
     assert not sm.resident and all(p.device.type == "meta" for p in sm.arch.blocks.parameters())
 
 
-def test_streamed_database_search_and_plan_equal_in_memory(tmp_path):
+@pytest.mark.parametrize("kind,kw,budget", [("quant", dict(levels=(2, 3, 4), group_size=32), ("bits", 3.0)),
+                                            ("sparsity", dict(max_levels=6), ("sparsity", 0.5))])
+def test_streamed_database_search_and_plan_equal_in_memory(tmp_path, kind, kw, budget):
     """A level database, an evolutionary search and the plan's checkpoint made from a streamed model
     (blocks on disk; forwards bring one in at a time) equal those made from the model in memory."""
     from modelpress.allocate.budget import Budget
@@ -181,14 +183,14 @@ def test_streamed_database_search_and_plan_equal_in_memory(tmp_path):
     w = windows()
     m, _ = load_model(src)
     sm = open_streamed(src)
-    kw = dict(data=w, levels=(2, 3, 4), group_size=32)
-    dbs = [open_database(model, None, "quant", db=tmp_path / name, **kw) for model, name in ((m, "dbm"), (sm.model, "dbs"))]
+    dbs = [open_database(model, None, kind, db=tmp_path / name, data=w, **kw)
+           for model, name in ((m, "dbm"), (sm.model, "dbs"))]
     assert dbs[0].meta["units"] == dbs[1].meta["units"] and dbs[0].meta["fingerprint"] == dbs[1].meta["fingerprint"]
     for u in dbs[0].units:
         for v in dbs[0].values(u):
             a, b = dbs[0].load(u, v), dbs[1].load(u, v)
             assert torch.equal(a.dequantize(), b.dequantize())
-    res = [allocate(model, db, Budget("bits", 3.0), "evolutionary", data=w, generations=6, offspring=6, seed=1)
+    res = [allocate(model, db, Budget(*budget), "evolutionary", data=w, generations=6, offspring=6, seed=1)
            for model, db in ((m, dbs[0]), (sm.model, dbs[1]))]
     assert [h["fitness"] for h in res[0].history] == [h["fitness"] for h in res[1].history]
     assert any(h["improved"] for h in res[0].history)  # the search moved, so equal plans mean something
