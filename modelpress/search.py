@@ -191,7 +191,7 @@ def materialize(model, tokenizer, db: LevelDB, plan: Plan, state: PlanState | No
 def _materialize_streamed(model, tokenizer, db: LevelDB, plan: Plan, out: str | Path | None) -> Compressed:
     if out is None:
         raise ConfigError("a streamed model's plan is written to its checkpoint block by block: give out=")
-    if db.kind.module_levels:
+    if not db.kind.streams:
         raise ConfigError(f"writing a {db.kind.registered_name} plan of a streamed model is not supported; "
                           "load the model in memory (without --stream)")
     stream, arch = streamed(model), Arch(model)
@@ -306,7 +306,7 @@ def search(model, tokenizer, config: SearchConfig, *, model_name: str | None = N
     if stream and (config.export is not None or (config.out is not None and Path(config.out).suffix == ".gguf")):
         raise ConfigError("a streamed search writes its checkpoint block by block; export it afterwards "
                           "(`modelpress export FORMAT CHECKPOINT`)")
-    if stream and KINDS.get(config.kind).module_levels:
+    if stream and not KINDS.get(config.kind).streams:
         raise ConfigError(f"a {config.kind} search needs the model in memory; run it without --stream")
     main = dist.is_main()  # data-parallel workers: all build and search, rank 0 evaluates and writes
     cfg = config

@@ -62,13 +62,16 @@ def dense_tensors(model, units: dict[str, PackedWeight], prefix: str = "",
     seen: dict[tuple, str] = {}
     sd = {full(n): t for n, t in model.state_dict(keep_vars=False).items()
           if skip is None or not full(n).startswith(skip)}
+    def storage(name: str, t: torch.Tensor) -> tuple:  # a meta tensor (a streamed block on disk) has none to share
+        return ("meta", name) if t.is_meta else (t.data_ptr(), tuple(t.shape), t.dtype)
+
     for name, t in sd.items():  # a packed weight can be tied too (embedding = lm_head)
         if name in covered:
-            seen.setdefault((t.data_ptr(), tuple(t.shape), t.dtype), name)
+            seen.setdefault(storage(name, t), name)
     for name, t in sd.items():
         if name in covered:
             continue
-        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        key = storage(name, t)
         if t.numel() and key in seen:
             tied[name] = seen[key]
             continue

@@ -28,7 +28,7 @@ from ..data.windows import Windows
 from ..errors import CheckpointError, ConfigError
 from ..allocate.budget import header_entry_bytes
 from ..export.checkpoint import SEP, dense_tensors, storage_dtype_for
-from ..models.streamed import stored
+from ..models.streamed import stored, streamed
 from ..ops.packed import PackedWeight, load_weight
 from ..utils.device import forward_dtype_name
 from ..utils.dist import is_main, merged_dicts
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "modelpress-leveldb"
 VERSION = 2  # 2: compute_dtype and the fixed tensors' header bytes always present (see _migrate)
+FINGERPRINT_CHUNK = 1 << 24
 CACHE_BYTES = 256 << 20  # packed levels a database keeps in memory (a search re-reads the rest from its files)
 
 
@@ -51,12 +52,20 @@ def model_fingerprint(model) -> str:
     The checksum adds the float32 bit patterns as integers: unlike a float sum it does not depend on
     the order of additions, so the thread count or the device cannot change it. A streamed model's
     blocks are read from its files one tensor at a time: the same fingerprint as the model loaded."""
+    stream = streamed(model)
+    if stream is not None and stream.fingerprint is not None:  # its files do not change: read them once
+        return stream.fingerprint
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
-        x = stored(model, name, t).detach().float().contiguous()
-        h.update(f"{name}{tuple(x.shape)}".encode())
-        h.update(x.reshape(-1)[:1024].cpu().numpy().tobytes())
-        h.update(str(int(x.view(torch.int32).to(torch.int64).sum())).encode())
+        x = stored(model, name, t).detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(x[:1024].float().cpu().numpy().tobytes())
+        total = 0
+        for s in range(0, x.numel(), FINGERPRINT_CHUNK):  # in pieces: no float32 + int64 copy of a whole embedding
+            total += int(x[s:s + FINGERPRINT_CHUNK].float().view(torch.int32).to(torch.int64).sum())
+        h.update(str(total).encode())
+    if stream is not None:
+        stream.fingerprint = h.hexdigest()
     return h.hexdigest()
 
 

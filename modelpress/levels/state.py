@@ -84,7 +84,8 @@ class PlanState:
         if self.db.kind.module_levels:
             return
         for u, v in self.current.items():
-            if v is not None and u not in self._dense and self.db.units[u].block == block:
+            if (v is not None and u not in self._dense and self.db.units[u].block == block
+                    and not get_weight(self._mods[u]).is_meta):
                 set_weight(self._mods[u], self._weight(u, v))
 
     def apply(self, values: dict[str, object]) -> None:

@@ -69,6 +69,7 @@ class StreamedModel:
         self.dtype = dtype
         self.arch = Arch(model)
         self.resident: set[int] = set()
+        self.fingerprint: str | None = None  # levels.database.model_fingerprint, once read from the files
         setattr(model, ATTR, self)
 
     def _tensor_names(self, i: int) -> list[str]:
@@ -141,6 +142,8 @@ def block_forwards(model: nn.Module, device: torch.device | str | None = None, o
         return pre
 
     for i, blk in enumerate(stream.arch.blocks):
+        if next(blk.parameters(), None) is None:  # a stand-in for a block a forward skips (eval.fitness)
+            continue
         handles.append(blk.register_forward_pre_hook(bring(i)))
         handles.append(blk.register_forward_hook(lambda mod, args, out, i=i: stream.release_block(i, trim=False)))
     try:

@@ -108,10 +108,11 @@ def streamed_search(model, windows, out: Path, *, bits: float = 3.0, levels: str
     from ..allocate.budget import Budget
     from ..search import SearchSettings, allocate, materialize, open_database
 
+    bits = float(bits)
     lv = tuple(int(b) for b in str(levels).split(","))
     db = open_database(model, None, "quant", data=windows, db=out.with_name(out.name + "-db"), levels=lv,
                        group_size=group_size, mse=False, sequential_level=min(lv, key=lambda b: abs(b - bits)))
-    res = allocate(model, db, Budget("bits", float(bits)), "evolutionary", data=windows,
+    res = allocate(model, db, Budget("bits", bits), "evolutionary", data=windows,
                    settings=SearchSettings(fitness_windows=len(windows.calib), validation_windows=0),
                    generations=generations, offspring=offspring, tokens=(windows.calib.shape[1] * 2,),
                    survivors=(1,))

@@ -172,9 +172,10 @@ def test_streamed_budget_search_equals_in_memory(model_dir, tmp_path):
         assert rs["worst_ratio"] == pytest.approx(rm["worst_ratio"], rel=1e-5)
     assert json.loads((tmp_path / "str" / "plan.json").read_text())["levels"] == \
         json.loads((tmp_path / "mem" / "plan.json").read_text())["levels"]
-    r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--stream", "--drop", "1", "--no-eval",
-                            "--out", str(tmp_path / "d"), *small(model_dir)])
-    assert r.exit_code != 0 and "in memory" in r.output and not (tmp_path / "d").exists(), r.output
+    for kind in (["--drop", "1"], ["--kind", "gguf", "--target-mb", "1"]):
+        r = runner.invoke(app, ["search", str(model_dir / "tiny"), "--stream", *kind, "--no-eval",
+                                "--out", str(tmp_path / "d"), *small(model_dir)])
+        assert r.exit_code != 0 and "in memory" in r.output and not (tmp_path / "d").exists(), r.output
 
 
 def test_a_bf16_model_streamed_with_float32_forwards_equals_in_memory(model_dir, tmp_path):

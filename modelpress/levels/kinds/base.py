@@ -42,6 +42,7 @@ class Kind:
     # "bits per weight" means nothing
     module_levels: ClassVar[bool] = False
     integer_levels: ClassVar[bool] = False  # every level is integer-quantized (compressed-tensors can hold it)
+    streams: ClassVar[bool] = True  # a database and a search work on a streamed model (blocks on disk)
     # settings added after databases of this kind were first written, with the value that
     # reproduces the older behaviour: left out of stored settings and database keys at that value,
     # filled in when an older database is opened, so older databases keep opening as what they are

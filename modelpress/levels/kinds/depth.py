@@ -15,6 +15,7 @@ class DepthKind(Kind):
     default_for = ("drop",)
     ylabel = "kept / dropped"
     module_levels = True
+    streams = False  # its plans swap modules of the model held in memory
 
     def discover(self, model) -> list[UnitInfo]:
         arch = Arch(model)

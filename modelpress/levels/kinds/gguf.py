@@ -48,6 +48,7 @@ class GGUFKind(Kind):
     options = {"types": "types", "imatrix": "imatrix", "gptq": "gptq"}
     legacy = {"imatrix": False, "gptq": False}
     ylabel = "GGML type"
+    streams = False  # its fixed bytes and its file come from a GGUF export of the model held in memory
 
     def __post_init__(self) -> None:
         from ...ops import ggml
