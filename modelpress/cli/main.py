@@ -439,7 +439,7 @@ def search_cmd(
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="quant: symmetric levels"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="quant: GPTQ act-order"),
     mse: Optional[bool] = typer.Option(None, "--mse/--no-mse", help="quant/joint: clipping search"),
-    shrink: Optional[float] = typer.Option(None, "--shrink", help="quant: GPTQ Hessian blended with its diagonal"),
+    shrink: Optional[float] = typer.Option(None, "--shrink", help="quant/joint: GPTQ Hessian blended with its diagonal"),
     max_sparsity: Optional[float] = typer.Option(None, "--max-sparsity", help="sparsity: highest level"),
     target_bits: Optional[float] = typer.Option(None, "--target-bits"),
     target_sparsity: Optional[float] = typer.Option(None, "--target-sparsity"),

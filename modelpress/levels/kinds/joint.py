@@ -30,13 +30,14 @@ class JointKind(Kind):
     allow_drop: bool = False
     damp: float = 0.01
     mse: bool = True  # GPTQ's clipping search (the dense-sparsity levels)
+    shrink: float = 0.1  # GPTQ's Hessian blended with its diagonal (the operator's default)
     sequential_level: str | None = None
 
     budgets = ("mb",)
     options = {"levels": "bits", "sparsities": "sparsity", "ranks": "ranks", "allow-drop": "allow_drop",
-               "group-size": "group_size", "sequential-level": "sequential_level", "mse": "mse"}
+               "group-size": "group_size", "sequential-level": "sequential_level", "mse": "mse", "shrink": "shrink"}
     tensors_per_unit = 6
-    legacy = {"sequential_level": None}
+    legacy = {"sequential_level": None, "shrink": 0.0}
 
     def __post_init__(self) -> None:
         self.bits = tuple(int(b) for b in self.bits)
@@ -76,7 +77,7 @@ class JointKind(Kind):
                     if not set(want).intersection(names_here):
                         continue
                     op = (OPERATORS.build("gptq", bits=b, group_size=self.group_size, damp=self.damp, mse=self.mse,
-                                          shrink=0.0)
+                                          shrink=self.shrink)
                           if not sp else
                           OPERATORS.build("sparsegpt", sparsity=sp, bits=b, group_size=self.group_size, damp=self.damp))
                     base = op.compress(w, st)
