@@ -22,8 +22,10 @@ import torch
 from common import bench_args, RowCache, machine, not_run_note, print_table, write_section
 
 import modelpress as mp
+from modelpress.allocate.budget import Budget
 from modelpress.data.suites import SUITES, suite_windows
 from modelpress.eval.suite import SuiteReference, evaluate_suite, suite_row
+from modelpress.search import allocate, materialize, open_database
 from modelpress.utils.device import compute_dtype
 from modelpress.utils.io import dir_size
 
@@ -32,7 +34,13 @@ ROWS = {
     "gptq w4 g64 asym, static groups": dict(bits=4, group_size=64, sym=False, static_groups=True),
     "gptq w4 g64 sym, static groups": dict(bits=4, group_size=64, sym=True, static_groups=True),
     "gptq w4 g64 asym, act-order groups (not exportable)": dict(bits=4, group_size=64, sym=False),
+    # a mixed plan: the `--serve vllm` level database (GPTQ 4/8-bit g64 sym, static groups, q/k/v and
+    # gate/up tied) at 4.5 bits/weight, allocated by dp (what `search --serve vllm --allocator dp` makes)
+    "mixed 4/8-bit g64 sym, static groups (serve vllm, dp plan at 4.5 bits/weight)": dict(
+        plan=dict(bits=4.5, allocator="dp"), sym=True),
 }
+# the `--serve vllm` levels of bench/serve_search.py
+MIXED_LEVELS = dict(levels=(4, 8), group_size=64, sym=True, static_groups=True, sequential_level=4, serve="vllm")
 
 
 def main() -> None:
@@ -69,8 +77,18 @@ def run(todo: list[str], cache: RowCache, n_eval: int) -> None:
         print(f"== {key}", flush=True)
         model = copy.deepcopy(base)
         t0 = time.time()
-        c = mp.compress(model, tok, "gptq", data=windows, **kw)
-        row = {"key": key, "compress_s": time.time() - t0, "modelpress": suite_row(evaluate_suite(model, domains, ref),
+        if "plan" in kw:
+            db = open_database(model, tok, "quant", data=windows, **MIXED_LEVELS)
+            res = allocate(model, db, Budget("bits", kw["plan"]["bits"]), kw["plan"]["allocator"])
+            c = materialize(model, tok, db, res.plan)
+            bits = {}
+            for level in res.plan.levels.values():
+                bits[level] = bits.get(level, 0) + 1
+            extra = {"levels_used": bits}
+        else:
+            c = mp.compress(model, tok, "gptq", data=windows, **kw)
+            extra = {}
+        row = {"key": key, **extra, "compress_s": time.time() - t0, "modelpress": suite_row(evaluate_suite(model, domains, ref),
                                                                                    ref.dense)}
         with tempfile.TemporaryDirectory() as d:
             ck, ct = Path(d) / "ck", Path(d) / "ck-ct"
@@ -84,9 +102,12 @@ def run(todo: list[str], cache: RowCache, n_eval: int) -> None:
                 cfg = json.loads((ct / "config.json").read_text())["quantization_config"]
                 from modelpress.export.compressed_tensors import vllm_kernel
 
+                kernels = {f"{g['weights']['num_bits']}-bit": vllm_kernel(g["weights"])
+                           for g in cfg["config_groups"].values()}
                 w = cfg["config_groups"]["group_0"]["weights"]
-                row.update(export_mb=(ct / "model.safetensors").stat().st_size / 1e6, vllm=vllm_kernel(w),
-                           vllm_cpu=vllm_kernel(w, "cpu"))
+                row.update(export_mb=(ct / "model.safetensors").stat().st_size / 1e6, format=cfg["format"],
+                           vllm="; ".join(f"{b}: {k}" for b, k in kernels.items()) if len(kernels) > 1
+                           else vllm_kernel(w), vllm_cpu=vllm_kernel(w, "cpu"))
                 hf = _load_hf(ct, kw["sym"])
                 row["transformers"] = suite_row(evaluate_suite(hf, domains, ref), ref.dense)
                 ids = domains.windows[domains.names[0]][:1]
@@ -122,7 +143,9 @@ def render(cache: RowCache) -> None:
     md = print_table(table, cols)
     missing = [k for k in ROWS if not cache.get(k)]
     body = ("## compressed-tensors export (`bench/serving.py`)\n\n"
-            f"smollm2-135m, GPTQ 4-bit g64 on {N_SAMPLES} x 512 tokens of mix+self (float32 compute). Each row: "
+            f"smollm2-135m, GPTQ 4-bit g64 on {N_SAMPLES} x 512 tokens of mix+self (float32 compute); the mixed row is "
+            "a plan over GPTQ 4/8-bit g64 sym levels (static groups, q/k/v and gate/up tied: `--serve vllm`) at 4.5 "
+            "bits/weight, chosen by dp. Each row: "
             "the model in modelpress, then its `--export compressed-tensors` folder loaded by transformers "
             "(AutoModelForCausalLM.from_pretrained with compressed-tensors installed; asymmetric folders with "
             "CompressedTensorsConfig(dequantize=True), see docs/serving.md) and evaluated on the same windows. "
