@@ -69,7 +69,7 @@ def render(cache: RowCache) -> None:
             f"({SEARCH_SETTINGS['generations']} generations x {SEARCH_SETTINGS['offspring']} offspring), every "
             "fitness forward bringing the blocks in one at a time with the candidate's levels; the plan's checkpoint "
             "written block by block. The level database (on disk) and the search are in the time; the database's "
-            "cache of packed levels is bounded (256 MB).\n\n" + _table(cache, SEARCH, "database + search + write s"))
+            "cache of packed levels holds at most 256 MB.\n\n" + _table(cache, SEARCH, "database + search + write s"))
     write_section("scale", body)
 
 
