@@ -141,11 +141,18 @@ def block_forwards(model: nn.Module, device: torch.device | str | None = None, o
                 on_load(i)
         return pre
 
+    def send_back(i: int) -> None:
+        # freed pages back to the OS after every block (without a garbage collection, which would
+        # cost more than the block's forward): else the levels a search caches meanwhile fragment
+        # the heap and resident memory grows with the blocks read
+        stream.release_block(i, trim=False)
+        release_freed_memory(collect=False)
+
     for i, blk in enumerate(stream.arch.blocks):
         if next(blk.parameters(), None) is None:  # a stand-in for a block a forward skips (eval.fitness)
             continue
         handles.append(blk.register_forward_pre_hook(bring(i)))
-        handles.append(blk.register_forward_hook(lambda mod, args, out, i=i: stream.release_block(i, trim=False)))
+        handles.append(blk.register_forward_hook(lambda mod, args, out, i=i: send_back(i)))
     try:
         yield
     finally:
