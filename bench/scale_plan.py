@@ -259,9 +259,9 @@ def render(cache: RowCache) -> None:
         "GB for a 128k vocabulary over 3 domains x 16 windows x 512 tokens; `--no-eval` skips it). The price is "
         "disk reads: every forward batch (4 fitness windows; the reference top-K one window at a time; an "
         "evaluation's batches) reads every block — the model's size — from the page cache or disk and decodes "
-        "its levels, so this suits a host whose RAM holds the model's files. Its measured peak memory still grows "
-        "with the model (docs/benchmarks.md `scale`), less than the model's size; what grows is not yet pinned "
-        "down. Not built: pipeline or tensor parallelism inside a replica (a replica is one "
+        "its levels, so this suits a host whose RAM holds the model's files. Its measured peak memory levels off as the "
+        "model grows (docs/benchmarks.md `scale`): what grows first is the level cache and the checkpoint's "
+        "unwritten shard (at most 128 MB). Not built: pipeline or tensor parallelism inside a replica (a replica is one "
         "process), and a true-sequential database pass under `--workers` still runs its solves one after "
         "another (on dense inputs they are shared out).\n\n"
         + "\n".join(detail))
