@@ -94,17 +94,16 @@ class StreamedModel:
             self.resident.add(i)
         return self.arch.blocks[i]
 
-    def release_block(self, i: int, trim: bool = True) -> None:
-        """Put block i's stored tensors back on the meta device (their memory is freed). With `trim`,
-        freed memory goes back to the OS (else glibc keeps the block and the pass's scratch resident;
-        without, the next block of the same shapes reuses it: what many short forwards want)."""
+    def release_block(self, i: int, collect: bool = True) -> None:
+        """Put block i's stored tensors back on the meta device and their memory back to the OS (else
+        glibc keeps the block and the pass's scratch resident). `collect=False` skips the garbage
+        collection first: for many short forwards, where it would cost more than the block's forward."""
         if i in self.resident:
             for name in self._tensor_names(i):
                 t = self.model.get_parameter(name) if _is_param(self.model, name) else self.model.get_buffer(name)
                 _set_tensor(self.model, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
             self.resident.discard(i)
-            if trim:
-                release_freed_memory()
+            release_freed_memory(collect=collect)
 
     @contextlib.contextmanager
     def block(self, i: int, device: torch.device | str = "cpu"):
@@ -141,26 +140,20 @@ def block_forwards(model: nn.Module, device: torch.device | str | None = None, o
                 on_load(i)
         return pre
 
-    def send_back(i: int) -> None:
-        # freed pages back to the OS after every block (without a garbage collection, which would
-        # cost more than the block's forward): else the levels a search caches meanwhile fragment
-        # the heap and resident memory grows with the blocks read
-        stream.release_block(i, trim=False)
-        release_freed_memory(collect=False)
-
     for i, blk in enumerate(stream.arch.blocks):
         if next(blk.parameters(), None) is None:  # a stand-in for a block a forward skips (eval.fitness)
             continue
         handles.append(blk.register_forward_pre_hook(bring(i)))
-        handles.append(blk.register_forward_hook(lambda mod, args, out, i=i: send_back(i)))
+        # freed pages go back after every block: else the levels a search caches meanwhile fragment
+        # the heap and resident memory grows with the blocks read
+        handles.append(blk.register_forward_hook(lambda mod, args, out, i=i: stream.release_block(i, collect=False)))
     try:
         yield
     finally:
         for h in handles:
             h.remove()
         for i in list(stream.resident):  # a forward that raised leaves its block in
-            stream.release_block(i, trim=False)
-        release_freed_memory(collect=False)
+            stream.release_block(i, collect=False)
 
 
 def _is_param(root: nn.Module, name: str) -> bool:
