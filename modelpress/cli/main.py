@@ -700,7 +700,8 @@ def export_gguf_cmd(
     preset: Optional[str] = typer.Option(None, "--preset", help="a llama.cpp preset (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, "
                                          "...): its per-tensor types, quantized by llama.cpp's quantizer"),
     imatrix: bool = typer.Option(False, "--imatrix/--no-imatrix", help="with --preset: weight the quantizer by each "
-                                 "layer's importance matrix from the calibration text (llama-quantize --imatrix)"),
+                                 "layer's importance matrix, collected by llama.cpp's own forward over the "
+                                 "calibration text (llama-imatrix, then llama-quantize --imatrix)"),
     data: str = DataOpt, n_samples: int = SamplesOpt, seq_len: int = SeqOpt, seed: int = SeedOpt,
     verbose: bool = VerboseOpt,
 ):
@@ -755,22 +756,19 @@ def export_ct_cmd(
 
 
 def _export_preset(model, tok, out: Path, preset: str, imatrix: bool, data) -> Path:
-    """llama.cpp's quantizer makes the preset from a float32 export, given the importance matrix of
-    `data` if asked (what `llama-imatrix` then `llama-quantize --imatrix` make)."""
+    """llama.cpp's quantizer makes the preset from a float32 export, given, if asked, the importance
+    matrix llama.cpp's own forward collects over `data` (what `llama-imatrix` then
+    `llama-quantize --imatrix` make)."""
     import tempfile
 
-    from ..calib.imatrix import importance
     from ..data import get_windows
     from ..export import llamacpp
-    from ..export.ggufio import export_gguf, gguf_names
+    from ..export.ggufio import export_gguf
 
     llamacpp.preset_ftype(preset)  # an unknown preset fails before any work
-    im = None
-    if imatrix:
-        names = gguf_names(model)
-        im = {names[u]: v.numpy() for u, v in importance(model, get_windows(tok, data, model=model).calib).items()}
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.is_dir() else None) as tmp:
         f32 = export_gguf(model, Path(tmp) / "f32.gguf", default_type="F32", tokenizer=tok)
+        im = llamacpp.imatrix(f32, get_windows(tok, data, model=model).calib) if imatrix else None
         return llamacpp.quantize(f32, out, preset, imatrix=im)
 
 

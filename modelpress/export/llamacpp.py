@@ -51,6 +51,8 @@ class _OPAQUE(ctypes.Structure):
 
 
 _LOG_CB = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+# ggml_backend_sched_eval_callback: bool (*)(struct ggml_tensor * t, bool ask, void * user_data)
+_EVAL_CB = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)
 
 
 class LlamaCppUnavailable(ModelLoadError):
@@ -198,6 +200,14 @@ class _Lib:
                                   and tuple(raw[16:22]) == (0, 1, 0, 0, 0, 0)
                                   and not any(np.frombuffer(raw[24:56], np.uint64))
                                   and int(np.frombuffer(raw[56:64], np.uint64)[0]) == 8 << 30)
+        self.cb_eval_offset = _cb_eval_offset(bytes(L.llama_context_default_params().raw))
+        for name, restype, args in (("ggml_get_name", c.c_void_p, [c.c_void_p]),
+                                    ("ggml_get_data", c.c_void_p, [c.c_void_p]),
+                                    ("ggml_op_desc", c.c_char_p, [c.c_void_p]),
+                                    ("ggml_nbytes", c.c_size_t, [c.c_void_p]),
+                                    ("ggml_backend_tensor_get", None, [c.c_void_p, c.c_void_p, c.c_size_t, c.c_size_t])):
+            if hasattr(self.base, name):
+                self._sig(self.base, name, restype, args)
         if cp != (512, 2048, 512) or qp[0] != 0 or qp[1] not in {int(t) for t in LlamaFileType}:
             raise LlamaCppUnavailable(f"the llama.cpp library at {folder} lays out its parameters differently from "
                                       f"the llama.h modelpress reads (defaults {cp}, {qp}); use llama.cpp 0.5 or "
@@ -211,6 +221,19 @@ class _Lib:
             raise LlamaCppUnavailable(f"the llama.cpp library has no {name} (another llama.cpp version than 0.5?)") \
                 from None
         f.restype, f.argtypes = restype, argtypes
+
+
+def _cb_eval_offset(raw: bytes) -> int | None:
+    """Where `cb_eval` sits in llama_context_params, read off the library's defaults: the first
+    8-aligned pair of null pointers (cb_eval, cb_eval_user_data) followed by type_k = type_v = F16
+    (1), after the floats -1.0 (defrag_thold) and 0 (yarn_orig_ctx) before them; None where no such
+    place is found (a layout modelpress does not know: no importance matrix from llama.cpp then)."""
+    u32 = np.frombuffer(raw, np.uint32)
+    f32 = np.frombuffer(raw, np.float32)
+    found = [o for o in range(16, 256, 8)
+             if not any(raw[o:o + 16]) and tuple(u32[(o + 16) // 4:(o + 24) // 4]) == (1, 1)
+             and u32[(o - 8) // 4] == 0 and f32[(o - 4) // 4] < 0]
+    return found[0] if len(found) == 1 else None
 
 
 _loaded: list = []  # the _Lib, or the LlamaCppUnavailable that says why there is none (tried once a process)
@@ -261,7 +284,9 @@ def threads() -> int:
 class Session:
     """One GGUF model loaded in llama.cpp with a context of n_ctx tokens (one sequence)."""
 
-    def __init__(self, path: str | Path, n_ctx: int, n_threads: int | None = None):
+    def __init__(self, path: str | Path, n_ctx: int, n_threads: int | None = None, eval_callback=None):
+        """`eval_callback`: an _EVAL_CB that llama.cpp's scheduler calls for every graph node
+        (llama_context_params.cb_eval, what llama-imatrix collects through)."""
         self.lib = L = library().llama
         path = Path(path)
         if not path.is_file():
@@ -273,6 +298,14 @@ class Session:
         params = L.llama_context_default_params()
         n_ctx = int(n_ctx)
         np.frombuffer(params.raw, dtype=np.uint32)[:3] = (n_ctx, n_ctx, n_ctx)  # n_ctx, n_batch, n_ubatch
+        if eval_callback is not None:
+            offset = library().cb_eval_offset
+            if offset is None:
+                L.llama_model_free(self.model)
+                raise LlamaCppUnavailable(f"the llama.cpp library at {library().folder} lays out its context "
+                                          "parameters in a way modelpress does not know, so it cannot watch its "
+                                          "forward (no importance matrix from llama.cpp); use llama.cpp 0.5")
+            np.frombuffer(params.raw, dtype=np.uint64)[offset // 8] = ctypes.cast(eval_callback, ctypes.c_void_p).value
         self.ctx = L.llama_init_from_model(self.model, params)
         if not self.ctx:
             L.llama_model_free(self.model)
@@ -352,6 +385,100 @@ def perplexity(path: str | Path, ids, reference: str | Path | None = None) -> di
     if reference:
         out["kl"] = kl / n
     return out
+
+
+# struct ggml_tensor (ggml.h, unchanged for years): type, buffer, ne[4], nb[4], op, op_params[16], flags,
+# src[10], view_src, view_offs, data, name[64], ...; `data` and `name` are checked against ggml's own
+# accessors on the first tensor seen, so a library with another layout is refused, not misread
+_T_TYPE, _T_NE, _T_NB, _T_SRC, _T_DATA, _T_NAME = 0, 16, 48, 152, 248, 256
+_GGML_F32 = 0
+
+
+def _tensor_name(addr: int) -> str:
+    raw = ctypes.string_at(addr + _T_NAME, 64)
+    name = raw.split(b"\0", 1)[0].decode(errors="replace")
+    # a scheduler's copy of a weight is named BACKEND#NAME#N (tools/imatrix's filter_tensor_name)
+    return name.split("#")[1] if name.count("#") >= 1 else name
+
+
+def imatrix(path: str | Path, ids, *, n_threads: int | None = None) -> dict[str, np.ndarray]:
+    """The importance matrix `llama-imatrix -m PATH` collects, computed by llama.cpp itself: its own
+    forward over the token windows `ids` (n, seq_len), watched through the scheduler's eval callback
+    as tools/imatrix does: for every matrix multiplication by a decoder block's weight (blk.*) with
+    at least 16 float32 input rows, the sum of x² per input column and the number of rows. Returns
+    GGUF tensor name -> mean x² per input column (float32), what llama-quantize divides an imatrix
+    file's in_sum2 by its counts to get. Mixture-of-experts multiplications (MUL_MAT_ID) are not
+    collected."""
+    lib = library()
+    if not all(hasattr(lib.base, n) for n in ("ggml_get_name", "ggml_get_data", "ggml_op_desc", "ggml_nbytes",
+                                              "ggml_backend_tensor_get")):
+        raise LlamaCppUnavailable(f"the ggml library at {lib.folder} lacks the tensor accessors an importance matrix "
+                                  "needs (ggml_get_name, ggml_get_data, ggml_op_desc, ggml_backend_tensor_get)")
+    base = lib.base
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = collections.Counter()
+    checked: list[bool] = []
+    failure: list[BaseException] = []
+
+    def ptr(addr: int, offset: int) -> int:
+        return ctypes.c_void_p.from_address(addr + offset).value or 0
+
+    def watch(t, ask, _user) -> bool:
+        try:
+            if not checked:  # the layout, against ggml's accessors
+                if base.ggml_get_name(t) != t + _T_NAME or (base.ggml_get_data(t) or 0) != ptr(t, _T_DATA):
+                    raise LlamaCppUnavailable(f"the ggml library at {lib.folder} lays out its tensors differently "
+                                              "from the ggml.h modelpress reads; use llama.cpp 0.5")
+                checked.append(True)
+            if base.ggml_op_desc(t) != b"MUL_MAT":
+                return False
+            src0, src1 = ptr(t, _T_SRC), ptr(t, _T_SRC + 8)
+            if not src0 or not src1:
+                return False
+            ne1 = np.frombuffer(ctypes.string_at(src1 + _T_NE, 32), np.int64)
+            if ctypes.c_int.from_address(src1 + _T_TYPE).value != _GGML_F32 or ne1[1] < 16:
+                return False
+            name = _tensor_name(src0)
+            if not name.startswith("blk."):
+                return False
+            if ask:
+                return True
+            nb1 = np.frombuffer(ctypes.string_at(src1 + _T_NB, 32), np.uint64)
+            if nb1[0] != 4:
+                raise ValueError(f"{name}: the input of its multiplication is not contiguous in its rows")
+            size = base.ggml_nbytes(src1)
+            buf = np.empty(size // 4 + 1, np.float32)
+            base.ggml_backend_tensor_get(src1, buf.ctypes.data, 0, size)
+            raw = buf.view(np.uint8)
+            for i3 in range(int(ne1[3])):
+                for i2 in range(int(ne1[2])):
+                    start = int(i2 * nb1[2] + i3 * nb1[3])
+                    x = np.lib.stride_tricks.as_strided(raw[start:].view(np.float32), shape=(int(ne1[1]), int(ne1[0])),
+                                                        strides=(int(nb1[1]), 4))
+                    x = x.astype(np.float64)
+                    sq = np.einsum("ij,ij->j", x, x)
+                    sums[name] = sums[name] + sq if name in sums else sq
+                    counts[name] += int(ne1[1])
+            return True
+        except BaseException as e:  # an exception must not cross into C: kept, and the forward stopped
+            failure.append(e)
+            return False
+
+    cb = _EVAL_CB(watch)
+    ids = ids.tolist() if hasattr(ids, "tolist") else [list(r) for r in ids]
+    t0 = time.time()
+    with Session(path, len(ids[0]), n_threads, eval_callback=cb) as s:
+        for row in ids:
+            s.reset()
+            s.eval(row)  # logits for every token, as llama-imatrix asks: else the last block runs on one row
+            if failure:
+                raise failure[0]
+    if not sums:
+        raise ModelLoadError(f"llama.cpp's forward over {path} multiplied no decoder weights by 16 or more tokens "
+                             "(windows too short?): no importance matrix")
+    log.info("importance matrix of %d tensors from llama.cpp's forward over %d windows in %.1f s", len(sums),
+             len(ids), time.time() - t0)
+    return {n: (v / counts[n]).astype(np.float32) for n, v in sums.items()}
 
 
 def generate(path: str | Path, prompt_ids: list[int], n_new: int = 64) -> dict:

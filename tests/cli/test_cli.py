@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from modelpress.cli.main import app
-from tests.conftest import byte_tokenizer, tiny_model
+from tests.conftest import bpe_tokenizer, byte_tokenizer, tiny_model
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -202,7 +202,10 @@ def test_gguf_export_of_a_llama_cpp_preset_with_and_without_imatrix(model_dir, t
 
     if not llamacpp.available():
         pytest.skip("needs llama.cpp's library")
-    args = ["export", "gguf", str(model_dir / "tiny"), "--preset", "Q4_0", "--data", str(model_dir / "text.txt"),
+    tok = bpe_tokenizer()  # a vocabulary llama.cpp loads: it runs the model for the importance matrix
+    tiny_model("llama", vocab=len(tok)).save_pretrained(tmp_path / "bpe")
+    tok.save_pretrained(tmp_path / "bpe")
+    args = ["export", "gguf", str(tmp_path / "bpe"), "--preset", "Q4_0", "--data", str(model_dir / "text.txt"),
             "--n-samples", "4", "--seq-len", "64"]
     for name, extra in (("plain", []), ("im", ["--imatrix"])):
         r = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / f"{name}.gguf")])

@@ -115,6 +115,30 @@ def test_llama_cpps_quantizer_with_tensor_types_and_imatrix_writes_our_bytes(lib
     assert sorted(_same_tensors(theirs, plain)) == sorted(k for k in gguf_im if got[k] != "Q8_0")
 
 
+def test_importance_matrix_from_llama_cpps_forward_is_torchs(lib, tmp_path):
+    """llama.cpp's own forward, watched as llama-imatrix watches it, gives every decoder weight the
+    mean x² per input column that the torch pass measures (one matrix per GGUF tensor name)."""
+    from modelpress.calib.imatrix import importance
+
+    tok = bpe_tokenizer()
+    m = tiny_model("llama", vocab=len(tok))
+    f32 = export_gguf(m, tmp_path / "f32.gguf", default_type="F32", tokenizer=tok)
+    ids = torch.randint(0, len(tok), (3, 40), generator=torch.Generator().manual_seed(1))
+    theirs = llamacpp.imatrix(f32, ids)
+    names = gguf_names(m)
+    ours = {names[u]: v.numpy() for u, v in importance(m, ids).items()}
+    assert sorted(theirs) == sorted(ours) and all(n.startswith("blk.") for n in theirs)
+    for n, v in ours.items():
+        assert theirs[n].shape == v.shape
+        assert abs(theirs[n] - v).max() < 0.02 * v.max(), n
+    # what it tells apart: the inputs of two blocks' layers, and another text's
+    assert abs(theirs["blk.0.ffn_down.weight"] - ours["blk.1.ffn_down.weight"]).max() > 0.1 * ours["blk.1.ffn_down.weight"].max()
+    other = llamacpp.imatrix(f32, torch.randint(0, len(tok), (3, 40), generator=torch.Generator().manual_seed(2)))
+    assert abs(other["blk.0.attn_q.weight"] - theirs["blk.0.attn_q.weight"]).max() > 1e-3 * theirs["blk.0.attn_q.weight"].max()
+    with pytest.raises(ModelLoadError, match="16 or more tokens"):
+        llamacpp.imatrix(f32, ids[:, :8])
+
+
 def test_importance_and_types_are_refused_to_a_library_of_another_layout(lib, tmp_path, monkeypatch):
     _, _, path = _f16_tiny(tmp_path)
     monkeypatch.setattr(lib, "quantize_pointers", False)
@@ -122,6 +146,20 @@ def test_importance_and_types_are_refused_to_a_library_of_another_layout(lib, tm
         llamacpp.quantize(path, tmp_path / "q.gguf", "Q4_0", tensor_types={"blk.0.attn_q.weight": "Q8_0"})
     assert not (tmp_path / "q.gguf").exists()
     llamacpp.quantize(path, tmp_path / "q.gguf", "Q4_0")  # plain presets need neither
+    monkeypatch.setattr(lib, "cb_eval_offset", None)  # context parameters laid out another way
+    with pytest.raises(llamacpp.LlamaCppUnavailable, match="cannot watch its forward"):
+        llamacpp.imatrix(path, torch.zeros(1, 32, dtype=torch.long))
+
+
+def test_where_cb_eval_sits_is_read_off_the_defaults():
+    import numpy as np
+
+    raw = np.zeros(64, np.uint32)
+    raw[10:12] = np.array([0, -1.0], np.float32).view(np.uint32)  # yarn_orig_ctx, defrag_thold
+    raw[16:18] = 1  # type_k, type_v F16, after the null cb_eval / user data at byte 48
+    assert llamacpp._cb_eval_offset(raw.tobytes()) == 48
+    raw[16] = 0  # no longer recognisable
+    assert llamacpp._cb_eval_offset(raw.tobytes()) is None
 
 
 def test_where_the_library_comes_from(monkeypatch, tmp_path):
