@@ -262,8 +262,8 @@ def render(cache: RowCache) -> None:
         "its levels, so this suits a host whose RAM holds the model's files. Its measured peak memory levels off as the "
         "model grows (docs/benchmarks.md `scale`): what grows first is the level cache and the checkpoint's "
         "unwritten shard (at most 128 MB). Not built: pipeline or tensor parallelism inside a replica (a replica is one "
-        "process), and a true-sequential database pass under `--workers` still runs its solves one after "
-        "another (on dense inputs they are shared out).\n\n"
+        "process), and, in a true-sequential pass under `--workers`, only layers fed the same input (q/k/v, "
+        "gate/up) are solved side by side; o_proj and down_proj wait for the layers before them.\n\n"
         + "\n".join(detail))
     (ROOT / "docs" / "scale.md").write_text(text)
     print(text)

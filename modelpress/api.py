@@ -26,7 +26,7 @@ from .ops.drop.influence import subblock_influence
 from .registry import config_dict
 from .report import write_report
 from .utils.device import forward_dtype_name, takes_compute_dtype
-from .utils.dist import is_main
+from .utils.dist import is_main, world
 from .utils.io import recover_interrupted
 from .utils.memory import release_freed_memory
 
@@ -186,9 +186,16 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
         set_weight(mod, pw.dequantize())
         units[name] = pw
         release_freed_memory(collect=False)  # a wide layer's solve leaves scratch that glibc would keep
+        return pw.to("cpu") if world()[1] > 1 else pw  # what other workers adopt: host memory pickles anywhere
+
+    def adopt(name: str, mod, pw: PackedWeight) -> None:  # another worker's solve (utils.dist)
+        pw = pw.to(get_weight(mod).device)
+        set_weight(mod, pw.dequantize())
+        units[name] = pw
 
     label = (op.label() if op else "dense") + (comp.label() if comp else "")
-    # data-parallel workers (utils.dist) all compress the same blocks; rank 0 writes them
+    # data-parallel workers (utils.dist) share out the solves and hand each other the results, so all
+    # hold the same compressed blocks; rank 0 writes them
     writer = CheckpointWriter(out, shard_bytes=STREAM_SHARDS) if stream is not None and is_main() else None
 
     def write_block(i: int) -> None:  # streamed: a finished block goes to disk and leaves memory
@@ -211,7 +218,8 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
                 # statistics from the dense block, dense outputs fed forward
                 starved = calibrate(model, windows.calib, do, stats=need, sequential=sequential,
                           layers=lambda step: [n for n in step.linears if not skipped(n)], batch_size=batch_size,
-                          device=device, desc=label, after_block=(lambda step: write_block(step.index)) if stream else None)
+                          device=device, desc=label, after_block=(lambda step: write_block(step.index)) if stream else None,
+                          split=True, adopt=adopt)
         elif stream:
             for i in range(len(arch)):
                 with stream.block(i, device or "cpu"):

@@ -30,13 +30,13 @@ from torch import nn
 from ..errors import DataError
 from ..models.arch import Arch, get_weight, set_weight
 from ..models.moe import expert_of
-from ..utils.dist import broadcast_, world
+from ..utils.dist import broadcast_, from_rank, world
 from .runner import BlockStep, LayerwiseRunner
 from .stats import LinearStats
 
 log = logging.getLogger(__name__)
 
-PerLayer = Callable[[str, nn.Module, "LinearStats | None"], None]
+PerLayer = Callable[[str, nn.Module, "LinearStats | None"], object]
 
 # a routed expert with fewer calibration tokens than its input width / this gets isotropic statistics
 FEW_TOKENS_DIV = 4
@@ -46,7 +46,8 @@ FEW_TOKENS_DIV = 4
 def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dict[str, str] = "xtx",
               sequential: bool = True, layers: Callable[[BlockStep], list[str]] | None = None, start: int = 0,
               batch_size: int = 8, device=None, desc: str = "calibration",
-              after_block: Callable[[BlockStep], None] | None = None, split: bool = False) -> dict[str, int]:
+              after_block: Callable[[BlockStep], None] | None = None, split: bool = False,
+              adopt: Callable[[str, nn.Module, object], None] | None = None) -> dict[str, int]:
     """Walk the blocks over calibration windows `ids`, calling `per_layer(name, module, stats)` for
     every Linear that `layers(step)` names (default: all of the block's).
 
@@ -55,17 +56,21 @@ def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dic
     Returns the experts given isotropic statistics: name -> calibration tokens it received.
 
     Under data-parallel workers (utils.dist) every rank calls `per_layer` for every layer, with the
-    same summed statistics. With `split`, the k-th layer handed out goes to rank k mod N alone and
-    its weight, as `per_layer` left it, is broadcast to the others: for callers whose other effects
-    land in shared storage (the level database's files). A layer's owner is fixed by its place
-    among the model's layers, so a resumed build gives each unit the same writer in every pass. In
-    a sequential pass the next layer's forward needs the broadcast weight, so the ranks' solves
-    follow one another (what is shared out is the writing, not the time); with
-    `sequential=False` the weights stay dense, nothing is broadcast and the solves run side by side."""
+    same summed statistics, unless the layers are split. With `split`, the k-th layer handed out
+    goes to rank k mod N alone: its weight, as `per_layer` left it, is broadcast to the others
+    (for callers whose other effects land in shared storage: the level database's files); with
+    `adopt` too, what `per_layer` returned is handed to the other ranks, which call
+    `adopt(name, module, result)` (compress: the packed weight, which every rank then holds). A
+    layer's owner is fixed by its place among the model's layers, so a resumed build gives each
+    unit the same writer in every pass. Layers fed the same input tensor are solved side by side
+    (calib.streaming's groups, in a true-sequential pass too; every layer of a block on dense
+    inputs); a layer whose inputs pass through earlier ones waits for their results."""
     kinds = stats
     starved: dict[str, int] = {}
     rank, size = world()
-    owner_of = {n: i % size for i, n in enumerate(Arch(model).all_linears())} if split and size > 1 else {}
+    owner_of = {n: i % size for i, n in enumerate(Arch(model).all_linears())} if (split or adopt) and size > 1 else {}
+    pending: list[tuple[str, nn.Module, object]] = []  # solved (here or elsewhere), not yet shared
+    solved = [0, 0]  # here, in all
 
     def handed(n: str, mod: nn.Module, st: LinearStats | None) -> None:
         kind = kinds if isinstance(kinds, str) else kinds.get(n, "none")
@@ -77,29 +82,45 @@ def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dic
         if kind != "none" and expert_of(n) and (st is None or st.n < width // FEW_TOKENS_DIV):
             starved[n] = 0 if st is None else st.n
             st = LinearStats.isotropic(width, want_xtx=(kind == "xtx"), device=get_weight(mod).device)
+        solved[1] += 1
         if owner_of:
-            if rank == owner_of[n]:
-                per_layer(n, mod, st)
-            if sequential:  # the next layers' inputs go through this one as its owner left it
-                broadcast_(mod.weight.data, owner_of[n])
+            mine = rank == owner_of[n]
+            pending.append((n, mod, per_layer(n, mod, st) if mine else None))
+            solved[0] += mine
         else:
             per_layer(n, mod, st)
+            solved[0] += 1
+
+    def settle(weights: bool = True) -> None:
+        """Hand every pending layer's result from its owner to the other ranks."""
+        for n, mod, result in pending:
+            if adopt is not None:
+                got = from_rank(result, owner_of[n])
+                if rank != owner_of[n]:
+                    adopt(n, mod, got)
+            elif weights:
+                broadcast_(mod.weight.data, owner_of[n])
+        pending.clear()
 
     runner = LayerwiseRunner(model, ids, batch_size=batch_size, sequential=sequential, device=device)
     for step in runner.blocks(desc=desc, start=start):
         names = list(step.linears) if layers is None else layers(step)
         if not names:
             step.advance(sequential=sequential)
-        elif sequential:
-            step.compress_streaming(stats, lambda n, st, step=step: handed(n, step.linears[n], st), names=names)
-        else:
+        elif sequential:  # the next layers' inputs go through each group as its owners left it
+            step.compress_streaming(stats, lambda n, st, step=step: handed(n, step.linears[n], st), names=names,
+                                    settle=settle if owner_of else None)
+        else:  # the weights stay dense for the block's outputs: a database's need not be shared
             collected = step.collect(stats, names=names)
             for n in names:
                 handed(n, step.linears[n], collected.get(n))
             del collected
+            settle(weights=False)
             step.advance(sequential=False)
         if after_block is not None:
             after_block(step)
+    if owner_of:
+        log.info("worker %d of %d solved %d of the %d layers", rank, size, solved[0], solved[1])
     if starved:
         log.warning("%d expert layers got fewer than 1/%d of their input width in calibration tokens and were "
                     "compressed with isotropic statistics (data-free): %s", len(starved), FEW_TOKENS_DIV,

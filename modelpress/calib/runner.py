@@ -124,15 +124,17 @@ class BlockStep:
 
     def compress_streaming(self, kinds: dict[str, str] | str,
                            compress: Callable[[str, LinearStats | None], None],
-                           names: list[str] | None = None) -> None:
+                           names: list[str] | None = None, settle: Callable[[], None] | None = None) -> None:
         """Compress the block's layers true-sequentially in one forward pass (see calib.streaming)
-        and move on: the next block's inputs are this compressed block's outputs."""
+        and move on: the next block's inputs are this compressed block's outputs. `settle`: layers
+        fed the same tensor are compressed together, then `settle()` runs before the forward goes
+        on through them (data-parallel ranks share their solves there)."""
         names = list(self.linears) if names is None else names
         if isinstance(kinds, str):
             kinds = {n: kinds for n in names}
         mods = {n: self.linears[n] for n in names}
         self.runner.inputs = streaming_block_pass(self.module, self.runner.inputs, self.runner.kwargs,
-                                                  mods, kinds, compress, self.runner.product_dtype)
+                                                  mods, kinds, compress, self.runner.product_dtype, settle=settle)
         self.dense_outputs = None
         self._advanced = True
 

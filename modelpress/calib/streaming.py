@@ -13,10 +13,14 @@ The whole pass runs under the compute dtype's autocast (torch's autocast state i
 so every greenlet sees it); statistics and compression step out of it into float32.
 
 Under data-parallel workers (utils.dist) each rank runs its own batches; the ranks agree on the
-next layer to compress and sum its statistics (StatsReducer) before each solve.
+next layer to compress and sum its statistics (StatsReducer) before each solve. Given `settle`,
+the layers fed the same tensor as the next one (found by running one batch through the block
+first; the ranks merge what they saw) are compressed with it, and `settle()` runs before any
+batch goes on: the caller's ranks solve such a group side by side and share the results there.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -24,7 +28,7 @@ from greenlet import greenlet
 from torch import nn
 
 from ..utils.device import forwards, full_precision
-from ..utils.dist import reduce_int
+from ..utils.dist import merged_dicts, reduce_int
 from .stats import LinearStats, StatsReducer
 
 
@@ -33,10 +37,31 @@ def first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def input_groups(block: nn.Module, x: torch.Tensor, kwargs: dict, linears: dict[str, nn.Module],
+                 kinds: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """Layer -> the layers of `linears` that one forward of `block` on `x` feeds the same input
+    tensor (and that want the same statistics), in `linears`' order; merged over data-parallel
+    ranks, since a rank's batch may not reach every expert. Layers it does not reach are absent."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.__setitem__(n, args[0]))
+             for n, m in linears.items()]
+    try:
+        with torch.no_grad(), forwards(next(block.parameters())):
+            block(x, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    order = [n for n in linears if n in seen]
+    groups = {n: tuple(m for m in order if seen[m] is seen[n] and kinds.get(m, "none") == kinds.get(n, "none"))
+              for n in order}
+    return merged_dicts(groups)
+
+
 def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
                          linears: dict[str, nn.Module], kinds: dict[str, str],
                          compress: Callable[[str, LinearStats | None], None],
-                         product_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+                         product_dtype: torch.dtype = torch.float32,
+                         settle: Callable[[], None] | None = None) -> list[torch.Tensor]:
     """Run `block` on every batch, compressing each layer of `linears` (via `compress(name, stats)`)
     as soon as all batches have produced its input. Returns the compressed block's outputs."""
     n = len(inputs)
@@ -47,6 +72,9 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
     shared: list[tuple[list[torch.Tensor], LinearStats]] = []  # summed inputs, reused by layers fed the same tensors
     current = {"b": -1}
     reducer = StatsReducer()
+    groups = input_groups(block, inputs[0], kwargs[0], linears, kinds) if settle is not None and n else {}
+    fed: dict[str, dict[int, weakref.ref]] = {}  # a group's inputs, to check its later members see them
+    done: set[str] = set()
 
     def stats_for(name: str) -> LinearStats | None:
         kind = kinds.get(name, "none")
@@ -65,7 +93,13 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
     def make_hook(name: str):
         def hook(mod, args):
             b = current["b"]
-            arrived[name][b] = args[0].detach()
+            if name in done:  # compressed with the group of an earlier layer fed the same tensor
+                if name in fed and b in fed[name] and args[0] is not fed[name][b]():
+                    raise RuntimeError(f"{name} was compressed with the statistics of the layers it shared its "
+                                       "input with in a first forward, but this batch feeds it another tensor: "
+                                       "the block's data flow depends on its data; run with one worker")
+                return
+            arrived[name][b] = args[0]  # the tensor itself (no autograd here): layers fed it share its XᵀX
             parked[b] = name
             main.switch()  # back to the scheduler until this layer is compressed
 
@@ -77,7 +111,6 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
 
     lets = [greenlet(lambda b=b: body(b)) for b in range(n)]
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in linears.items()]
-    done: set[str] = set()
     try:
         with forwards(next(block.parameters())):
             runnable = list(range(n))
@@ -95,9 +128,17 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
                 if i == len(order):
                     break
                 name = order[i]
+                group = [m for m in groups.get(name, (name,)) if m == name or m not in done]
                 with full_precision(next(block.parameters()).device):
-                    compress(name, stats_for(name))
-                done.add(name)
+                    st = stats_for(name)
+                    for m in group:
+                        compress(m, st)
+                    if settle is not None:
+                        settle()
+                for m in group:
+                    done.add(m)
+                    if m != name:  # weak: the inputs are freed as soon as the forward is done with them
+                        fed[m] = {b: weakref.ref(x) for b, x in arrived[name].items()}
                 arrived[name] = {}
                 runnable = [b for b in live if parked[b] == name]
     finally:
@@ -109,4 +150,6 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
     for name in linears:  # a layer no batch reached (an unused expert) gets no statistics
         if name not in done:
             compress(name, reducer(name, None, kinds.get(name, "none"), linears[name]))
+    if settle is not None:
+        settle()
     return outputs  # type: ignore[return-value]

@@ -4,10 +4,12 @@ Run any verb under `torchrun --nproc_per_node N -m modelpress …` (or `--worker
 torchrun itself). Every rank loads the model and the same calibration windows; calibration
 batches are dealt out round-robin (batch b goes to rank b mod N), each rank runs its batches
 through the block, and the per-layer statistics are summed across ranks before every solve.
-`compress` has every rank solve every layer (all ranks hold the same compressed model; rank 0
-writes it); level database builds give each layer to one rank (calib.driver `split`), which
-solves and writes it: side by side on dense inputs, one after another in a true-sequential pass
-(the next layer waits for the broadcast weight). The evolutionary
+`compress` and the level database builds give each layer to one rank (calib.driver `split`), which
+solves it and hands the result to the others (`compress`: the packed weight, so every rank holds
+the same compressed model and rank 0 writes it; a database: the weight, the owner writes the
+levels). Layers fed the same input tensor (q/k/v, gate/up, found by running one batch through
+the block) are solved side by side, also in a true-sequential pass; a layer whose input comes
+from the layers before it waits for their results. The evolutionary
 search scores offspring across ranks (allocate.evolutionary `score_all`).
 
 Statistics are summed in float64 (calib.stats), so the order in which ranks and batches are
@@ -147,6 +149,15 @@ def merged_dicts(d: dict) -> dict:
     for p in parts:
         out.update(p)
     return out
+
+
+def from_rank(value, src: int):
+    """Rank `src`'s (picklable) `value` on every rank; `value` itself for one process."""
+    if not active() or world()[1] == 1:
+        return value
+    box = [value if world()[0] == src else None]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def from_main(make):

@@ -134,3 +134,49 @@ def test_bf16_forwards_keep_xtx_within_1e_2():
     assert max(e for k, e in errs.items() if ".layers.0." in k) < 1e-2, errs  # the same inputs
     assert max(errs.values()) < 3e-2, errs  # later blocks: the bf16 forwards' drift adds up
     assert min(errs.values()) > 0  # the forwards really ran in bf16
+
+
+@pytest.mark.usefixtures("float32_forwards")
+def test_layers_fed_one_tensor_are_grouped_and_compressed_together(ids):
+    """The layers a block feeds the same input (q/k/v, gate/up) form one group; with `settle`, a
+    group is compressed at its first layer's turn and `settle()` runs before the forward goes on
+    through it, with the same outputs as one layer at a time."""
+    from modelpress.calib.streaming import input_groups
+
+    m = tiny_model("llama")
+    runner = LayerwiseRunner(m, ids, batch_size=2)
+    step = next(runner.blocks())
+    kinds = {n: "xtx" for n in step.linears}
+    full = {n.rsplit(".", 1)[1]: n for n in step.linears}
+
+    def groups_of(kinds):
+        g = input_groups(step.module, step.inputs[0], runner.kwargs[0], step.linears, kinds)
+        return {n.rsplit(".", 1)[1]: tuple(x.rsplit(".", 1)[1] for x in v) for n, v in g.items()}
+
+    short = groups_of(kinds)
+    assert short["q_proj"] == short["k_proj"] == short["v_proj"] == ("q_proj", "k_proj", "v_proj")
+    assert short["gate_proj"] == short["up_proj"] == ("gate_proj", "up_proj")
+    assert short["o_proj"] == ("o_proj",) and short["down_proj"] == ("down_proj",)
+    assert groups_of({**kinds, full["k_proj"]: "norms"})["q_proj"] == ("q_proj", "v_proj")  # other statistics
+
+    def run(settle):
+        block = tiny_model("llama").model.layers[0]
+        block.load_state_dict(step.module.state_dict())
+        linears = {n: dict(block.named_modules())[n.split("layers.0.", 1)[1]] for n in step.linears}
+        events = []
+
+        def compress(n, st):
+            events.append(n.rsplit(".", 1)[1])
+            w = get_weight(linears[n])
+            set_weight(linears[n], w.round(decimals=1))  # any change the next layers' inputs would show
+
+        outs = streaming_block_pass(block, step.inputs, runner.kwargs, linears, kinds, compress,
+                                    settle=(lambda: events.append("|")) if settle else None)
+        return events, torch.cat(outs)
+
+    alone, out_alone = run(False)
+    grouped, out_grouped = run(True)
+    assert alone == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert grouped == ["q_proj", "k_proj", "v_proj", "|", "o_proj", "|", "gate_proj", "up_proj", "|", "down_proj",
+                       "|", "|"]
+    assert torch.equal(out_alone, out_grouped)

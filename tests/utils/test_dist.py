@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,8 @@ def test_one_process_is_a_world_of_one():
                                          ("llama", ["--method", "gptq", "--bits", "4", "--stream"])])
 def test_two_gloo_workers_write_the_checkpoint_one_process_writes(tmp_path, arch, method):
     """Data-parallel calibration: 3 batches dealt to 2 ranks (2 + 1), statistics summed across
-    them before each solve. The checkpoint equals the one-process one bit for bit, for true-
+    them before each solve, each layer solved by one rank and adopted by the other (layers fed the
+    same input side by side). The checkpoint equals the one-process one bit for bit, for true-
     sequential GPTQ, SparseGPT on dense inputs, a MoE whose experts some rank never feeds, and a
     streamed model (blocks from disk one at a time, rank 0 writing the checkpoint block by block)."""
     src = tmp_path / "model"
@@ -44,9 +46,14 @@ def test_two_gloo_workers_write_the_checkpoint_one_process_writes(tmp_path, arch
     one = subprocess.run([sys.executable, "-m", "modelpress", *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "modelpress", *args, "--workers", "2", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run([sys.executable, "-m", "modelpress", *args, "--workers", "2", "--out", str(tmp_path / "two"),
+                          "--verbose"], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    # the solves were shared out: each rank solved its part of the layers, the others adopted them
+    shares = sorted(re.findall(r"worker (\d) of 2 solved (\d+) of the (\d+) layers", two.stderr))
+    assert [r for r, _, _ in shares] == ["0", "1"], two.stderr[-3000:]
+    total = int(shares[0][2])
+    assert all(0 < int(k) < total for _, k, _ in shares) and sum(int(k) for _, k, _ in shares) == total
     a, b = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ma, mb = ck.read_manifest(tmp_path / "one"), ck.read_manifest(tmp_path / "two")
