@@ -4,9 +4,10 @@ mixes of the same file size, all scored by llama.cpp itself on every evaluation 
 Rows per preset size:
 - `llama.cpp PRESET`: llama.cpp's quantizer (llama_model_quantize) on the float32 GGUF export;
 - `llama.cpp PRESET + imatrix`: the same per-tensor types, each matrix quantized by llama.cpp's
-  quantizer (ggml_quantize_chunk) with the importance matrix (mean x² per input column) of the
-  calibration windows, as `llama-quantize --imatrix` does; the matrix is measured in torch on the
-  dense model (llama.cpp's `llama-imatrix` tool is not in the prebuilt libraries);
+  quantizer (ggml_quantize_chunk) with the importance matrix (mean x² per input column) that
+  llama.cpp's own forward over the float32 export collects on the calibration windows
+  (`llamacpp.imatrix`: what `llama-imatrix` collects, through the same eval callback), as
+  `llama-quantize --imatrix` does;
 - `searched mix`: the evolutionary search over GGML types per tensor (`--kind gguf`, the cpu
   preset) with the preset's file size as the budget, plain levels; `searched mix, activation-aware
   levels`: the same over three quantizers per type (`--imatrix --gptq`: llama.cpp's plain and
@@ -28,14 +29,15 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from common import SCRATCH, RowCache, bench_args, machine, not_run_note, print_table, write_section
 
 import modelpress as mp
 from modelpress.allocate.budget import Budget
-from modelpress.calib.imatrix import importance
 from modelpress.data.suites import SUITES, suite_windows
 from modelpress.export import llamacpp
-from modelpress.export.ggufio import export_gguf, export_gguf_types
+from modelpress.export.ggufio import export_gguf, export_gguf_types, gguf_names
 from modelpress.levels.kinds.gguf import plan_for_types, types_of_file
 from modelpress.presets import preset_search
 from modelpress.search import allocate, materialize, open_database
@@ -107,7 +109,8 @@ def main() -> None:
         if not cache.get(f"imatrix|{preset}"):
             print("== preset + imatrix", preset, flush=True)
             if im is None:
-                im = importance(base, windows.calib)
+                unit = {g: u for u, g in gguf_names(base).items()}
+                im = {unit[n]: torch.from_numpy(v) for n, v in llamacpp.imatrix(f32, windows.calib).items()}
             if not out.is_file():
                 llamacpp.quantize(f32, out, preset)
             mine = export_gguf_types(base, WORK / f"{preset}-imatrix.gguf", llamacpp.tensor_types(out), imatrix=im,
@@ -222,8 +225,10 @@ def render(cache: RowCache, model: str) -> None:
         "matrix; `+ imatrix`: the preset's own per-tensor types, each matrix quantized by llama.cpp's quantizer "
         "with the importance matrix (mean x² per input column) of the calibration windows, which is what "
         "`llama-quantize --imatrix` does with it (without one, the same path reproduces llama.cpp's preset files "
-        "byte for byte, tests/export/test_llamacpp.py); the importance matrix comes from a torch pass over the "
-        "dense model, not from `llama-imatrix`. Searched mix: the evolutionary search over GGML types per tensor "
+        "byte for byte, tests/export/test_llamacpp.py); the importance matrix is llama.cpp's: its own forward over "
+        "the float32 export, watched through its eval callback as `llama-imatrix` watches it "
+        "(`llamacpp.imatrix`; the activation-aware levels below take theirs from the calibration runner's torch "
+        "pass, the same definition). Searched mix: the evolutionary search over GGML types per tensor "
         f"(Q2_K … Q8_0, embedding included; K-quants only where rows are multiples of 256), cpu preset ({gens} "
         "generations, KL fitness on held-out calibration windows), budget = the preset's file size; "
         "`activation-aware levels` searches over three quantizers per type (`--imatrix --gptq`: llama.cpp's "

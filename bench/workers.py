@@ -6,8 +6,9 @@ their ratio; and once more alone with `cores / N` threads, the reference the wor
 (and, for a search, plan) must equal bit for bit. CPU matmul kernels may split their sums by thread,
 so results equal across worker counts at equal threads per process (on GPUs: per device).
 On a 2-core CPU the workers share the cores the single process already uses, so the ratio shows
-the overhead of the split (and the work every rank repeats: the layer solves), not a speed-up;
-on GPUs each worker has its own device. Wall times on a shared machine are noisy. Rows:
+the overhead of the split against what it shares out (each layer's solve runs on one rank, layers
+fed the same input side by side), not a speed-up from more hardware; on GPUs each worker has its
+own device. Wall times on a shared machine are noisy. Rows:
 bench/results/workers.json.
 
     python bench/workers.py [--only SUBSTRING] [--force] [--render] [--workers 2]
@@ -81,7 +82,7 @@ def measure(args: list[str], workers: int) -> dict:
     run(args, 1, ref, threads=threads)
     search = args[0] == "search"
     return {"workers": workers, "one_s": t1, "many_s": tn, "threads": threads,
-            "identical": _same(ref, many, search), "threads_matter": not _same(ref, one, search)}
+            "identical": _same(ref, many, search), "threads_matter": not _same(ref, one, search), "machine": machine()}
 
 
 def main() -> None:
@@ -107,12 +108,14 @@ def render(cache: RowCache) -> None:
     body = ("## Data-parallel workers (`bench/workers.py`)\n\n"
             "smollm2-135m, `--data mix`, each command once in one process and once with `--workers N` (torchrun, "
             "gloo; each worker gets cores / N threads), fresh processes, model load and calibration text included. "
-            "On this 2-core CPU the workers share the cores one process already uses, so the ratio is the cost of "
-            "the split and of what every rank repeats (each rank solves every layer), not a speed-up; wall times "
-            "are noisy. The identity column compares the workers' checkpoint (and plan) bit for bit with one process "
+            "On this 2-core CPU the workers share the cores one process already uses, so the ratio weighs the cost "
+            "of the split against what it shares out (each layer solved by one rank and handed to the others; layers "
+            "fed the same input, q/k/v and gate/up, side by side in a true-sequential pass; every layer of a block "
+            "on dense inputs), not a speed-up from more hardware; wall times are noisy. The identity column compares the workers' checkpoint (and plan) bit for bit with one process "
             "run at the workers' thread count; the last column says whether one process's own result changes with "
             "its thread count (CPU matmul kernels may split their sums by thread). "
-            f"Machine: {machine()}.\n\n" + md)
+            f"Machine: {next((r['machine'] for r in cache.rows.values() if r.get('machine')), None) or machine()}."
+            "\n\n" + md)
     write_section("workers", body)
 
 
