@@ -467,8 +467,10 @@ def imatrix(path: str | Path, ids, *, n_threads: int | None = None) -> dict[str,
     cb = _EVAL_CB(watch)
     ids = ids.tolist() if hasattr(ids, "tolist") else [list(r) for r in ids]
     t0 = time.time()
+    from ..utils.progress import progress
+
     with Session(path, len(ids[0]), n_threads, eval_callback=cb) as s:
-        for row in ids:
+        for row in progress(ids, desc="importance matrix (llama.cpp)"):
             s.reset()
             s.eval(row)  # logits for every token, as llama-imatrix asks: else the last block runs on one row
             if failure:
