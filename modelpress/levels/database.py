@@ -69,6 +69,12 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
+def weights_dtype_name(model) -> str:
+    """The dtype the model's weights are held in ("float32", or "bfloat16" for a 16-bit folder
+    loaded or streamed as it is)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def _safe(name: str) -> str:
     return name.replace("/", "_")
 
@@ -109,6 +115,8 @@ class LevelDB:
         compute = forward_dtype_name(model)
         if compute != "float32":  # float32 databases keep the folders they had before
             parts.append(compute)
+        if (held := weights_dtype_name(model)) != "float32":
+            parts.append(f"held in {held}")
         key = json.dumps(parts, sort_keys=True, default=str)
         root = Path(os.environ["MODELPRESS_DB"]) if os.environ.get("MODELPRESS_DB") else cache_root() / "db"
         return root / f"{kind.registered_name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -136,6 +144,11 @@ class LevelDB:
             if meta["compute_dtype"] != (compute := forward_dtype_name(model)):
                 raise ConfigError(f"level database {path} was built with compute dtype {meta['compute_dtype']}, not "
                                   f"{compute}; pass --compute-dtype {meta['compute_dtype']} or use another --db folder")
+            # a model held in 16 bits computes in them without autocast: same weights, other statistics
+            if meta.get("weights_dtype", "float32") != (held := weights_dtype_name(model)):
+                raise ConfigError(f"level database {path} was built on the model held in {meta.get('weights_dtype', 'float32')}, "
+                                  f"this one is held in {held}; load it as it was then (e.g. the same --stream / dtype) "
+                                  "or use another --db folder")
             return cls(path, meta)
         units = kind.discover(model)
         meta = {
@@ -143,6 +156,7 @@ class LevelDB:
             "kind": {"name": kind.registered_name, "settings": json.loads(json.dumps(kind.settings()))},
             "data": json.loads(json.dumps(dataclasses.asdict(windows.config))),
             "compute_dtype": forward_dtype_name(model),
+            "weights_dtype": weights_dtype_name(model),
             "fixed_bytes": kind.fixed_bytes(model, units, tokenizer),
             **(dict(zip(("fixed_header_bytes", "fixed_tensors"), _fixed_header_bytes(model, units)))
                if kind.tensors_per_unit else {}),

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -225,3 +227,25 @@ def test_database_records_its_compute_dtype(tmp_path, w):
         with pytest.raises(ConfigError, match="compute dtype bfloat16.*--compute-dtype bfloat16"):
             LevelDB.open_or_create(tmp_path / "db", m, QuantKind(**QK), w)
         assert LevelDB.default_path(m, QuantKind(**QK), w) != bf16_path
+
+
+def test_database_records_the_dtype_its_model_was_held_in(tmp_path, w):
+    """The same weights held in bfloat16 (a 16-bit folder loaded or streamed as it is) and in
+    float32 with bfloat16 forwards have one fingerprint but other statistics: not one database."""
+    from modelpress.utils.device import compute_dtype
+
+    m = tiny_model("llama")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.bfloat16().float())
+    held = tiny_model("llama").bfloat16()
+    held.load_state_dict(m.state_dict())
+    with compute_dtype("bfloat16"):
+        from modelpress.levels.database import model_fingerprint
+
+        assert model_fingerprint(m) == model_fingerprint(held)
+        open_database(m, None, "quant", data=w, db=tmp_path / "db", **QK)
+        with pytest.raises(ConfigError, match="held in float32, this one is held in bfloat16"):
+            LevelDB.open_or_create(tmp_path / "db", held, QuantKind(**QK), w)
+        assert LevelDB.default_path(m, QuantKind(**QK), w) != LevelDB.default_path(held, QuantKind(**QK), w)
+        assert json.loads((tmp_path / "db" / "db.json").read_text())["weights_dtype"] == "float32"
