@@ -1,5 +1,6 @@
 """llama.cpp itself, loaded with ctypes: it scores, generates from and quantizes the GGUF files
-modelpress writes, so the numbers in a GGUF report are the engine's own.
+modelpress writes, and collects importance matrices with its own forward (`imatrix`, as
+llama-imatrix does), so the numbers in a GGUF report are the engine's own.
 
 The libraries are taken from the first of:
 1. `MODELPRESS_LLAMA_CPP_LIB`: a folder holding a llama.cpp build's shared libraries
