@@ -188,7 +188,10 @@ def compress(model, tokenizer=None, method: str | WeightOperator | None = "gptq"
         release_freed_memory(collect=False)  # a wide layer's solve leaves scratch that glibc would keep
         return pw.to("cpu") if world()[1] > 1 else pw  # what other workers adopt: host memory pickles anywhere
 
-    def adopt(name: str, mod, pw: PackedWeight) -> None:  # another worker's solve (utils.dist)
+    def adopt(name: str, mod, pw: PackedWeight) -> None:  # every worker, in the layers' order (utils.dist)
+        if name in units:  # solved here: it only takes its place in the order
+            units[name] = units.pop(name)
+            return
         pw = pw.to(get_weight(mod).device)
         set_weight(mod, pw.dequantize())
         units[name] = pw

@@ -59,8 +59,10 @@ def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dic
     same summed statistics, unless the layers are split. With `split`, the k-th layer handed out
     goes to rank k mod N alone: its weight, as `per_layer` left it, is broadcast to the others
     (for callers whose other effects land in shared storage: the level database's files); with
-    `adopt` too, what `per_layer` returned is handed to the other ranks, which call
-    `adopt(name, module, result)` (compress: the packed weight, which every rank then holds). A
+    `adopt` too, what `per_layer` returned is handed to every rank, which calls
+    `adopt(name, module, result)` in the layers' order, the owner too (compress: the packed
+    weight, which every rank then holds in the same order). A solve that raises on its owner
+    raises on every rank (as the error it was, where modelpress defines it). A
     layer's owner is fixed by its place among the model's layers, so a resumed build gives each
     unit the same writer in every pass. Layers fed the same input tensor are solved side by side
     (calib.streaming's groups, in a true-sequential pass too; every layer of a block on dense
@@ -85,7 +87,13 @@ def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dic
         solved[1] += 1
         if owner_of:
             mine = rank == owner_of[n]
-            pending.append((n, mod, per_layer(n, mod, st) if mine else None))
+            result = None
+            if mine:
+                try:
+                    result = per_layer(n, mod, st)
+                except Exception as e:  # the other ranks would wait for this layer forever
+                    result = _Failed(e)
+            pending.append((n, mod, result))
             solved[0] += mine
         else:
             per_layer(n, mod, st)
@@ -93,14 +101,16 @@ def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dic
 
     def settle(weights: bool = True) -> None:
         """Hand every pending layer's result from its owner to the other ranks."""
-        for n, mod, result in pending:
+        todo = list(pending)
+        pending.clear()
+        for n, mod, result in todo:
+            got = from_rank(result if adopt is not None or isinstance(result, _Failed) else None, owner_of[n])
+            if isinstance(got, _Failed):
+                raise result.error if isinstance(result, _Failed) else got.remade()
             if adopt is not None:
-                got = from_rank(result, owner_of[n])
-                if rank != owner_of[n]:
-                    adopt(n, mod, got)
+                adopt(n, mod, got)
             elif weights:
                 broadcast_(mod.weight.data, owner_of[n])
-        pending.clear()
 
     runner = LayerwiseRunner(model, ids, batch_size=batch_size, sequential=sequential, device=device)
     for step in runner.blocks(desc=desc, start=start):
@@ -126,6 +136,28 @@ def calibrate(model, ids: torch.Tensor, per_layer: PerLayer, *, stats: str | dic
                     "compressed with isotropic statistics (data-free): %s", len(starved), FEW_TOKENS_DIV,
                     ", ".join(list(starved)[:4]) + (" ..." if len(starved) > 4 else ""))
     return starved
+
+
+class _Failed:
+    """A solve that raised on its owner rank, as the other ranks receive it."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+        self.kind, self.text = type(error).__name__, str(error)
+
+    def __getstate__(self):  # the exception itself may not pickle
+        return {"kind": self.kind, "text": self.text}
+
+    def __setstate__(self, state):
+        self.error = None
+        self.kind, self.text = state["kind"], state["text"]
+
+    def remade(self) -> Exception:
+        from .. import errors
+
+        cls = getattr(errors, self.kind, None)
+        return cls(self.text) if isinstance(cls, type) and issubclass(cls, Exception) else \
+            RuntimeError(f"another worker's solve failed: {self.kind}: {self.text}")
 
 
 @contextlib.contextmanager

@@ -37,20 +37,22 @@ def first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def input_groups(block: nn.Module, x: torch.Tensor, kwargs: dict, linears: dict[str, nn.Module],
+def input_groups(block: nn.Module, x: torch.Tensor | None, kwargs: dict | None, linears: dict[str, nn.Module],
                  kinds: dict[str, str]) -> dict[str, tuple[str, ...]]:
     """Layer -> the layers of `linears` that one forward of `block` on `x` feeds the same input
     tensor (and that want the same statistics), in `linears`' order; merged over data-parallel
-    ranks, since a rank's batch may not reach every expert. Layers it does not reach are absent."""
+    ranks, since a rank's batch may not reach every expert (a rank without batches, `x` None,
+    takes part in the merge only). Layers no rank reaches are absent."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.__setitem__(n, args[0]))
-             for n, m in linears.items()]
-    try:
-        with torch.no_grad(), forwards(next(block.parameters())):
-            block(x, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
+    if x is not None:
+        hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.__setitem__(n, args[0]))
+                 for n, m in linears.items()]
+        try:
+            with torch.no_grad(), forwards(next(block.parameters())):
+                block(x, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
     order = [n for n in linears if n in seen]
     groups = {n: tuple(m for m in order if seen[m] is seen[n] and kinds.get(m, "none") == kinds.get(n, "none"))
               for n in order}
@@ -72,7 +74,8 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
     shared: list[tuple[list[torch.Tensor], LinearStats]] = []  # summed inputs, reused by layers fed the same tensors
     current = {"b": -1}
     reducer = StatsReducer()
-    groups = input_groups(block, inputs[0], kwargs[0], linears, kinds) if settle is not None and n else {}
+    groups = input_groups(block, inputs[0] if n else None, kwargs[0] if n else None, linears, kinds) \
+        if settle is not None else {}
     fed: dict[str, dict[int, weakref.ref]] = {}  # a group's inputs, to check its later members see them
     done: set[str] = set()
 

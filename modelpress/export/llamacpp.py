@@ -307,6 +307,7 @@ class Session:
                                           "parameters in a way modelpress does not know, so it cannot watch its "
                                           "forward (no importance matrix from llama.cpp); use llama.cpp 0.5")
             np.frombuffer(params.raw, dtype=np.uint64)[offset // 8] = ctypes.cast(eval_callback, ctypes.c_void_p).value
+        self._callback = eval_callback  # the library calls it as long as the context lives
         self.ctx = L.llama_init_from_model(self.model, params)
         if not self.ctx:
             L.llama_model_free(self.model)
@@ -335,9 +336,9 @@ class Session:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
         self.n_past = 0
 
-    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
+    def eval(self, tokens: list[int], all_logits: bool = True, read: bool = True) -> np.ndarray | None:
         """Feed tokens after those already fed; the logits of every fed token (or only the last),
-        float32 (n, vocab)."""
+        float32 (n, vocab); with `read` False llama.cpp computes them but they are not copied out."""
         n = len(tokens)
         if not n or self.n_past + n > self.n_ctx:
             raise ValueError(f"{n} tokens after {self.n_past} do not fit a {self.n_ctx}-token context")
@@ -356,6 +357,8 @@ class Session:
         finally:
             self.lib.llama_batch_free(batch)
         self.n_past += n
+        if not read:
+            return None
         rows = n if all_logits else 1
         return np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(rows, self.n_vocab)).copy()
 
@@ -425,6 +428,8 @@ def imatrix(path: str | Path, ids, *, n_threads: int | None = None) -> dict[str,
         return ctypes.c_void_p.from_address(addr + offset).value or 0
 
     def watch(t, ask, _user) -> bool:
+        if failure:  # one error is enough: the rest of the forward is not watched
+            return False
         try:
             if not checked:  # the layout, against ggml's accessors
                 if base.ggml_get_name(t) != t + _T_NAME or (base.ggml_get_data(t) or 0) != ptr(t, _T_DATA):
@@ -473,9 +478,11 @@ def imatrix(path: str | Path, ids, *, n_threads: int | None = None) -> dict[str,
     with Session(path, len(ids[0]), n_threads, eval_callback=cb) as s:
         for row in progress(ids, desc="importance matrix (llama.cpp)"):
             s.reset()
-            s.eval(row)  # logits for every token, as llama-imatrix asks: else the last block runs on one row
-            if failure:
-                raise failure[0]
+            try:  # logits for every token, as llama-imatrix asks: else the last block runs on one row
+                s.eval(row, read=False)
+            finally:
+                if failure:  # the cause, rather than what llama_decode made of it
+                    raise failure[0]
     if not sums:
         raise ModelLoadError(f"llama.cpp's forward over {path} multiplied no decoder weights by 16 or more tokens "
                              "(windows too short?): no importance matrix")

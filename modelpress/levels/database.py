@@ -145,8 +145,9 @@ class LevelDB:
                 raise ConfigError(f"level database {path} was built with compute dtype {meta['compute_dtype']}, not "
                                   f"{compute}; pass --compute-dtype {meta['compute_dtype']} or use another --db folder")
             # a model held in 16 bits computes in them without autocast: same weights, other statistics
-            if meta.get("weights_dtype", "float32") != (held := weights_dtype_name(model)):
-                raise ConfigError(f"level database {path} was built on the model held in {meta.get('weights_dtype', 'float32')}, "
+            # (databases written before this was recorded do not say: taken as they are)
+            if meta.get("weights_dtype", held := weights_dtype_name(model)) != held:
+                raise ConfigError(f"level database {path} was built on the model held in {meta['weights_dtype']}, "
                                   f"this one is held in {held}; load it as it was then (e.g. the same --stream / dtype) "
                                   "or use another --db folder")
             return cls(path, meta)

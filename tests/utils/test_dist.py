@@ -21,6 +21,23 @@ def _tensors(path):
     return out
 
 
+def test_a_failed_solve_reaches_the_other_ranks_as_the_error_it_was():
+    import pickle
+
+    from modelpress.calib.driver import _Failed
+    from modelpress.errors import DataError
+
+    got = pickle.loads(pickle.dumps(_Failed(DataError("layer x: no tokens"))))
+    assert type(got.remade()) is DataError and str(got.remade()) == "layer x: no tokens"
+
+    class Odd(Exception):
+        def __init__(self, a, b):  # not picklable as it is
+            super().__init__(a)
+
+    other = pickle.loads(pickle.dumps(_Failed(Odd("boom", 1)))).remade()
+    assert isinstance(other, RuntimeError) and "another worker's solve failed: Odd: boom" in str(other)
+
+
 def test_one_process_is_a_world_of_one():
     assert world() == (0, 1) and reduce_int(7, "max") == 7
     assert without_option(["a", "--workers", "2", "b", "--workers=3"], "--workers") == ["a", "b"]
@@ -29,7 +46,8 @@ def test_one_process_is_a_world_of_one():
 @pytest.mark.parametrize("arch,method", [("llama", ["--method", "gptq", "--bits", "3", "--group-size", "32"]),
                                          ("llama", ["--method", "sparsegpt", "--sparsity", "0.5", "--no-sequential"]),
                                          ("mixtral", ["--method", "gptq", "--bits", "4", "--group-size", "32"]),
-                                         ("llama", ["--method", "gptq", "--bits", "4", "--stream"])])
+                                         ("llama", ["--method", "gptq", "--bits", "4", "--stream"]),
+                                         ("llama", ["--method", "gptq", "--bits", "4", "--n-samples", "8"])])
 def test_two_gloo_workers_write_the_checkpoint_one_process_writes(tmp_path, arch, method):
     """Data-parallel calibration: 3 batches dealt to 2 ranks (2 + 1), statistics summed across
     them before each solve, each layer solved by one rank and adopted by the other (layers fed the
@@ -41,7 +59,8 @@ def test_two_gloo_workers_write_the_checkpoint_one_process_writes(tmp_path, arch
     byte_tokenizer().save_pretrained(src)
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"line {i}: the quick brown fox {i * 7 % 13} jumps over {i % 5} lazy dogs." for i in range(400)))
-    args = ["compress", str(src), *method, "--data", str(text), "--n-samples", "24", "--seq-len", "64", "--no-eval"]
+    samples = [] if "--n-samples" in method else ["--n-samples", "24"]  # 8: one batch, rank 1 gets none
+    args = ["compress", str(src), *method, "--data", str(text), *samples, "--seq-len", "64", "--no-eval"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "modelpress", *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=600)
