@@ -131,7 +131,7 @@ def streaming_block_pass(block: nn.Module, inputs: list[torch.Tensor], kwargs: l
                 if i == len(order):
                     break
                 name = order[i]
-                group = [m for m in groups.get(name, (name,)) if m == name or m not in done]
+                group = [m for m in groups.get(name, (name,)) if m not in done]  # `name` is not done
                 with full_precision(next(block.parameters()).device):
                     st = stats_for(name)
                     for m in group:

@@ -186,7 +186,8 @@ class _Lib:
         self._sig(L, "llama_memory_clear", None, [c.c_void_p, c.c_bool])
         self._sig(L, "llama_model_quantize_default_params", _OPAQUE, [])
         self._sig(L, "llama_model_quantize", c.c_uint32, [c.c_char_p, c.c_char_p, c.POINTER(_OPAQUE)])
-        cp = tuple(int(v) for v in np.frombuffer(bytes(L.llama_context_default_params().raw), np.uint32)[:3])
+        ctx_defaults = bytes(L.llama_context_default_params().raw)
+        cp = tuple(int(v) for v in np.frombuffer(ctx_defaults, np.uint32)[:3])
         qp = tuple(int(v) for v in np.frombuffer(bytes(L.llama_model_quantize_default_params().raw), np.int32)[:2])
         # llama.h's defaults for years: n_ctx 512, n_batch 2048, n_ubatch 512; nthread 0 and a valid ftype
         raw = bytes(L.llama_model_quantize_default_params().raw)
@@ -201,7 +202,7 @@ class _Lib:
                                   and tuple(raw[16:22]) == (0, 1, 0, 0, 0, 0)
                                   and not any(np.frombuffer(raw[24:56], np.uint64))
                                   and int(np.frombuffer(raw[56:64], np.uint64)[0]) == 8 << 30)
-        self.cb_eval_offset = _cb_eval_offset(bytes(L.llama_context_default_params().raw))
+        self.cb_eval_offset = _cb_eval_offset(ctx_defaults)
         for name, restype, args in (("ggml_get_name", c.c_void_p, [c.c_void_p]),
                                     ("ggml_get_data", c.c_void_p, [c.c_void_p]),
                                     ("ggml_op_desc", c.c_char_p, [c.c_void_p]),
@@ -402,7 +403,7 @@ def _tensor_name(addr: int) -> str:
     raw = ctypes.string_at(addr + _T_NAME, 64)
     name = raw.split(b"\0", 1)[0].decode(errors="replace")
     # a scheduler's copy of a weight is named BACKEND#NAME#N (tools/imatrix's filter_tensor_name)
-    return name.split("#")[1] if name.count("#") >= 1 else name
+    return name.split("#")[1] if "#" in name else name
 
 
 def imatrix(path: str | Path, ids, *, n_threads: int | None = None) -> dict[str, np.ndarray]:
@@ -470,11 +471,11 @@ def imatrix(path: str | Path, ids, *, n_threads: int | None = None) -> dict[str,
             failure.append(e)
             return False
 
+    from ..utils.progress import progress
+
     cb = _EVAL_CB(watch)
     ids = ids.tolist() if hasattr(ids, "tolist") else [list(r) for r in ids]
     t0 = time.time()
-    from ..utils.progress import progress
-
     with Session(path, len(ids[0]), n_threads, eval_callback=cb) as s:
         for row in progress(ids, desc="importance matrix (llama.cpp)"):
             s.reset()

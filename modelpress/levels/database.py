@@ -30,7 +30,7 @@ from ..allocate.budget import header_entry_bytes
 from ..export.checkpoint import SEP, dense_tensors, storage_dtype_for
 from ..models.streamed import stored, streamed
 from ..ops.packed import PackedWeight, load_weight
-from ..utils.device import forward_dtype_name
+from ..utils.device import forward_dtype_name, weights_dtype_name
 from ..utils.dist import is_main, merged_dicts
 from ..utils.io import atomic_file, cache_root, read_json, write_json
 from .kinds import KINDS, Kind, UnitInfo
@@ -67,12 +67,6 @@ def model_fingerprint(model) -> str:
     if stream is not None:
         stream.fingerprint = h.hexdigest()
     return h.hexdigest()
-
-
-def weights_dtype_name(model) -> str:
-    """The dtype the model's weights are held in ("float32", or "bfloat16" for a 16-bit folder
-    loaded or streamed as it is)."""
-    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def _safe(name: str) -> str:

@@ -111,6 +111,12 @@ def forward_dtype_name(model_or_param) -> str:
     return str(forward_dtype(model_or_param)).removeprefix("torch.")
 
 
+def weights_dtype_name(model_or_param) -> str:
+    """The dtype the weights are held in ("float32", or "bfloat16" for a 16-bit folder loaded or
+    streamed as it is)."""
+    return str(_param(model_or_param).dtype).removeprefix("torch.")
+
+
 def forwards(model_or_param):
     """Context for a model forward: autocast to the compute dtype, or nothing in float32.
 
